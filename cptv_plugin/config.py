@@ -1,0 +1,130 @@
+"""Search settings: one dataclass with named presets (``SearchConfig()``, ``SearchConfig.paper()``, ...)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = ["SearchConfig"]
+
+MutationKind = Literal["absolute", "relative"]
+
+
+@dataclass
+class SearchConfig:
+    """Settings of the block-wise evolutionary search (CPT-V, the paper's Algorithm 1).
+
+    Args:
+        passes: K, passes over all groups of scales.
+        population: P, population size per group visit (the current scales are one member).
+        cycles: C, evolution cycles per group visit.
+        samples: S, members drawn per tournament; the fittest is the parent.
+        mutation: γ, the half-width of the uniform mutation. ``None`` picks it from the weight bit width
+            (``mutation_8bit`` for 8-bit weights, ``mutation_low_bit`` below), as the paper does.
+        mutation_kind: ``"absolute"`` adds U(−γ, γ) to every scale (the paper); ``"relative"`` multiplies each
+            scale by exp(U(−γ, γ)), a move of the same relative size for large and small scales.
+        fitness: name of a registered fitness (``"infonce"``, ``"mse"``, ``"cosine"``, ``"kl"``).
+        temperature: InfoNCE temperature τ.
+        normalize: L2-normalize outputs before the InfoNCE dot products.
+        batch_size: calibration images per fitness batch (for InfoNCE, the other images are the negatives).
+        block_order: ``"forward"`` (first block first) or ``"reverse"`` (last first, as the authors' code).
+        search_outside_blocks: also search the scales before the first block (patch embedding) and after the
+            last (final norm, head) as two extra groups.
+        roles: which scales move: ``("weight",)`` or ``("weight", "activation")``.
+        seed: seeds every random choice; same seed, data and config give the same scales.
+        device: where the search runs (``None``: where the model's parameters are).
+        progress: show a progress bar.
+    """
+
+    passes: int = 10
+    population: int = 15
+    cycles: int = 3
+    samples: int = 10
+    mutation: float | None = 0.05
+    mutation_kind: MutationKind = "relative"
+    mutation_8bit: float = 1e-3
+    mutation_low_bit: float = 1e-4
+    fitness: str = "infonce"
+    temperature: float = 0.1
+    normalize: bool = True
+    batch_size: int = 100
+    block_order: Literal["forward", "reverse"] = "forward"
+    search_outside_blocks: bool = True
+    roles: tuple[str, ...] = ("weight", "activation")
+    seed: int = 0
+    device: str | None = None
+    progress: bool = True
+    name: str = field(default="default", compare=False)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming every impossible setting."""
+        problems = []
+        for attr in ("passes", "population", "samples", "batch_size"):
+            if getattr(self, attr) < 1:
+                problems.append(f"{attr} must be >= 1 (got {getattr(self, attr)})")
+        if self.cycles < 0:
+            problems.append(f"cycles must be >= 0 (got {self.cycles})")
+        if self.samples > self.population:
+            problems.append(f"samples (S={self.samples}) cannot exceed population (P={self.population})")
+        for attr in ("mutation", "mutation_8bit", "mutation_low_bit"):
+            value = getattr(self, attr)
+            if value is not None and not value >= 0:
+                problems.append(f"{attr} must be >= 0 (got {value})")
+        if self.mutation_kind not in ("absolute", "relative"):
+            problems.append(f"mutation_kind must be 'absolute' or 'relative' (got {self.mutation_kind!r})")
+        if self.block_order not in ("forward", "reverse"):
+            problems.append(f"block_order must be 'forward' or 'reverse' (got {self.block_order!r})")
+        if not self.temperature > 0:
+            problems.append(f"temperature must be > 0 (got {self.temperature})")
+        bad_roles = set(self.roles) - {"weight", "activation"}
+        if bad_roles or not self.roles:
+            problems.append(f"roles must be a non-empty subset of ('weight', 'activation') (got {self.roles})")
+        if problems:
+            raise ValueError("invalid SearchConfig: " + "; ".join(problems))
+
+    def mutation_for_bits(self, weight_bits: int) -> float:
+        """γ for a model whose narrowest weight quantizer has ``weight_bits`` bits."""
+        if self.mutation is not None:
+            return self.mutation
+        return self.mutation_8bit if weight_bits >= 8 else self.mutation_low_bit
+
+    def replace(self, **changes) -> "SearchConfig":
+        """A copy with ``changes`` applied (validated)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def default(cls, **overrides) -> "SearchConfig":
+        """Our default: the paper's budget with scale-relative mutation, activation scales and the groups
+        outside the blocks searched too, and a sharper InfoNCE temperature."""
+        return cls(**overrides)
+
+    @classmethod
+    def paper(cls, **overrides) -> "SearchConfig":
+        """The paper's Table 2 settings: K=10, P=15, C=3, S=10, absolute γ = 1e-3 for 8-bit weights and 1e-4
+        below; InfoNCE with L2-normalized logits, τ=3 and batches of 100 (as the authors' code); blocks only,
+        visited last to first. Weight and activation scales move, as the paper's text says."""
+        settings = dict(passes=10, population=15, cycles=3, samples=10, mutation=None, mutation_kind="absolute",
+                        mutation_8bit=1e-3, mutation_low_bit=1e-4, fitness="infonce", temperature=3.0,
+                        normalize=True, batch_size=100, block_order="reverse", search_outside_blocks=False,
+                        roles=("weight", "activation"), name="paper")
+        settings.update(overrides)
+        return cls(**settings)
+
+    @classmethod
+    def fast(cls, **overrides) -> "SearchConfig":
+        """A quick preset for a first look: 3 passes, P=8, C=3, S=4 (about a sixth of the default's work)."""
+        settings = dict(passes=3, population=8, cycles=3, samples=4, name="fast")
+        settings.update(overrides)
+        return cls(**settings)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "SearchConfig":
+        """A preset by name: ``"default"``, ``"paper"`` or ``"fast"``."""
+        presets = {"default": cls.default, "paper": cls.paper, "fast": cls.fast}
+        if name not in presets:
+            raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+        return presets[name](**overrides)

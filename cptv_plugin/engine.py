@@ -1,0 +1,148 @@
+"""Evaluation engine: full-precision outputs once, cached group inputs, suffix-only candidate evaluation.
+
+A model is a chain of *segments* (callables from named values to named values). The search of a group
+whose scales first act in segment ``s`` caches, once per visit, the values that flow into segment ``s`` for
+every calibration batch, then evaluates each candidate by running only segments ``s…`` (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .fitness import get_fitness
+
+__all__ = ["Segment", "SegmentedModel", "Evaluator", "ModelOutputError"]
+
+logger = logging.getLogger(__name__)
+
+
+class ModelOutputError(RuntimeError):
+    """The model produced something the fitness cannot use (NaN/Inf, or not a tensor)."""
+
+
+@dataclass
+class Segment:
+    """``fn(*[env[name] for name in inputs])`` returns the values named ``outputs`` (a tuple), or the model's
+    output when ``outputs`` is ``None`` (the last segment)."""
+
+    fn: Callable[..., Any]
+    inputs: list[str]
+    outputs: list[str] | None
+
+
+class SegmentedModel:
+    """An ordered chain of segments; ``initial_env(images)`` names the model inputs."""
+
+    def __init__(self, segments: list[Segment], initial_env: Callable[[torch.Tensor], dict[str, Any]]):
+        if not segments or segments[-1].outputs is not None:
+            raise ValueError("the last segment must return the model output (outputs=None)")
+        self.segments = segments
+        self.initial_env = initial_env
+        # live[s]: names produced before segment s (model inputs count as produced at -1) and read by
+        # segment s or later: exactly what a cache of segment s's inputs must hold
+        produced_by = {name: k for k, seg in enumerate(segments) for name in (seg.outputs or [])}
+        self.live: list[set[str]] = []
+        for s in range(len(segments)):
+            needed = set().union(*(seg.inputs for seg in segments[s:]))
+            self.live.append({name for name in needed if produced_by.get(name, -1) < s})
+
+    def run(self, env: dict[str, Any], start: int = 0, stop: int | None = None) -> Any:
+        """Run segments ``start…stop-1`` on ``env``; return the model output, or the live env at ``stop``."""
+        stop = len(self.segments) if stop is None else stop
+        env = dict(env)
+        for index in range(start, stop):
+            segment = self.segments[index]
+            result = segment.fn(*[env[name] for name in segment.inputs])
+            if segment.outputs is None:
+                return result
+            if len(segment.outputs) == 1 and not isinstance(result, tuple):
+                result = (result,)
+            env.update(zip(segment.outputs, result))
+        return {name: env[name] for name in self.live[stop]} if stop < len(self.segments) else env
+
+    def forward(self, images: torch.Tensor) -> Any:
+        return self.run(self.initial_env(images))
+
+
+def _as_output_tensor(output: Any) -> torch.Tensor:
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise ModelOutputError(f"the model returned {type(output).__name__}; the fitness needs a tensor of outputs")
+
+
+class Evaluator:
+    """Computes the global fitness of the model's current scales over the calibration batches."""
+
+    def __init__(self, model: SegmentedModel, batches: list[torch.Tensor], reference_outputs: list[torch.Tensor],
+                 fitness: str, temperature: float, normalize: bool):
+        self.model = model
+        self.batches = batches
+        self.reference = reference_outputs
+        self.fitness_fn = get_fitness(fitness)
+        self.fitness_kwargs = {"temperature": temperature, "normalize": normalize}
+        self.evaluations = 0
+        self._cache_segment: int | None = None
+        self._cache: list[dict[str, Any]] = []
+
+    def invalidate(self) -> None:
+        """Forget cached segment inputs (call after scales of an earlier segment changed)."""
+        self._cache_segment = None
+        self._cache = []
+
+    @torch.no_grad()
+    def prepare(self, segment: int) -> None:
+        """Cache the inputs of ``segment`` for every batch under the current scales."""
+        if self._cache_segment == segment:
+            return
+        if segment == 0:
+            self._cache = [self.model.initial_env(images) for images in self.batches]
+        else:
+            self._cache = [self.model.run(self.model.initial_env(images), 0, segment) for images in self.batches]
+        self._cache_segment = segment
+
+    @torch.no_grad()
+    def advance(self, segment: int) -> None:
+        """Move a cache of segment ``k`` inputs to segment ``segment`` (``> k``) by running the segments between."""
+        if self._cache_segment is None or segment < self._cache_segment:
+            self.prepare(segment)
+            return
+        if segment > self._cache_segment:
+            self._cache = [self.model.run(env, self._cache_segment, segment) for env in self._cache]
+            self._cache_segment = segment
+
+    @torch.no_grad()
+    def __call__(self, segment: int | None = None) -> float:
+        """Fitness of the current scales, re-running segments ``segment…`` from the cache (``None``: all)."""
+        start = 0 if segment is None else segment
+        if segment is not None:
+            self.advance(segment)
+        total, count = 0.0, 0
+        for index, images in enumerate(self.batches):
+            env = self._cache[index] if segment is not None else self.model.initial_env(images)
+            output = _as_output_tensor(self.model.run(env, start))
+            value = self.fitness_fn(output, self.reference[index], **self.fitness_kwargs)
+            total += float(value) * len(images)
+            count += len(images)
+        self.evaluations += 1
+        fitness = total / count
+        if fitness != fitness or fitness in (float("inf"), float("-inf")):
+            raise ModelOutputError("the fitness is NaN or infinite: the quantized model's outputs are not finite")
+        return fitness
+
+
+@torch.no_grad()
+def reference_outputs(forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Full-precision outputs, computed once per calibration set, checked for NaN/Inf."""
+    outputs = []
+    for images in batches:
+        output = _as_output_tensor(forward(images)).detach()
+        if not bool(torch.isfinite(output).all()):
+            raise ModelOutputError("the full-precision model produced NaN or Inf on the calibration images")
+        outputs.append(output)
+    return outputs

@@ -1,0 +1,177 @@
+"""ScaleHandles for torch.ao FX models: observers (PTQ), FakeQuantize (QAT), and weights of both."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+from torch.ao.quantization import QConfig
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+from ..handles import ScaleHandle
+from .quantizers import DTYPE_RANGES, RefinedObserver, SimulatedQuantizer
+
+__all__ = ["ObserverHandle", "FakeQuantizeHandle", "WeightObserverHandle", "clamp_weight_to_grid", "set_submodule"]
+
+logger = logging.getLogger(__name__)
+
+
+def _axis(qscheme: torch.qscheme, ch_axis: int) -> int | None:
+    return ch_axis if qscheme in (torch.per_channel_affine, torch.per_channel_symmetric,
+                                  torch.per_channel_affine_float_qparams) else None
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    setattr(parent, name, module)
+
+
+def check_scale(name: str, scale: torch.Tensor) -> None:
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise ValueError(
+            f"quantizer {name} has a scale that is zero, negative or not finite ({scale.flatten()[:4].tolist()}...): "
+            "calibrate the model on real images before refining it"
+        )
+
+
+def clamp_weight_to_grid(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
+                         quant_max: int, axis: int | None) -> bool:
+    """Clip ``weight`` in place to ``[(quant_min − zp)·s, (quant_max − zp)·s]``. Returns whether any value moved.
+
+    ``convert_fx`` quantizes weights with the dtype's full range and ignores a narrowed quant_min/quant_max;
+    clipped weights quantize to exactly the integers that the narrowed fake quantizer produces."""
+    shape = [1] * weight.dim()
+    if axis is not None:
+        shape[axis] = -1
+    s = scale.reshape(shape).to(weight)
+    z = zero_point.reshape(shape).to(weight)
+    low, high = (quant_min - z) * s, (quant_max - z) * s
+    clipped = torch.maximum(torch.minimum(weight.detach(), high), low)
+    changed = not torch.equal(clipped, weight.detach())
+    with torch.no_grad():
+        weight.copy_(clipped)
+    return changed
+
+
+class _QuantizerInfo:
+    """dtype range bookkeeping shared by the FX handles."""
+
+    dtype: torch.dtype
+    quant_min: int
+    quant_max: int
+
+    @property
+    def narrowed(self) -> bool:
+        low, high = DTYPE_RANGES.get(self.dtype, (self.quant_min, self.quant_max))
+        return (self.quant_min, self.quant_max) != (low, high)
+
+
+class ObserverHandle(_QuantizerInfo, ScaleHandle):
+    """An activation observer of a ``prepare_fx`` model. The search moves a :class:`SimulatedQuantizer`;
+    ``commit`` puts a :class:`RefinedObserver` at the observer's path so ``convert_fx`` uses the result."""
+
+    role = "activation"
+
+    def __init__(self, root: nn.Module, path: str, observer: nn.Module, clamp_to_dtype: bool):
+        self.root, self.name, self.observer = root, path, observer
+        scale, zero_point = observer.calculate_qparams()
+        check_scale(path, scale)
+        self._scale_shape, self._zero_point = scale.shape, zero_point
+        self.dtype, self.quant_min, self.quant_max = observer.dtype, observer.quant_min, observer.quant_max
+        self.axis = _axis(getattr(observer, "qscheme", torch.per_tensor_affine), getattr(observer, "ch_axis", 0))
+        low, high = DTYPE_RANGES[self.dtype] if clamp_to_dtype else (self.quant_min, self.quant_max)
+        self.quantizer = SimulatedQuantizer(scale, zero_point, low, high, self.axis)
+
+    @property
+    def bits(self) -> int:
+        return int(self.quant_max - self.quant_min + 1).bit_length() - 1
+
+    def read(self) -> torch.Tensor:
+        return self.quantizer.scale.clone()
+
+    def set(self, scale: torch.Tensor) -> None:
+        self.quantizer.scale.copy_(scale)
+
+    def commit(self) -> None:
+        scale = self.quantizer.scale.reshape(self._scale_shape).clone()
+        set_submodule(self.root, self.name, RefinedObserver.like(self.observer, scale, self._zero_point))
+
+
+class WeightObserverHandle(_QuantizerInfo, ScaleHandle):
+    """The weight of a Linear/Conv in a ``prepare_fx`` model. ``convert_fx`` builds the weight observer from
+    the module's qconfig; ``commit`` replaces that qconfig's weight factory with a frozen RefinedObserver."""
+
+    role = "weight"
+
+    def __init__(self, path: str, module: nn.Module, clamp_weights: bool):
+        self.name, self.module, self.clamp_weights = f"{path}.weight", module, clamp_weights
+        self.qconfig = module.qconfig
+        leader = module[0] if isinstance(module, nn.Sequential) else module
+        self.weight = leader.weight
+        observer = self.qconfig.weight()
+        observer.to(self.weight.device)
+        observer(self.weight.detach())
+        scale, zero_point = observer.calculate_qparams()
+        check_scale(self.name, scale)
+        self.observer, self._scale_shape, self._zero_point = observer, scale.shape, zero_point
+        self.dtype, self.quant_min, self.quant_max = observer.dtype, observer.quant_min, observer.quant_max
+        self.axis = _axis(observer.qscheme, getattr(observer, "ch_axis", 0))
+        self.quantizer = SimulatedQuantizer(scale, zero_point, self.quant_min, self.quant_max, self.axis)
+
+    def read(self) -> torch.Tensor:
+        return self.quantizer.scale.clone()
+
+    def set(self, scale: torch.Tensor) -> None:
+        self.quantizer.scale.copy_(scale)
+
+    def commit(self) -> None:
+        scale = self.quantizer.scale.reshape(self._scale_shape).clone()
+        frozen = RefinedObserver.like(self.observer, scale, self._zero_point)
+        self.module.qconfig = QConfig(
+            activation=self.qconfig.activation,
+            weight=RefinedObserver.with_args(
+                scale=frozen.scale, zero_point=frozen.zero_point, dtype=frozen.dtype, qscheme=frozen.qscheme,
+                quant_min=frozen.quant_min, quant_max=frozen.quant_max, ch_axis=frozen.ch_axis,
+                eps=float(frozen.eps), averaging_constant=frozen.averaging_constant,
+            ),
+        )
+        if self.clamp_weights and self.narrowed:
+            clamp_weight_to_grid(self.weight, self.quantizer.scale, self.quantizer.zero_point, self.quant_min,
+                                 self.quant_max, self.axis)
+
+
+class FakeQuantizeHandle(_QuantizerInfo, ScaleHandle):
+    """A torch.ao FakeQuantize (``prepare_qat_fx``), for an activation or a QAT module's weight. The search
+    writes the FakeQuantize's own ``scale`` buffer and evaluates through its own forward (observer off);
+    ``commit`` also freezes its observer at that scale, because ``convert_fx`` reads
+    ``calculate_qparams()``, which asks the observer."""
+
+    def __init__(self, path: str, fake_quant: FakeQuantizeBase, role: str, weight: torch.Tensor | None = None,
+                 clamp_weights: bool = True):
+        self.name, self.fake_quant, self.role = path, fake_quant, role
+        self.weight, self.clamp_weights = weight, clamp_weights
+        observer = getattr(fake_quant, "activation_post_process", None)
+        min_val = getattr(observer, "min_val", None)
+        if isinstance(min_val, torch.Tensor) and (min_val.numel() == 0 or bool(torch.isinf(min_val).all())):
+            raise ValueError(f"FakeQuantize {path} was never calibrated: run calibration images through the "
+                             "prepared model before refining it")
+        check_scale(path, fake_quant.scale)
+        self.dtype, self.quant_min, self.quant_max = fake_quant.dtype, fake_quant.quant_min, fake_quant.quant_max
+        self.axis = _axis(fake_quant.qscheme, getattr(fake_quant, "ch_axis", 0))
+
+    def read(self) -> torch.Tensor:
+        return self.fake_quant.scale.detach().clone()
+
+    def set(self, scale: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.fake_quant.scale.copy_(scale)
+
+    def commit(self) -> None:
+        fq = self.fake_quant
+        fq.activation_post_process = RefinedObserver.like(fq.activation_post_process, fq.scale.detach().clone(),
+                                                          fq.zero_point.detach().clone())
+        fq.disable_observer()
+        if self.weight is not None and self.clamp_weights and self.narrowed:
+            clamp_weight_to_grid(self.weight, fq.scale, fq.zero_point, self.quant_min, self.quant_max, self.axis)

@@ -1,0 +1,112 @@
+"""Modules the FX integration puts in place of torch.ao's observers.
+
+* :class:`SimulatedQuantizer` evaluates a candidate's scales with torch's own fake-quantize ops where the
+  prepared model holds observers (which only record statistics).
+* :class:`RefinedObserver` carries refined scales into ``convert_fx``: an observer whose
+  ``calculate_qparams()`` returns exactly the stored scale and zero point and whose forward records nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.ao.quantization.observer import ObserverBase
+
+__all__ = ["SimulatedQuantizer", "SimulatedWeightModule", "RefinedObserver", "DTYPE_RANGES"]
+
+DTYPE_RANGES = {
+    torch.quint8: (0, 255), torch.qint8: (-128, 127), torch.uint8: (0, 255), torch.int8: (-128, 127),
+    torch.qint32: (-(2**31), 2**31 - 1), torch.int32: (-(2**31), 2**31 - 1),
+}
+
+
+class SimulatedQuantizer(nn.Module):
+    """``fake_quantize(x, scale, zero_point, quant_min, quant_max)``, per tensor or per channel."""
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
+                 axis: int | None = None):
+        super().__init__()
+        self.register_buffer("scale", scale.detach().clone().float().reshape(-1 if axis is not None else 1))
+        self.register_buffer("zero_point", zero_point.detach().clone().to(torch.int32).reshape(self.scale.shape))
+        self.quant_min, self.quant_max, self.axis = int(quant_min), int(quant_max), axis
+        self.enabled = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if self.axis is None:
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min,
+                                                         self.quant_max)
+        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.quant_min,
+                                                      self.quant_max)
+
+
+class SimulatedWeightModule(nn.Module):
+    """A Linear/Conv (or a torch.ao fused module led by one) whose weight passes through a quantizer."""
+
+    def __init__(self, module: nn.Module, quantizer: SimulatedQuantizer):
+        super().__init__()
+        self.module = module
+        self.weight_quantizer = quantizer
+
+    @property
+    def _leader(self) -> nn.Module:
+        return self.module[0] if isinstance(self.module, nn.Sequential) else self.module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        leader = self._leader
+        weight = self.weight_quantizer(leader.weight)
+        if isinstance(leader, nn.Linear):
+            out = nn.functional.linear(x, weight, leader.bias)
+        else:
+            out = leader._conv_forward(x, weight, leader.bias)
+        if isinstance(self.module, nn.Sequential):
+            for rest in list(self.module)[1:]:
+                out = rest(out)
+        return out
+
+
+class RefinedObserver(ObserverBase):
+    """An observer frozen at refined quantization parameters.
+
+    ``convert_fx`` (and FakeQuantize's ``calculate_qparams``) read ``calculate_qparams()``, which returns the
+    stored scale and zero point bit for bit; ``forward`` records nothing, so later calibration passes cannot
+    overwrite the refinement. It keeps the replaced observer's dtype, qscheme, range and channel axis.
+    """
+
+    def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, dtype: torch.dtype = torch.quint8,
+                 qscheme: torch.qscheme = torch.per_tensor_affine, quant_min: int = 0, quant_max: int = 255,
+                 ch_axis: int = 0, eps: float = torch.finfo(torch.float32).eps, averaging_constant: float = 0.01):
+        super().__init__(dtype=dtype, is_dynamic=False)
+        self.qscheme = qscheme
+        self.quant_min, self.quant_max, self.ch_axis = int(quant_min), int(quant_max), int(ch_axis)
+        self.averaging_constant = averaging_constant
+        self.register_buffer("eps", torch.tensor([eps]))
+        scale = scale.detach().clone().float()
+        zero_point = zero_point.detach().clone()
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+        # the range these qparams represent, for code that reads an observer's min_val / max_val
+        self.register_buffer("min_val", (quant_min - zero_point).float() * scale)
+        self.register_buffer("max_val", (quant_max - zero_point).float() * scale)
+
+    @classmethod
+    def like(cls, observer: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor) -> "RefinedObserver":
+        """A RefinedObserver with ``observer``'s dtype, qscheme, range and axis."""
+        eps = getattr(observer, "eps", torch.finfo(torch.float32).eps)
+        eps = float(eps.reshape(-1)[0]) if isinstance(eps, torch.Tensor) else float(eps)
+        qscheme = getattr(observer, "qscheme", torch.per_tensor_affine)
+        refined = cls(scale, zero_point, dtype=observer.dtype, qscheme=qscheme, quant_min=observer.quant_min,
+                      quant_max=observer.quant_max, ch_axis=getattr(observer, "ch_axis", 0), eps=eps,
+                      averaging_constant=getattr(observer, "averaging_constant", 0.01))
+        return refined.to(scale.device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @torch.jit.export
+    def calculate_qparams(self):
+        return self.scale.clone(), self.zero_point.clone()
+
+    def extra_repr(self) -> str:
+        return f"dtype={self.dtype}, qscheme={self.qscheme}, quant_min={self.quant_min}, quant_max={self.quant_max}"

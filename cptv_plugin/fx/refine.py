@@ -1,0 +1,333 @@
+"""``refine_fx``: CPT-V refinement of a torch.ao FX model between calibration and ``convert_fx``."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Literal
+
+import torch
+from torch import fx, nn
+from torch.ao.quantization.fake_quantize import FakeQuantizeBase, FixedQParamsFakeQuantize
+from torch.ao.quantization.observer import FixedQParamsObserver, ObserverBase
+
+from ..blocks import ModelStructure, discover_blocks
+from ..config import SearchConfig
+from ..data import calibration_batches
+from ..engine import Evaluator, reference_outputs
+from ..fitness import needs_negatives
+from ..handles import Group
+from ..search import RefineResult, evolutionary_search
+from .graph import GraphSplitError, assign_groups, split_graph
+from .handles import FakeQuantizeHandle, ObserverHandle, WeightObserverHandle
+from .quantizers import DTYPE_RANGES, RefinedObserver, SimulatedQuantizer, SimulatedWeightModule
+
+__all__ = ["refine_fx", "NotPreparedError", "NoQuantizersError", "FxSession"]
+
+logger = logging.getLogger(__name__)
+
+Target = Literal["convert_fx", "fake_quant"]
+
+
+class NotPreparedError(TypeError):
+    """The model is not a GraphModule from ``prepare_fx`` / ``prepare_qat_fx``."""
+
+
+class NoQuantizersError(ValueError):
+    """The model holds no quantizer that the search could move."""
+
+
+def _observed_attrs(model: nn.Module):
+    meta = getattr(model, "meta", None)
+    if isinstance(meta, dict) and "_observed_graph_module_attrs" in meta:
+        return meta["_observed_graph_module_attrs"]
+    return getattr(model, "_observed_graph_module_attrs", None)
+
+
+def _quantizing_observer(module: nn.Module) -> bool:
+    """An observer or FakeQuantize that converts into a quantize/dequantize pair."""
+    if not isinstance(module, (ObserverBase, FakeQuantizeBase)):
+        return False
+    return getattr(module, "dtype", None) in DTYPE_RANGES and not getattr(module, "is_dynamic", False) \
+        and hasattr(module, "quant_min")
+
+
+def _searchable(module: nn.Module) -> bool:
+    return _quantizing_observer(module) and not isinstance(module, (FixedQParamsObserver, FixedQParamsFakeQuantize))
+
+
+def _weight_quantized_by_convert(node: fx.Node, module: nn.Module, observed: set[str]) -> bool:
+    """Whether ``convert_fx`` (native backend config) would quantize this plain module's weight."""
+    from torch.ao.quantization.backend_config import get_native_backend_config
+    from torch.ao.quantization.fx.qconfig_mapping_utils import _is_qconfig_supported_by_dtype_configs
+    from torch.ao.quantization.backend_config.utils import get_pattern_to_dtype_configs
+    from torch.ao.quantization.utils import weight_is_quantized
+
+    qconfig = getattr(module, "qconfig", None)
+    if qconfig is None or node.name not in observed:
+        return False
+    dtype_configs = get_pattern_to_dtype_configs(get_native_backend_config()).get(type(module), [])
+    return _is_qconfig_supported_by_dtype_configs(qconfig, dtype_configs) and weight_is_quantized(qconfig)
+
+
+class FxSession:
+    """Everything refine_fx builds around the user's GraphModule: the handles, an evaluation copy of the
+    graph in which observers simulate quantization, its segments and the search groups."""
+
+    def __init__(self, prepared: fx.GraphModule, *, blocks: list[str] | None = None,
+                 target: Target = "convert_fx", clamp_weights: bool = True, roles=("weight", "activation"),
+                 search_outside_blocks: bool = True):
+        if not isinstance(prepared, fx.GraphModule) or _observed_attrs(prepared) is None:
+            raise NotPreparedError(
+                "refine_fx needs the GraphModule returned by torch.ao's prepare_fx or prepare_qat_fx, calibrated "
+                f"on images; got {type(prepared).__name__}. Run prepare_fx(model, qconfig_mapping, example_inputs) "
+                "and a calibration loop first."
+            )
+        if target not in ("convert_fx", "fake_quant"):
+            raise ValueError(f"target must be 'convert_fx' or 'fake_quant', got {target!r}")
+        self.prepared = prepared
+        attrs = _observed_attrs(prepared)
+        observed = set(getattr(attrs, "observed_node_names", set()) or set())
+        modules = dict(prepared.named_modules())
+
+        graph = fx.Graph()
+        mapping: dict[fx.Node, fx.Node] = {}
+        graph.output(graph.graph_copy(prepared.graph, mapping))
+        self.handles = []
+        self.fake_quants: list[FakeQuantizeBase] = []
+        self.simulated: list[SimulatedQuantizer] = []
+        handle_of_node: dict[fx.Node, object] = {}
+        root: dict[str, object] = {}
+        module_path: dict[fx.Node, str] = {}
+        inserted: set[fx.Node] = set()
+        by_module: dict[int, object] = {}
+        narrowed_activations = []
+        for original, node in mapping.items():
+            if node.op == "get_attr":
+                root[node.target] = _get_attr(prepared, node.target)
+            if node.op != "call_module":
+                continue
+            module = prepared.get_submodule(node.target)
+            module_path[node] = node.target
+            if isinstance(module, (ObserverBase, FakeQuantizeBase)):
+                inserted.add(node)
+                if not _quantizing_observer(module):
+                    node.replace_all_uses_with(node.args[0])
+                    graph.erase_node(node)
+                    continue
+                if isinstance(module, FakeQuantizeBase):
+                    self.fake_quants.append(module)
+                    root[node.target] = module
+                    if _searchable(module) and "activation" in roles:
+                        handle = by_module.get(id(module)) or FakeQuantizeHandle(node.target, module, "activation")
+                        by_module[id(module)] = handle
+                        handle_of_node[node] = handle
+                    continue
+                if _searchable(module) and "activation" in roles:
+                    handle = by_module.get(id(module)) or ObserverHandle(prepared, node.target, module,
+                                                                         clamp_to_dtype=target == "convert_fx")
+                    by_module[id(module)] = handle
+                    handle_of_node[node] = handle
+                    sim = handle.quantizer
+                    if handle.narrowed and target == "convert_fx":
+                        narrowed_activations.append(node.target)
+                else:  # fixed qparams (or activations not searched): simulate without searching
+                    scale, zero_point = module.calculate_qparams()
+                    low, high = DTYPE_RANGES[module.dtype] if target == "convert_fx" else (module.quant_min,
+                                                                                           module.quant_max)
+                    axis = module.ch_axis if scale.numel() > 1 else None
+                    sim = SimulatedQuantizer(scale, zero_point, low, high, axis)
+                name = f"cptv_sim_{len(self.simulated)}"
+                self.simulated.append(sim)
+                root[name] = sim
+                node.target = name
+                continue
+            weight_fq = getattr(module, "weight_fake_quant", None)
+            if isinstance(weight_fq, FakeQuantizeBase):  # a QAT module: its own forward fake-quantizes
+                root[node.target] = module
+                self.fake_quants.append(weight_fq)
+                if _searchable(weight_fq) and "weight" in roles:
+                    handle_of_node[node] = FakeQuantizeHandle(f"{node.target}.weight", weight_fq, "weight",
+                                                              weight=module.weight, clamp_weights=clamp_weights)
+                continue
+            leader = module[0] if isinstance(module, nn.Sequential) and len(module) else module
+            if isinstance(leader, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and \
+                    _weight_quantized_by_convert(original, module, observed):
+                handle = WeightObserverHandle(node.target, module, clamp_weights)
+                if "weight" in roles:
+                    handle_of_node[node] = handle
+                name = f"cptv_weight_{len(self.simulated)}"
+                self.simulated.append(handle.quantizer)
+                root[name] = SimulatedWeightModule(module, handle.quantizer)
+                node.target = name
+                continue
+            root[node.target] = module
+        if narrowed_activations:
+            logger.warning(
+                "%d activation quantizer(s) have a range narrower than their dtype (e.g. %s). convert_fx's "
+                "kernels quantize activations with the full dtype range, so the search optimizes that; pass "
+                "target='fake_quant' to optimize the narrowed range as FakeQuantize computes it.",
+                len(narrowed_activations), narrowed_activations[0])
+        self.eval_module = fx.GraphModule(root, graph)
+        self.target = target
+
+        structure = ModelStructure.from_graph_module(prepared)
+        self.adapter, self.block_paths = discover_blocks(structure, blocks)
+        groups_of = assign_groups(graph, self.block_paths, module_path_of=module_path.get,
+                                  is_inserted=lambda n: n in inserted)
+        try:
+            self.chain, group_to_segment = split_graph(self.eval_module, groups_of)
+        except GraphSplitError as error:
+            logger.warning("cannot cut the graph between blocks (%s): every candidate runs the whole model", error)
+            self.chain, group_to_segment = split_graph(self.eval_module, {n: 0 for n in groups_of})
+            group_to_segment = {g: 0 for g in range(len(self.block_paths) + 2)}
+
+        names = ["prefix"] + self.block_paths + ["head"]
+        members: dict[int, list] = {g: [] for g in range(len(names))}
+        seen = set()
+        for node, handle in handle_of_node.items():
+            if id(handle) in seen:
+                continue
+            seen.add(id(handle))
+            members[groups_of[node]].append(handle)
+        self.groups: list[Group] = []
+        for index, name in enumerate(names):
+            if not members[index]:
+                continue
+            if not search_outside_blocks and index in (0, len(names) - 1):
+                continue
+            self.groups.append(Group(name, members[index], segment=group_to_segment[index]))
+        self.all_handles = [h for g in members.values() for h in g]
+        if not self.all_handles:
+            raise NoQuantizersError(
+                "the prepared model holds no quantizer that refine_fx can move: check the qconfig mapping "
+                "(static int8 observers or FakeQuantize are needed; dynamic and float16 qconfigs have no scales)"
+            )
+
+    def set_quantization(self, enabled: bool) -> None:
+        """Switch every simulated quantizer and FakeQuantize on or off (off: the full-precision reference)."""
+        for sim in self.simulated:
+            sim.enabled = enabled
+        for fq in self.fake_quants:
+            fq.enable_fake_quant(enabled)
+
+    def snapshot(self) -> dict:
+        """Everything of the user's model that the search or commit may change, for restoring on failure."""
+        state = {"scales": [h.read() for h in self.all_handles]}
+        state["fq_flags"] = [(fq.fake_quant_enabled.clone(), fq.observer_enabled.clone(),
+                              fq.activation_post_process) for fq in self.fake_quants]
+        state["weights"] = [h.weight.detach().clone() for h in self.all_handles if getattr(h, "weight", None) is not None]
+        state["qconfigs"] = [(h.module, h.qconfig) for h in self.all_handles if isinstance(h, WeightObserverHandle)]
+        state["modules"] = {h.name: h.observer for h in self.all_handles if isinstance(h, ObserverHandle)}
+        return state
+
+    def restore(self, state: dict) -> None:
+        from .handles import set_submodule
+
+        for handle, scale in zip(self.all_handles, state["scales"]):
+            handle.set(scale)
+        for fq, (fake_quant_on, observer_on, observer) in zip(self.fake_quants, state["fq_flags"]):
+            fq.fake_quant_enabled.copy_(fake_quant_on)
+            fq.observer_enabled.copy_(observer_on)
+            fq.activation_post_process = observer
+        with torch.no_grad():
+            for handle, weight in zip([h for h in self.all_handles if getattr(h, "weight", None) is not None],
+                                      state["weights"]):
+                handle.weight.copy_(weight)
+        for module, qconfig in state["qconfigs"]:
+            module.qconfig = qconfig
+        for path, observer in state["modules"].items():
+            set_submodule(self.prepared, path, observer)
+
+    def commit(self) -> None:
+        for handle in self.all_handles:
+            handle.commit()
+
+
+def _get_attr(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | None = None,
+              fp_model: nn.Module | None = None, blocks: list[str] | None = None, target: Target = "convert_fx",
+              clamp_weights: bool = True) -> RefineResult:
+    """Refine the scales of a calibrated torch.ao FX model in place with CPT-V's block-wise search.
+
+    Call it between calibration and ``convert_fx``; the GraphModule stays what ``convert_fx`` expects, and the
+    converted model carries the refined scales exactly.
+
+    Args:
+        prepared: the GraphModule from ``prepare_fx`` (observers) or ``prepare_qat_fx`` (FakeQuantize),
+            already calibrated.
+        calib_data: calibration images: a tensor ``(N, C, H, W)``, a list of tensors, or a DataLoader
+            yielding tensors or ``(images, labels)``.
+        config: search settings; ``None`` means ``SearchConfig()``, our default preset.
+        fp_model: the full-precision model to match; ``None`` uses ``prepared`` with quantization off.
+        blocks: module paths of the blocks, to skip automatic block discovery.
+        target: what the search optimizes. ``"convert_fx"`` (default) simulates what ``convert_fx``'s kernels
+            compute; ``"fake_quant"`` simulates the quantizers' own ranges (narrowed activation ranges such as
+            4-bit are then honoured, as FakeQuantize and the decomposed representation compute them).
+        clamp_weights: for weight quantizers narrower than int8 (e.g. 4-bit), clip the weights onto the
+            narrowed grid after the search, so that ``convert_fx`` (which quantizes with the full int8 range)
+            holds exactly the low-bit integers that were optimized. The fake-quantized model does not change.
+
+    Returns:
+        A :class:`RefineResult`.
+
+    Example:
+        >>> prepared = prepare_fx(model, qconfig_mapping, example_inputs=(images[:1],))
+        >>> for batch in images.split(100): prepared(batch)            # standard calibration
+        >>> result = cptv_plugin.refine_fx(prepared, images, config=cptv_plugin.SearchConfig.fast())
+        >>> quantized = convert_fx(prepared)                           # carries the refined scales
+    """
+    config = config or SearchConfig()
+    config.validate()
+    session = FxSession(prepared, blocks=blocks, target=target, clamp_weights=clamp_weights, roles=config.roles,
+                        search_outside_blocks=config.search_outside_blocks)
+    device = torch.device(config.device) if config.device else _device_of(prepared)
+    model_device = _device_of(prepared)
+    if device != model_device:
+        raise ValueError(f"the model is on {model_device} but config.device is {device}: move the model first "
+                         f"(prepared.to('{device}')) or leave config.device unset")
+    example_shape = _example_shape(prepared)
+    batches = [b.to(device) for b in calibration_batches(
+        calib_data, config.batch_size, min_batch=2 if needs_negatives(config.fitness) else 1,
+        example_shape=example_shape)]
+    state = session.snapshot()
+    try:
+        for fq in session.fake_quants:
+            fq.disable_observer()
+        if fp_model is not None:
+            reference = reference_outputs(fp_model.eval(), batches)
+        else:
+            session.set_quantization(False)
+            try:
+                reference = reference_outputs(session.chain.forward, batches)
+            finally:
+                session.set_quantization(True)
+        evaluator = Evaluator(session.chain, batches, reference, config.fitness, config.temperature, config.normalize)
+        result = evolutionary_search(session.groups, evaluator, config)
+        session.commit()
+    except BaseException:
+        session.restore(state)
+        raise
+    return result
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _example_shape(prepared: fx.GraphModule):
+    """The per-image input shape recorded at prepare time, if any."""
+    for node in prepared.graph.nodes:
+        if node.op == "placeholder":
+            value = node.meta.get("val", node.meta.get("tensor_meta"))
+            shape = getattr(value, "shape", None)
+            return tuple(shape[1:]) if shape is not None else None
+    return None

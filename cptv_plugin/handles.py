@@ -1,0 +1,82 @@
+"""The core vocabulary shared by every framework integration: ScaleHandle and Group (DESIGN.md)."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["ScaleHandle", "Group", "SearchState"]
+
+
+class ScaleHandle(ABC):
+    """One quantizer's scale, as the framework stores it.
+
+    The search reads the scale with :meth:`read`, moves it with :meth:`set` (which changes what the
+    evaluation forward computes) and, once it is done, :meth:`commit` writes the final value in the
+    framework's own units so that the framework's next step (convert, save, export) carries it.
+    """
+
+    name: str
+    role: str  # "weight" or "activation"
+    quant_min: int
+    quant_max: int
+    axis: int | None  # None for per-tensor
+
+    @property
+    def bits(self) -> int:
+        return int(self.quant_max - self.quant_min + 1).bit_length() - 1
+
+    @abstractmethod
+    def read(self) -> torch.Tensor:
+        """The scale in use now: a float32 tensor (one element per tensor, one per channel per channel)."""
+
+    @abstractmethod
+    def set(self, scale: torch.Tensor) -> None:
+        """Use ``scale`` in the evaluation forward from now on."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Write the scale in use into the framework's own state (called once, after the search)."""
+
+    def describe(self) -> str:
+        grain = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
+        return f"{self.name} [{self.role}, {self.bits}-bit {grain}]"
+
+
+@dataclass
+class Group:
+    """Scales the search moves together (the paper's Δ_b) and the segment the search re-runs from.
+
+    ``segment`` is the index of the first model segment whose output depends on these scales: candidates
+    re-run only segments ``segment…`` from a cache of that segment's inputs.
+    """
+
+    name: str
+    handles: list[ScaleHandle]
+    segment: int = 0
+    module_paths: list[str] = field(default_factory=list)
+
+    def read(self) -> torch.Tensor:
+        return torch.cat([h.read().reshape(-1).float() for h in self.handles]) if self.handles else torch.empty(0)
+
+    def set(self, vector: torch.Tensor) -> None:
+        offset = 0
+        for handle in self.handles:
+            current = handle.read()
+            count = current.numel()
+            handle.set(vector[offset : offset + count].reshape(current.shape).to(current.dtype))
+            offset += count
+
+    def __len__(self) -> int:
+        return sum(h.read().numel() for h in self.handles)
+
+
+@dataclass
+class SearchState:
+    """What the search has to remember between group visits (for checkpoints and results)."""
+
+    pass_index: int = 0
+    group_index: int = 0
+    history: list[dict] = field(default_factory=list)

@@ -36,6 +36,16 @@ def check_scale(name: str, scale: torch.Tensor) -> None:
         )
 
 
+def require_calibrated(name: str, observer) -> None:
+    """Refuse an observer that never saw data (its min/max are still ±inf or empty)."""
+    if isinstance(observer, RefinedObserver):
+        return
+    min_val = getattr(observer, "min_val", None)
+    if isinstance(min_val, torch.Tensor) and (min_val.numel() == 0 or bool(torch.isinf(min_val).all())):
+        raise ValueError(f"quantizer {name} was never calibrated: run calibration images through the prepared "
+                         "model (prepared(images)) before refining it")
+
+
 def clamp_weight_to_grid(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,
                          quant_max: int, axis: int | None) -> bool:
     """Clip ``weight`` in place to ``[(quant_min − zp)·s, (quant_max − zp)·s]``. Returns whether any value moved.
@@ -76,6 +86,8 @@ class ObserverHandle(_QuantizerInfo, ScaleHandle):
 
     def __init__(self, root: nn.Module, path: str, observer: nn.Module, clamp_to_dtype: bool):
         self.root, self.name, self.observer = root, path, observer
+        self.paths = [path]  # torch.ao shares one observer between several paths (shape ops): all move together
+        require_calibrated(path, observer)
         scale, zero_point = observer.calculate_qparams()
         check_scale(path, scale)
         self._scale_shape, self._zero_point = scale.shape, zero_point
@@ -96,7 +108,9 @@ class ObserverHandle(_QuantizerInfo, ScaleHandle):
 
     def commit(self) -> None:
         scale = self.quantizer.scale.reshape(self._scale_shape).clone()
-        set_submodule(self.root, self.name, RefinedObserver.like(self.observer, scale, self._zero_point))
+        refined = RefinedObserver.like(self.observer, scale, self._zero_point)
+        for path in self.paths:
+            set_submodule(self.root, path, refined)
 
 
 class WeightObserverHandle(_QuantizerInfo, ScaleHandle):
@@ -152,11 +166,7 @@ class FakeQuantizeHandle(_QuantizerInfo, ScaleHandle):
                  clamp_weights: bool = True):
         self.name, self.fake_quant, self.role = path, fake_quant, role
         self.weight, self.clamp_weights = weight, clamp_weights
-        observer = getattr(fake_quant, "activation_post_process", None)
-        min_val = getattr(observer, "min_val", None)
-        if isinstance(min_val, torch.Tensor) and (min_val.numel() == 0 or bool(torch.isinf(min_val).all())):
-            raise ValueError(f"FakeQuantize {path} was never calibrated: run calibration images through the "
-                             "prepared model before refining it")
+        require_calibrated(path, getattr(fake_quant, "activation_post_process", None))
         check_scale(path, fake_quant.scale)
         self.dtype, self.quant_min, self.quant_max = fake_quant.dtype, fake_quant.quant_min, fake_quant.quant_max
         self.axis = _axis(fake_quant.qscheme, getattr(fake_quant, "ch_axis", 0))

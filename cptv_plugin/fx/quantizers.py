@@ -34,11 +34,21 @@ class SimulatedQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        if self.axis is None:
-            return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, self.quant_min,
-                                                         self.quant_max)
-        return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, self.quant_min,
-                                                      self.quant_max)
+        return fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max, self.axis)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int, quant_max: int,
+                  axis: int | None = None) -> torch.Tensor:
+    """The arithmetic of ``torch.fake_quantize_per_{tensor,channel}_affine`` (round(x · (1/s)) + z, clamp,
+    minus z, times s, all in float32), bit for bit, in plain tensor ops: about twice as fast on the CPU as the
+    ATen kernel with tensor qparams, which also builds a gradient mask the search never uses."""
+    if axis is not None:
+        shape = [1] * x.dim()
+        shape[axis] = -1
+        scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
+    zero_point = zero_point.to(x.dtype)
+    q = torch.round(x * (1.0 / scale)).add_(zero_point).clamp_(quant_min, quant_max)
+    return q.sub_(zero_point).mul_(scale)
 
 
 class SimulatedWeightModule(nn.Module):

@@ -124,9 +124,12 @@ class FxSession:
                         handle_of_node[node] = handle
                     continue
                 if _searchable(module) and "activation" in roles:
-                    handle = by_module.get(id(module)) or ObserverHandle(prepared, node.target, module,
-                                                                         clamp_to_dtype=target == "convert_fx")
-                    by_module[id(module)] = handle
+                    handle = by_module.get(id(module))
+                    if handle is None:
+                        handle = ObserverHandle(prepared, node.target, module, clamp_to_dtype=target == "convert_fx")
+                        by_module[id(module)] = handle
+                    elif node.target not in handle.paths:
+                        handle.paths.append(node.target)
                     handle_of_node[node] = handle
                     sim = handle.quantizer
                     if handle.narrowed and target == "convert_fx":
@@ -143,6 +146,11 @@ class FxSession:
                 node.target = name
                 continue
             weight_fq = getattr(module, "weight_fake_quant", None)
+            if isinstance(weight_fq, ObserverBase):
+                raise NotImplementedError(
+                    f"{node.target} is a QAT module whose weight_fake_quant is an observer, not a FakeQuantize: "
+                    "use FakeQuantize in the QAT qconfig (e.g. fx_qconfig_mapping(bits, qat=True)), or prepare_fx "
+                    "for post-training quantization")
             if isinstance(weight_fq, FakeQuantizeBase):  # a QAT module: its own forward fake-quantizes
                 root[node.target] = module
                 self.fake_quants.append(weight_fq)
@@ -218,7 +226,8 @@ class FxSession:
                               fq.activation_post_process) for fq in self.fake_quants]
         state["weights"] = [h.weight.detach().clone() for h in self.all_handles if getattr(h, "weight", None) is not None]
         state["qconfigs"] = [(h.module, h.qconfig) for h in self.all_handles if isinstance(h, WeightObserverHandle)]
-        state["modules"] = {h.name: h.observer for h in self.all_handles if isinstance(h, ObserverHandle)}
+        state["modules"] = {path: h.observer for h in self.all_handles if isinstance(h, ObserverHandle)
+                            for path in h.paths}
         return state
 
     def restore(self, state: dict) -> None:
@@ -296,6 +305,7 @@ def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | No
     batches = [b.to(device) for b in calibration_batches(
         calib_data, config.batch_size, min_batch=2 if needs_negatives(config.fitness) else 1,
         example_shape=example_shape)]
+    _probe(session, batches[0][:2])
     state = session.snapshot()
     try:
         for fq in session.fake_quants:
@@ -315,6 +325,24 @@ def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | No
         session.restore(state)
         raise
     return result
+
+
+def _probe(session: FxSession, images: torch.Tensor) -> None:
+    """Run two calibration images through the full-precision evaluation graph; a failure there means the
+    images do not fit the model, which deserves a clearer message than the layer's own."""
+    session.set_quantization(False)
+    try:
+        with torch.no_grad():
+            session.chain.forward(images)
+    except (RuntimeError, ValueError, AssertionError) as error:
+        from ..data import CalibrationError
+
+        raise CalibrationError(
+            f"the model cannot run on calibration images of shape {tuple(images.shape[1:])}: {error}. "
+            "Pass images shaped and normalized as for the model's own forward."
+        ) from error
+    finally:
+        session.set_quantization(True)
 
 
 def _device_of(module: nn.Module) -> torch.device:

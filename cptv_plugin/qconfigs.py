@@ -1,0 +1,56 @@
+"""Bit-width settings ("W4A8") turned into the frameworks' own quantization configs."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+__all__ = ["parse_bits", "fx_qconfig_mapping", "prepare_timm_for_fx"]
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    """``"W4A8"`` → ``(4, 8)``."""
+    match = re.fullmatch(r"[Ww](\d+)[Aa](\d+)", bits.strip())
+    if not match:
+        raise ValueError(f"bit setting must look like 'W4A8', got {bits!r}")
+    weight_bits, activation_bits = int(match.group(1)), int(match.group(2))
+    if not (2 <= weight_bits <= 8 and 2 <= activation_bits <= 8):
+        raise ValueError(f"bit widths must be between 2 and 8, got {bits!r}")
+    return weight_bits, activation_bits
+
+
+def fx_qconfig_mapping(bits: str = "W8A8", activation_observer=None, qat: bool = False):
+    """A torch.ao ``QConfigMapping`` for the FX flow: MinMax per-channel symmetric weights with ``W`` bits
+    (qint8 storage, narrowed range) and per-tensor affine activations with ``A`` bits (quint8 storage).
+
+    Args:
+        bits: e.g. ``"W4A8"``.
+        activation_observer: observer class for activations (default ``MinMaxObserver``; e.g.
+            ``HistogramObserver``).
+        qat: wrap both in ``FakeQuantize`` (for ``prepare_qat_fx``).
+    """
+    from torch.ao.quantization import (FakeQuantize, MinMaxObserver, PerChannelMinMaxObserver, QConfig,
+                                       QConfigMapping)
+
+    weight_bits, activation_bits = parse_bits(bits)
+    weight = PerChannelMinMaxObserver.with_args(
+        dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
+        quant_min=-(2 ** (weight_bits - 1)), quant_max=2 ** (weight_bits - 1) - 1,
+    )
+    activation = (activation_observer or MinMaxObserver).with_args(
+        dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=2**activation_bits - 1,
+    )
+    if qat:
+        weight = FakeQuantize.with_args(observer=weight.p.func, **weight.p.keywords)
+        activation = FakeQuantize.with_args(observer=activation.p.func, **activation.p.keywords)
+    return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
+
+
+def prepare_timm_for_fx(model: torch.nn.Module) -> torch.nn.Module:
+    """Switch timm attention from the fused kernel to explicit matmul + softmax, so that FX tracing sees
+    (and quantizes) the attention map. Returns the same model; call it on your model before prepare_fx."""
+    for module in model.modules():
+        if hasattr(module, "fused_attn"):
+            module.fused_attn = False
+    return model

@@ -1,0 +1,46 @@
+import copy
+import warnings
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+from cptv_plugin import SearchConfig  # noqa: E402
+from cptv_plugin.datasets import calibration_subset, load_fashion_mnist  # noqa: E402
+from cptv_plugin.models import load_reference_model  # noqa: E402
+from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx  # noqa: E402
+
+torch.set_num_threads(2)
+
+# a search small enough for CPU tests: 1 pass, P=4, C=2, S=2
+TINY_SEARCH = SearchConfig(passes=1, population=4, cycles=2, samples=2, batch_size=50, progress=False)
+
+
+@pytest.fixture(scope="session")
+def fmnist():
+    """(calibration images, test images, test labels) from the real Fashion-MNIST files."""
+    train_x, _ = load_fashion_mnist("train")
+    test_x, test_y = load_fashion_mnist("test")
+    return calibration_subset(train_x, 200, seed=0), test_x[:500], test_y[:500]
+
+
+@pytest.fixture(scope="session")
+def tiny_vit():
+    """The project's trained 4-block ViT (float32, eval mode, attention unfused for FX)."""
+    return prepare_timm_for_fx(load_reference_model("fmnist_vit_tiny"))
+
+
+def prepare_and_calibrate(model, calib, bits="W4A8", qconfig_mapping=None, qat=False):
+    from torch.ao.quantization.quantize_fx import prepare_fx, prepare_qat_fx
+
+    mapping = qconfig_mapping or fx_qconfig_mapping(bits, qat=qat)
+    model = copy.deepcopy(model)
+    if qat:
+        prepared = prepare_qat_fx(model.train(), mapping, example_inputs=(calib[:1],)).eval()
+    else:
+        prepared = prepare_fx(model.eval(), mapping, example_inputs=(calib[:1],))
+    with torch.no_grad():
+        for batch in calib.split(100):
+            prepared(batch)
+    return prepared

@@ -1,0 +1,38 @@
+import pytest
+import torch
+
+from cptv_plugin import ModelStructure, discover_blocks, list_block_adapters
+from cptv_plugin.models import create_reference_model
+
+
+def test_vit_adapter_finds_blocks_in_forward_order():
+    model = create_reference_model("fmnist_deit_tiny")
+    adapter, blocks = discover_blocks(ModelStructure.from_module(model))
+    assert adapter == "vit" and blocks == [f"blocks.{i}" for i in range(12)]
+    assert "vit" in list_block_adapters()
+
+
+def test_every_quantizer_is_in_exactly_one_group(tiny_vit, fmnist):
+    from conftest import prepare_and_calibrate
+    from cptv_plugin.fx.refine import FxSession
+
+    session = FxSession(prepare_and_calibrate(tiny_vit, fmnist[0][:50], "W4A8"))
+    in_groups = [h for g in session.groups for h in g.handles]
+    assert len(in_groups) == len(set(map(id, in_groups))) == len(session.all_handles)
+    names = {g.name: [h.name for h in g.handles] for g in session.groups}
+    assert "patch_embed.proj.weight" in names["prefix"]
+    assert "head.weight" in names["head"]
+    assert all(n.startswith("blocks.1.") for n in names["blocks.1"] if n.endswith(".weight"))
+    assert [g.segment for g in session.groups] == sorted(g.segment for g in session.groups)
+
+
+def test_demo_prints_before_and_after(capsys):
+    from cptv_plugin.cli import main
+
+    main(["demo", "--calibration", "100", "--preset", "fast", "--json"])
+    import json
+
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    names = [row[0] for row in report["rows"]]
+    assert names[0] == "fp32" and names[1].startswith("baseline") and names[2].startswith("cpt-v")
+    assert all(0 < row[1] <= 100 for row in report["rows"])

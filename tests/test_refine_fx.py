@@ -1,0 +1,187 @@
+"""refine_fx end to end on the project's trained tiny ViT and real Fashion-MNIST images."""
+
+import copy
+
+import pytest
+import torch
+from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_qconfig_mapping
+from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx
+
+import cptv_plugin
+from cptv_plugin.fx.refine import FxSession
+from cptv_plugin.fx.quantizers import RefinedObserver
+from conftest import TINY_SEARCH, prepare_and_calibrate
+
+
+def quantized_scales(converted):
+    """(name → (scale, zero_point)) of every quantize op and quantized module of a converted model."""
+    found = {}
+    for name, module in converted.named_modules():
+        if hasattr(module, "scale") and hasattr(module, "zero_point") and not isinstance(module, RefinedObserver):
+            found[name] = (torch.as_tensor(module.scale).clone(), torch.as_tensor(module.zero_point).clone())
+        weight_fn = getattr(module, "weight", None)
+        if callable(weight_fn) and not isinstance(weight_fn, torch.Tensor):
+            w = weight_fn()
+            if w.is_quantized:
+                found[name + ".weight"] = (w.q_per_channel_scales().clone(), w.q_per_channel_zero_points().clone())
+    for name, value in converted.named_buffers():
+        if "scale" in name or "zero_point" in name:
+            found[name] = (value.clone(),)
+    return found
+
+
+def assert_same_scales(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        for x, y in zip(a[key], b[key]):
+            assert torch.equal(x, y), key
+
+
+@pytest.mark.parametrize("mapping", ["W4A8", "x86-default", "W4A8-qat"])
+def test_commit_without_search_is_bit_exact(tiny_vit, fmnist, mapping):
+    """Reading every scale and writing it back leaves what convert_fx produces unchanged, bit for bit."""
+    calib = fmnist[0]
+    qat = mapping.endswith("-qat")
+    qconfig_mapping = {"x86-default": get_default_qconfig_mapping("x86")}.get(mapping)
+    prepared = prepare_and_calibrate(tiny_vit, calib, mapping.split("-")[0], qconfig_mapping, qat=qat)
+    if qat:  # freeze observers, the usual QAT step before convert (else convert observes the weights again)
+        prepared.apply(torch.ao.quantization.disable_observer)
+    before = quantized_scales(convert_fx(copy.deepcopy(prepared)))
+    session = FxSession(prepared)
+    for handle in session.all_handles:
+        handle.set(handle.read())
+    session.commit()
+    after = quantized_scales(convert_fx(copy.deepcopy(prepared)))
+    assert len(before) > 20
+    assert_same_scales(before, after)
+
+
+@pytest.fixture(scope="module")
+def refined_w3a8(tiny_vit, fmnist):
+    calib = fmnist[0]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W3A8")
+    baseline = copy.deepcopy(prepared)
+    result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH)
+    return baseline, prepared, result
+
+
+def test_fused_qat_commit_makes_convert_use_the_scales_the_fake_quant_forward_used(tiny_vit, fmnist):
+    """torch.ao's default QAT FakeQuantize computes its forward scale in a fused kernel; convert_fx asks the
+    observer again, which can differ in the last bit. After commit both are the same tensor."""
+    prepared = prepare_and_calibrate(tiny_vit, fmnist[0], qconfig_mapping=get_default_qat_qconfig_mapping("x86"),
+                                     qat=True)
+    forward_scales = {n: m.scale.clone() for n, m in prepared.named_modules()
+                      if n.endswith("weight_fake_quant")}
+    session = FxSession(prepared)
+    session.commit()
+    converted = convert_fx(copy.deepcopy(prepared))
+    weights = {n + ".weight_fake_quant": m.weight().q_per_channel_scales() for n, m in converted.named_modules()
+               if callable(getattr(m, "weight", None)) and not isinstance(m.weight, torch.Tensor)}
+    assert len(weights) == len(forward_scales) > 10
+    for name, scale in weights.items():
+        torch.testing.assert_close(scale.float(), forward_scales[name].float(), rtol=0, atol=0)
+
+
+def test_refinement_lowers_fitness_and_moves_scales(refined_w3a8):
+    baseline, prepared, result = refined_w3a8
+    assert result.final_fitness < result.initial_fitness
+    assert result.evaluations == 1 + len(result.groups) * (TINY_SEARCH.population - 1 + TINY_SEARCH.cycles)
+    assert result.seconds > 0 and len(result.history) == len(result.groups)
+    assert list(result.groups) == ["prefix", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
+    before = quantized_scales(convert_fx(copy.deepcopy(baseline)))
+    after = quantized_scales(convert_fx(copy.deepcopy(prepared)))
+    changed = [k for k in before if not all(torch.equal(x, y) for x, y in zip(before[k], after[k]))]
+    assert len(changed) > 10
+
+
+def test_converted_model_equals_the_fake_quant_model_the_search_used(refined_w3a8, fmnist):
+    _, prepared, _ = refined_w3a8
+    images = fmnist[1][:200]
+    simulated = FxSession(copy.deepcopy(prepared)).chain.forward(images)
+    reference = convert_to_reference_fx(copy.deepcopy(prepared))(images)
+    torch.testing.assert_close(reference, simulated, rtol=1e-4, atol=1e-4)
+    lowered = convert_fx(copy.deepcopy(prepared))(images)
+    agreement = (lowered.argmax(1) == simulated.argmax(1)).float().mean().item()
+    assert agreement >= 0.95
+    assert (lowered - simulated).abs().mean().item() < 0.05
+
+
+def test_converted_low_bit_weights_stay_on_the_narrow_grid(refined_w3a8):
+    _, prepared, _ = refined_w3a8
+    converted = convert_fx(copy.deepcopy(prepared))
+    for name, module in converted.named_modules():
+        weight_fn = getattr(module, "weight", None)
+        if callable(weight_fn) and not isinstance(weight_fn, torch.Tensor):
+            w = weight_fn()
+            assert w.int_repr().min() >= -4 and w.int_repr().max() <= 3, name
+
+
+def test_refined_fitness_is_what_a_fresh_evaluation_measures(refined_w3a8, fmnist, tiny_vit):
+    """The committed model, evaluated anew through a new session, has the fitness the search reported
+    (against the original float model: the committed model's low-bit weights were clipped onto their grid)."""
+    _, prepared, result = refined_w3a8
+    from cptv_plugin.data import calibration_batches
+    from cptv_plugin.engine import Evaluator, reference_outputs
+
+    session = FxSession(copy.deepcopy(prepared))
+    batches = calibration_batches(fmnist[0], TINY_SEARCH.batch_size, min_batch=2)
+    reference = reference_outputs(tiny_vit, batches)
+    evaluator = Evaluator(session.chain, batches, reference, "infonce", TINY_SEARCH.temperature, True)
+    assert evaluator(None) == pytest.approx(result.final_fitness, rel=1e-5)
+
+
+def test_suffix_evaluation_equals_full_forward(tiny_vit, fmnist):
+    prepared = prepare_and_calibrate(tiny_vit, fmnist[0], "W4A8")
+    session = FxSession(prepared)
+    images = fmnist[1][:64]
+    full = session.chain.forward(images)
+    assert len(session.chain.segments) == 6
+    for group in session.groups:
+        env = session.chain.run(session.chain.initial_env(images), 0, group.segment)
+        assert torch.equal(session.chain.run(env, group.segment), full), group.name
+
+
+def test_same_seed_gives_same_scales(tiny_vit, fmnist):
+    calib = fmnist[0][:100]
+    config = TINY_SEARCH.replace(population=3, cycles=1)
+    outcomes = []
+    for _ in range(2):
+        prepared = prepare_and_calibrate(tiny_vit, calib, "W4A8")
+        cptv_plugin.refine_fx(prepared, calib, config=config)
+        outcomes.append(quantized_scales(convert_fx(prepared)))
+    assert_same_scales(*outcomes)
+
+
+def test_qat_prepared_model_refines_through_its_fake_quantize(tiny_vit, fmnist):
+    calib = fmnist[0][:100]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W3A8", qat=True)
+    result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH.replace(population=3, cycles=1))
+    assert result.final_fitness < result.initial_fitness
+    images = fmnist[1][:100]
+    with torch.no_grad():
+        fake_quant_output = prepared(images)  # the model's own FakeQuantize forward, observers frozen
+    converted = convert_to_reference_fx(copy.deepcopy(prepared))
+    torch.testing.assert_close(converted(images), fake_quant_output, rtol=1e-4, atol=1e-4)
+    # observers stay frozen: another calibration pass cannot undo the refinement
+    before = quantized_scales(convert_fx(copy.deepcopy(prepared)))
+    with torch.no_grad():
+        prepared(images * 3)
+    assert_same_scales(before, quantized_scales(convert_fx(copy.deepcopy(prepared))))
+
+
+def test_fake_quant_target_honours_four_bit_activations(tiny_vit, fmnist):
+    calib = fmnist[0][:100]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W4A4")
+    session = FxSession(prepared, target="fake_quant")
+    acts = [h for h in session.all_handles if h.role == "activation"]
+    assert acts and all(h.quantizer.quant_max == 15 for h in acts)
+    session = FxSession(prepared, target="convert_fx")
+    assert all(h.quantizer.quant_max == 255 for h in session.all_handles if h.role == "activation")
+
+
+def test_explicit_fp_model_is_used_as_reference(tiny_vit, fmnist):
+    calib = fmnist[0][:100]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W4A8")
+    result = cptv_plugin.refine_fx(prepared, calib, fp_model=tiny_vit,
+                                   config=TINY_SEARCH.replace(passes=1, population=2, cycles=0))
+    assert result.initial_fitness > 0

@@ -1,0 +1,150 @@
+"""The paper's Algorithm 1 on a synthetic problem whose fitness is known in closed form."""
+
+import pytest
+import torch
+
+from cptv_plugin import SearchConfig
+from cptv_plugin.handles import Group, ScaleHandle
+from cptv_plugin.search import evolutionary_search, mutate
+
+
+class TensorHandle(ScaleHandle):
+    def __init__(self, name, values):
+        self.name, self.role, self.axis = name, "weight", None
+        self.quant_min, self.quant_max = -8, 7
+        self.values = values.clone()
+        self.committed = False
+
+    def read(self):
+        return self.values.clone()
+
+    def set(self, scale):
+        self.values.copy_(scale)
+
+    def commit(self):
+        self.committed = True
+
+
+class QuadraticEvaluator:
+    """Fitness = Σ_g |Δ_g − target_g|²; records every call so the algorithm's steps can be checked."""
+
+    def __init__(self, groups, targets):
+        self.groups, self.targets = groups, targets
+        self.evaluations = 0
+        self.calls = []
+        self.advanced = []
+
+    def advance(self, segment):
+        self.advanced.append(segment)
+
+    def __call__(self, segment=None):
+        self.evaluations += 1
+        self.calls.append(segment)
+        return float(sum(((g.read() - t) ** 2).sum() for g, t in zip(self.groups, self.targets)))
+
+
+def make_problem(n_groups=3, size=5):
+    groups = [Group(f"block{i}", [TensorHandle(f"h{i}", torch.ones(size))], segment=i) for i in range(n_groups)]
+    targets = [torch.full((size,), 1.2) for _ in range(n_groups)]
+    return groups, QuadraticEvaluator(groups, targets)
+
+
+def test_visits_every_group_in_order_for_k_passes_and_counts_evaluations():
+    config = SearchConfig(passes=3, population=5, cycles=4, samples=3, progress=False)
+    groups, evaluator = make_problem()
+    result = evolutionary_search(groups, evaluator, config)
+    visits = [(h["pass"], h["group"]) for h in result.history]
+    assert visits == [(k, f"block{i}") for k in range(3) for i in range(3)]
+    # one full evaluation, then per visit P-1 new members and C children (the current member is known)
+    assert result.evaluations == 1 + 3 * 3 * (5 - 1 + 4)
+    assert evaluator.calls[0] is None and set(evaluator.calls[1:]) == {0, 1, 2}
+
+
+def test_reverse_order_visits_last_block_first():
+    config = SearchConfig(passes=1, population=3, cycles=1, samples=2, block_order="reverse", progress=False)
+    groups, evaluator = make_problem()
+    result = evolutionary_search(groups, evaluator, config)
+    assert [h["group"] for h in result.history] == ["block2", "block1", "block0"]
+
+
+def test_fitness_never_increases_and_improves_a_quadratic():
+    config = SearchConfig(passes=10, population=10, cycles=5, samples=4, mutation=0.05, progress=False)
+    groups, evaluator = make_problem()
+    result = evolutionary_search(groups, evaluator, config)
+    fitness = [result.initial_fitness] + [h["fitness"] for h in result.history]
+    assert all(b <= a for a, b in zip(fitness, fitness[1:]))
+    assert result.final_fitness < 0.5 * result.initial_fitness
+    # the model is left at the best member: its fitness is the reported one
+    assert evaluator() == pytest.approx(result.final_fitness)
+
+
+def test_initial_scales_stay_in_the_running_when_every_mutation_is_worse():
+    config = SearchConfig(passes=2, population=6, cycles=3, samples=3, progress=False)
+    groups, evaluator = make_problem()
+    evaluator.targets = [torch.ones(5) for _ in groups]  # the start is the optimum
+    result = evolutionary_search(groups, evaluator, config)
+    assert result.final_fitness == result.initial_fitness == 0.0
+    assert all(torch.equal(g.read(), torch.ones(5)) for g in groups)
+
+
+def test_tournament_parent_is_fittest_of_sample_and_worst_is_dropped(monkeypatch):
+    """With S = P the parent is always the population's best; with C cycles the population never grows."""
+    import cptv_plugin.search as search
+
+    seen_parents = []
+    real_mutate = search.mutate
+
+    def spy(parent, gamma, kind, generator):
+        seen_parents.append(parent.clone())
+        return real_mutate(parent, gamma, kind, generator)
+
+    monkeypatch.setattr(search, "mutate", spy)
+    config = SearchConfig(passes=1, population=4, cycles=3, samples=4, progress=False)
+    groups, evaluator = make_problem(n_groups=1)
+    evolutionary_search(groups, evaluator, config)
+    # first P-1 calls mutate the current scales; the C cycle parents are each the best so far
+    initial = torch.ones(5)
+    assert all(torch.equal(p, initial) for p in seen_parents[:3])
+    target = evaluator.targets[0]
+    assert len(seen_parents) == 3 + 3
+    for parent in seen_parents[3:]:
+        assert ((parent - target) ** 2).sum() <= ((initial - target) ** 2).sum()
+
+
+def test_same_seed_same_scales_and_other_seed_differs():
+    config = SearchConfig(passes=2, population=5, cycles=2, samples=3, seed=7, progress=False)
+    runs = []
+    for seed in (7, 7, 8):
+        groups, evaluator = make_problem()
+        evolutionary_search(groups, evaluator, config.replace(seed=seed))
+        runs.append(torch.cat([g.read() for g in groups]))
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_mutation_kinds():
+    generator = torch.Generator().manual_seed(0)
+    parent = torch.tensor([1e-3, 1.0, 100.0])
+    relative = mutate(parent, 0.1, "relative", generator)
+    assert torch.all((relative / parent - 1).abs() <= 0.11)
+    absolute = mutate(parent, 0.1, "absolute", generator)
+    assert torch.all((absolute - parent).abs() <= 0.1 + 1e-6) and torch.all(absolute > 0)
+
+
+def test_paper_preset_is_table_2():
+    paper = SearchConfig.paper()
+    assert (paper.passes, paper.population, paper.cycles, paper.samples) == (10, 15, 3, 10)
+    assert paper.mutation_for_bits(8) == 1e-3 and paper.mutation_for_bits(4) == 1e-4
+    assert paper.mutation_for_bits(3) == 1e-4 and paper.mutation_kind == "absolute"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"samples": 20, "population": 15}, "samples"),
+    ({"passes": 0}, "passes"),
+    ({"mutation": -1.0}, "mutation"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"roles": ("bias",)}, "roles"),
+])
+def test_impossible_configs_are_refused(changes, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**changes)

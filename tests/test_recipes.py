@@ -1,0 +1,27 @@
+"""The recipes in integrations/ and examples/ run, small, so they never rot."""
+
+import importlib.util
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fx_recipe_improves_on_the_baseline_fitness():
+    recipe = load(ROOT / "integrations" / "torchao_fx.py")
+    report = recipe.run(bits="W3A8", preset="fast", calibration=100, test_images=500)
+    assert report["fitness"][1] < report["fitness"][0]
+    assert 10 < report["top1_before"] <= 100 and 10 < report["top1_after"] <= 100
+
+
+def test_custom_adapter_example_finds_its_blocks():
+    example = load(ROOT / "examples" / "custom_block_adapter.py")
+    result = example.main()
+    assert [g for g in result.groups if g.startswith("layers.")] == ["layers.0", "layers.1", "layers.2"]
+    assert result.final_fitness <= result.initial_fitness

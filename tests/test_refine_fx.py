@@ -22,7 +22,9 @@ def quantized_scales(converted):
         weight_fn = getattr(module, "weight", None)
         if callable(weight_fn) and not isinstance(weight_fn, torch.Tensor):
             w = weight_fn()
-            if w.is_quantized:
+            if w.is_quantized and w.qscheme() in (torch.per_tensor_affine, torch.per_tensor_symmetric):
+                found[name + ".weight"] = (torch.tensor([w.q_scale()]), torch.tensor([w.q_zero_point()]))
+            elif w.is_quantized:
                 found[name + ".weight"] = (w.q_per_channel_scales().clone(), w.q_per_channel_zero_points().clone())
     for name, value in converted.named_buffers():
         if "scale" in name or "zero_point" in name:
@@ -37,12 +39,21 @@ def assert_same_scales(a, b):
             assert torch.equal(x, y), key
 
 
-@pytest.mark.parametrize("mapping", ["W4A8", "x86-default", "W4A8-qat"])
+def per_tensor_weight_mapping():
+    from torch.ao.quantization import MinMaxObserver, QConfig, QConfigMapping
+
+    return QConfigMapping().set_global(QConfig(
+        activation=MinMaxObserver.with_args(dtype=torch.quint8),
+        weight=MinMaxObserver.with_args(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)))
+
+
+@pytest.mark.parametrize("mapping", ["W4A8", "x86-default", "W4A8-qat", "W8A8-pertensor"])
 def test_commit_without_search_is_bit_exact(tiny_vit, fmnist, mapping):
     """Reading every scale and writing it back leaves what convert_fx produces unchanged, bit for bit."""
     calib = fmnist[0]
     qat = mapping.endswith("-qat")
-    qconfig_mapping = {"x86-default": get_default_qconfig_mapping("x86")}.get(mapping)
+    qconfig_mapping = {"x86-default": get_default_qconfig_mapping("x86"),
+                       "W8A8-pertensor": per_tensor_weight_mapping()}.get(mapping)
     prepared = prepare_and_calibrate(tiny_vit, calib, mapping.split("-")[0], qconfig_mapping, qat=qat)
     if qat:  # freeze observers, the usual QAT step before convert (else convert observes the weights again)
         prepared.apply(torch.ao.quantization.disable_observer)

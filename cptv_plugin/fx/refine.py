@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Literal
 
@@ -20,7 +19,7 @@ from ..handles import Group
 from ..search import RefineResult, evolutionary_search
 from .graph import GraphSplitError, assign_groups, split_graph
 from .handles import FakeQuantizeHandle, ObserverHandle, WeightObserverHandle
-from .quantizers import DTYPE_RANGES, RefinedObserver, SimulatedQuantizer, SimulatedWeightModule
+from .quantizers import DTYPE_RANGES, SimulatedQuantizer, SimulatedWeightModule
 
 __all__ = ["refine_fx", "NotPreparedError", "NoQuantizersError", "FxSession"]
 

@@ -96,10 +96,6 @@ class ObserverHandle(_QuantizerInfo, ScaleHandle):
         low, high = DTYPE_RANGES[self.dtype] if clamp_to_dtype else (self.quant_min, self.quant_max)
         self.quantizer = SimulatedQuantizer(scale, zero_point, low, high, self.axis)
 
-    @property
-    def bits(self) -> int:
-        return int(self.quant_max - self.quant_min + 1).bit_length() - 1
-
     def read(self) -> torch.Tensor:
         return self.quantizer.scale.clone()
 

@@ -300,10 +300,8 @@ def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | No
     if device != model_device:
         raise ValueError(f"the model is on {model_device} but config.device is {device}: move the model first "
                          f"(prepared.to('{device}')) or leave config.device unset")
-    example_shape = _example_shape(prepared)
     batches = [b.to(device) for b in calibration_batches(
-        calib_data, config.batch_size, min_batch=2 if needs_negatives(config.fitness) else 1,
-        example_shape=example_shape)]
+        calib_data, config.batch_size, min_batch=2 if needs_negatives(config.fitness) else 1)]
     _probe(session, batches[0][:2])
     state = session.snapshot()
     try:
@@ -348,13 +346,3 @@ def _device_of(module: nn.Module) -> torch.device:
     for tensor in list(module.parameters()) + list(module.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-def _example_shape(prepared: fx.GraphModule):
-    """The per-image input shape recorded at prepare time, if any."""
-    for node in prepared.graph.nodes:
-        if node.op == "placeholder":
-            value = node.meta.get("val", node.meta.get("tensor_meta"))
-            shape = getattr(value, "shape", None)
-            return tuple(shape[1:]) if shape is not None else None
-    return None

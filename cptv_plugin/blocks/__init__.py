@@ -20,6 +20,8 @@ __all__ = [
     "register_block_adapter",
     "list_block_adapters",
     "discover_blocks",
+    "indexed_children",
+    "staged_blocks",
 ]
 
 
@@ -70,6 +72,8 @@ class BlockAdapter(ABC):
     """Says whether it knows a model, and which module paths are its blocks (forward order)."""
 
     name: str = "adapter"
+    #: a fallback adapter is tried only after every other registered adapter declined the model
+    fallback: bool = False
 
     @abstractmethod
     def matches(self, structure: ModelStructure) -> bool: ...
@@ -100,6 +104,19 @@ def indexed_children(structure: ModelStructure, parent: str, class_pattern: str 
     return sorted(found, key=lambda p: int(p.rsplit(".", 1)[1]))
 
 
+def staged_blocks(structure: ModelStructure, stages: str, block_class: str, downsample_class: str) -> list[str]:
+    """Blocks of a staged model (Swin, LeViT): for each ``<stages>.<i>``, its ``downsample`` when its class
+    matches ``downsample_class`` (an Identity does not), then ``<stages>.<i>.blocks.<j>`` whose class matches
+    ``block_class``; stages and blocks in index order (their forward order)."""
+    found = []
+    for stage in indexed_children(structure, stages):
+        downsample = f"{stage}.downsample"
+        if re.search(downsample_class, structure.modules.get(downsample, "")):
+            found.append(downsample)
+        found += indexed_children(structure, f"{stage}.blocks", block_class)
+    return found if any(".blocks." in path for path in found) else []
+
+
 def discover_blocks(structure: ModelStructure, blocks: list[str] | None = None) -> tuple[str, list[str]]:
     """Return ``(adapter name, block paths)``. ``blocks`` (explicit module paths) skips the adapters."""
     if blocks is not None:
@@ -107,7 +124,8 @@ def discover_blocks(structure: ModelStructure, blocks: list[str] | None = None) 
         if missing:
             raise UnsupportedModelError(f"block paths not found in the model: {missing}")
         return "explicit", list(blocks)
-    for adapter in _ADAPTERS.values():
+    ordered = sorted(_ADAPTERS.values(), key=lambda adapter: adapter.fallback)  # stable: fallbacks last
+    for adapter in ordered:
         if adapter.matches(structure):
             found = adapter.blocks(structure)
             if found:
@@ -120,4 +138,4 @@ def discover_blocks(structure: ModelStructure, blocks: list[str] | None = None) 
     )
 
 
-from . import vit  # noqa: E402,F401  (registers the built-in adapters)
+from . import generic, levit, swin, vit  # noqa: E402,F401  (registers the built-in adapters)

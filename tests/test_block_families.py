@@ -1,0 +1,120 @@
+"""Block discovery and suffix evaluation for every supported family (issue: Swin, LeViT, generic fallback)."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+
+import cptv_plugin
+from cptv_plugin import ModelStructure, discover_blocks
+from cptv_plugin.fx.refine import FxSession
+from cptv_plugin.models import load_reference_model
+from cptv_plugin.qconfigs import prepare_timm_for_fx
+from conftest import TINY_SEARCH, prepare_and_calibrate
+
+FAMILIES = {
+    "fmnist_vit_tiny": ("vit", [f"blocks.{i}" for i in range(4)]),
+    "fmnist_swin_tiny": ("swin", ["layers.0.blocks.0", "layers.0.blocks.1", "layers.1.downsample"]
+                         + [f"layers.1.blocks.{i}" for i in range(4)]),
+    "fmnist_levit": ("levit", ["stages.0.blocks.0", "stages.0.blocks.1", "stages.1.downsample"]
+                     + [f"stages.1.blocks.{i}" for i in range(3)]),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, fmnist):
+    model = prepare_timm_for_fx(load_reference_model(request.param))
+    return request.param, model, prepare_and_calibrate(model, fmnist[0][:100], "W4A8")
+
+
+def test_adapter_finds_the_blocks_in_forward_order(family):
+    name, model, prepared = family
+    adapter, blocks = FAMILIES[name]
+    assert discover_blocks(ModelStructure.from_module(model)) == (adapter, blocks)
+    assert discover_blocks(ModelStructure.from_graph_module(prepared)) == (adapter, blocks)
+    # forward order: the first graph node of each block comes after the first node of the previous block
+    first_seen = {}
+    for index, node in enumerate(prepared.graph.nodes):
+        for path, _ in node.meta.get("nn_module_stack", {}).values():
+            for block in blocks:
+                if (path == block or path.startswith(block + ".")) and block not in first_seen:
+                    first_seen[block] = index
+    assert [first_seen[b] for b in blocks] == sorted(first_seen.values())
+
+
+def test_every_quantizer_in_exactly_one_group_and_suffix_equals_full_forward(family, fmnist):
+    name, _, prepared = family
+    session = FxSession(prepared)
+    in_groups = [id(h) for g in session.groups for h in g.handles]
+    assert len(in_groups) == len(set(in_groups)) == len(session.all_handles)
+    assert [g.name for g in session.groups] == ["prefix"] + FAMILIES[name][1] + ["head"]
+    # every block got its own segment, so candidates re-run only the suffix
+    segments = [g.segment for g in session.groups]
+    assert segments == sorted(segments) and len(set(segments)) == len(segments)
+    images = fmnist[0][:8]
+    with torch.no_grad():
+        full = session.chain.forward(images)
+        for group in session.groups:
+            env = session.chain.run(session.chain.initial_env(images), 0, group.segment)
+            torch.testing.assert_close(session.chain.run(env, group.segment), full, rtol=0, atol=1e-5)
+
+
+def test_refinement_lowers_the_fitness(family, fmnist):
+    name, model, _ = family
+    prepared = prepare_and_calibrate(model, fmnist[0][:100], "W4A8")
+    before = {k: v.clone() for k, v in prepared.state_dict().items() if k.endswith("max_val")}
+    result = cptv_plugin.refine_fx(prepared, fmnist[0][:100], config=TINY_SEARCH)
+    assert result.final_fitness < result.initial_fitness
+    assert set(result.groups) == {"prefix", "head", *FAMILIES[name][1]}
+    assert before  # the observers are still there for convert_fx (activation ones were frozen, not removed)
+
+
+class _Stack(nn.Module):
+    """No adapter knows it: numbered blocks in a ModuleList that forward iterates."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(28, 16)
+        self.layers = nn.ModuleList(nn.Sequential(nn.Linear(16, 16), nn.GELU()) for _ in range(3))
+        self.out = nn.Linear(16, 10)
+
+    def forward(self, images):
+        x = self.embed(images.flatten(1, 2))  # (N, 1, 28, 28): rows as tokens
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.out(x.mean(1))
+
+
+def test_generic_adapter_takes_repeated_blocks_and_says_so(fmnist, caplog):
+    torch.manual_seed(0)
+    model = _Stack().eval()
+    with caplog.at_level(logging.INFO, logger="cptv_plugin.blocks.generic"):
+        assert discover_blocks(ModelStructure.from_module(model)) == ("generic", ["layers.0", "layers.1", "layers.2"])
+    assert "layers" in caplog.text
+    prepared = prepare_and_calibrate(model, fmnist[0][:100], "W4A8")
+    result = cptv_plugin.refine_fx(prepared, fmnist[0][:100], config=TINY_SEARCH)
+    assert list(result.groups) == ["prefix", "layers.0", "layers.1", "layers.2", "head"]
+    assert result.final_fitness < result.initial_fitness
+
+
+def test_generic_adapter_prefers_the_innermost_run():
+    structure = ModelStructure({
+        "stages": "torch.nn.modules.container.Sequential",
+        "stages.0": "my.Stage", "stages.0.blocks": "torch.nn.modules.container.Sequential",
+        "stages.0.blocks.0": "my.Block", "stages.0.blocks.0.fc": "torch.nn.modules.linear.Linear",
+        "stages.0.blocks.1": "my.Block", "stages.0.blocks.1.fc": "torch.nn.modules.linear.Linear",
+        "stages.1": "my.Stage", "stages.1.blocks": "torch.nn.modules.container.Sequential",
+        "stages.1.blocks.0": "my.Block", "stages.1.blocks.0.fc": "torch.nn.modules.linear.Linear",
+        "stages.1.blocks.1": "my.Block", "stages.1.blocks.1.fc": "torch.nn.modules.linear.Linear",
+    })
+    assert discover_blocks(structure) == ("generic", ["stages.0.blocks.0", "stages.0.blocks.1",
+                                                      "stages.1.blocks.0", "stages.1.blocks.1"])
+
+
+def test_a_registered_adapter_wins_over_the_generic_fallback():
+    import sys
+    sys.path.insert(0, "examples")
+    from custom_block_adapter import MyTransformer
+
+    assert discover_blocks(ModelStructure.from_module(MyTransformer()))[0] == "my-transformer"

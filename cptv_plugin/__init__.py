@@ -1,7 +1,9 @@
 """cptv_plugin: refine the quantization scales of an already-quantized vision transformer with CPT-V.
 
-Use it after ordinary post-training quantization with torch.ao FX (``refine_fx``); the model stays in the
-state the framework's next step expects (``convert_fx``).
+Use it after ordinary post-training quantization with torch.ao FX (``refine_fx``), NVIDIA ModelOpt
+(``refine_modelopt``) or pytorch-quantization (``refine_pytorch_quantization``), or let ``refine`` recognise
+the framework. The model stays in the state the framework's next step expects (``convert_fx``, ``mto.save``,
+ONNX export); ``export_onnx`` writes a TensorRT explicit-quantization ONNX file.
 """
 
 from .blocks import (BlockAdapter, ModelStructure, UnsupportedModelError, discover_blocks, list_block_adapters,
@@ -12,12 +14,25 @@ from .engine import ModelOutputError
 from .fitness import list_fitness, register_fitness
 from .fx.quantizers import RefinedObserver
 from .fx.refine import NoQuantizersError, NotPreparedError, refine_fx
+from .amax.modelopt import refine_modelopt, refine_modelopt_checkpoint
+from .amax.pytorch_quantization import quantize_pytorch_quantization, refine_pytorch_quantization
+from .amax.session import NotCalibratedError
+from .export import ExportError, TensorRTRuleError, check_tensorrt_onnx, export_onnx
+from .frameworks import UnsupportedFrameworkError, detect_framework, refine
 from .search import RefineResult
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "refine",
     "refine_fx",
+    "refine_modelopt",
+    "refine_modelopt_checkpoint",
+    "refine_pytorch_quantization",
+    "quantize_pytorch_quantization",
+    "export_onnx",
+    "check_tensorrt_onnx",
+    "detect_framework",
     "SearchConfig",
     "RefineResult",
     "BlockAdapter",
@@ -33,5 +48,9 @@ __all__ = [
     "NotPreparedError",
     "NoQuantizersError",
     "UnsupportedModelError",
+    "UnsupportedFrameworkError",
+    "NotCalibratedError",
+    "ExportError",
+    "TensorRTRuleError",
     "__version__",
 ]

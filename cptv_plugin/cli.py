@@ -66,6 +66,19 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--calibration", type=int, default=1000, help="calibration images (default 1000)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
+    post = commands.add_parser(
+        "refine-modelopt", help="refine a ModelOpt checkpoint (mto.save) and write a new one for mto.restore")
+    post.add_argument("checkpoint", help="the checkpoint mto.save wrote (read only, never modified)")
+    post.add_argument("--model", required=True,
+                      help="constructor of the full-precision model: timm:NAME, cptv:NAME or package.module:function")
+    post.add_argument("--model-kwargs", default="{}", help='constructor kwargs as JSON, e.g. \'{"num_classes": 10}\'')
+    post.add_argument("--calibration", required=True,
+                      help="'fashion-mnist', a folder of images (ImageNet layout or flat) or a tensor file")
+    post.add_argument("--calibration-size", type=int, default=1000)
+    post.add_argument("--out", required=True, help="where to write the refined checkpoint")
+    post.add_argument("--preset", default="default", choices=["fast", "default", "paper"])
+    post.add_argument("--seed", type=int, default=0)
+    post.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -73,6 +86,19 @@ def main(argv: list[str] | None = None) -> None:
         report = run_demo(args.bits, args.preset, args.calibration, args.seed)
         report["seconds"] = round(time.time() - start, 1)
         print(json.dumps(report)) if args.json else _print_table(report)
+    elif args.command == "refine-modelopt":
+        from . import SearchConfig
+        from .amax.modelopt import refine_modelopt_checkpoint
+
+        try:
+            kwargs = json.loads(args.model_kwargs)
+        except json.JSONDecodeError as error:
+            parser.error(f"--model-kwargs is not valid JSON: {error}")
+        result = refine_modelopt_checkpoint(
+            args.checkpoint, args.model, args.calibration, args.out, model_kwargs=kwargs,
+            config=SearchConfig.preset(args.preset, seed=args.seed), calibration_size=args.calibration_size,
+            seed=args.seed, overwrite=args.overwrite)
+        print(f"{result}\nwrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,9 @@ __all__ = [
     "FASHION_MNIST_STD",
     "load_fashion_mnist",
     "calibration_subset",
+    "load_image_folder",
+    "image_folder_transform",
+    "load_calibration_source",
 ]
 
 FASHION_MNIST_DIR = Path(os.environ.get("CPTV_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -73,3 +76,72 @@ def calibration_subset(images: torch.Tensor, count: int = 1000, seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(images), generator=generator)[:count]
     return images[index]
+
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def image_folder_transform(model: torch.nn.Module):
+    """timm's evaluation transform for ``model`` (resize, center crop, normalize from its pretrained config),
+    with the PIL mode its input channels need."""
+    from timm.data import create_transform, resolve_data_config
+
+    config = resolve_data_config(model=model)
+    channels = config["input_size"][0]
+    if channels == 1 and len(config["mean"]) != 1:  # grayscale model with RGB statistics in its config
+        config["mean"], config["std"] = config["mean"][:1], config["std"][:1]
+    transform = create_transform(**config)
+    mode = "L" if channels == 1 else "RGB"
+    return lambda image: transform(image.convert(mode))
+
+
+def load_image_folder(root: str | Path, transform, count: int | None = None, seed: int = 0,
+                      with_labels: bool = False):
+    """Images from a folder, in ImageNet's class-per-folder layout (``root/<class>/<image>``) or flat.
+
+    Args:
+        root: the folder.
+        transform: PIL image → tensor (e.g. :func:`image_folder_transform`).
+        count: draw this many images at random (reproducibly from ``seed``); ``None`` takes all.
+        with_labels: also return labels (class folders in sorted order, as torchvision's ImageFolder).
+    """
+    from PIL import Image
+
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    files = [(p, classes.index(p.parent.name) if p.parent != root else -1)
+             for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root}")
+    if count is not None:
+        if count > len(files):
+            raise ValueError(f"asked for {count} images but {root} holds only {len(files)}")
+        order = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:count]
+        files = [files[i] for i in order.tolist()]
+    images = torch.stack([transform(Image.open(path)) for path, _ in files])
+    if with_labels:
+        return images, torch.tensor([label for _, label in files])
+    return images
+
+
+def load_calibration_source(source: str | Path, model: torch.nn.Module, count: int = 1000,
+                            seed: int = 0) -> torch.Tensor:
+    """Calibration images from ``source``: ``"fashion-mnist"`` (the training split), a folder of images
+    (ImageNet layout or flat; transformed for ``model`` by timm's data config), or a tensor file saved with
+    ``torch.save`` (``(N, C, H, W)``, already normalized). ``count`` images are drawn reproducibly."""
+    if str(source) in ("fashion-mnist", "fmnist"):
+        images, _ = load_fashion_mnist("train")
+        return calibration_subset(images, count, seed)
+    path = Path(source)
+    if path.is_dir():
+        return load_image_folder(path, image_folder_transform(model), count, seed)
+    if path.is_file():
+        images = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(images, dict):
+            images = images.get("images")
+        if not isinstance(images, torch.Tensor):
+            raise ValueError(f"{path} must hold a tensor of images (or a dict with an 'images' tensor)")
+        return calibration_subset(images, min(count, len(images)), seed)
+    raise FileNotFoundError(f"calibration source {source!r} is neither 'fashion-mnist', a folder nor a file")

@@ -19,6 +19,7 @@ __all__ = [
     "create_reference_model",
     "load_reference_model",
     "CHECKPOINT_DIR",
+    "build_model",
 ]
 
 CHECKPOINT_DIR = Path(__file__).parent / "checkpoints"
@@ -105,3 +106,28 @@ def fmnist_levit() -> nn.Module:
         img_size=28, in_chans=1, num_classes=10, embed_dim=(128, 192), key_dim=16, depth=(2, 3),
         num_heads=(4, 6), stem_backbone=stem, stem_stride=4,
     )
+
+
+def build_model(spec: str | Callable[..., nn.Module], **kwargs) -> nn.Module:
+    """A model from a constructor spec: ``"timm:deit_tiny_patch16_224"`` (``pretrained`` defaults to False),
+    ``"cptv:fmnist_vit_tiny"`` (a reference model with its trained weights), ``"package.module:function"``,
+    or a callable. ``kwargs`` go to the constructor."""
+    if callable(spec):
+        return spec(**kwargs)
+    prefix, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise ValueError(f"model spec must look like 'timm:NAME', 'cptv:NAME' or 'module:function', got {spec!r}")
+    if prefix == "timm":
+        import timm
+
+        kwargs.setdefault("pretrained", False)
+        return timm.create_model(name, **kwargs)
+    if prefix == "cptv":
+        return load_reference_model(name, **kwargs)
+    import importlib
+
+    try:
+        constructor = getattr(importlib.import_module(prefix), name)
+    except (ImportError, AttributeError) as error:
+        raise ValueError(f"cannot import the model constructor {spec!r}: {error}") from error
+    return constructor(**kwargs)

@@ -20,7 +20,8 @@ def parse_bits(bits: str) -> tuple[int, int]:
     return weight_bits, activation_bits
 
 
-def fx_qconfig_mapping(bits: str = "W8A8", activation_observer=None, qat: bool = False):
+def fx_qconfig_mapping(bits: str = "W8A8", activation_observer=None, qat: bool = False,
+                       symmetric_activations: bool = False):
     """A torch.ao ``QConfigMapping`` for the FX flow: MinMax per-channel symmetric weights with ``W`` bits
     (qint8 storage, narrowed range) and per-tensor affine activations with ``A`` bits (quint8 storage).
 
@@ -29,6 +30,9 @@ def fx_qconfig_mapping(bits: str = "W8A8", activation_observer=None, qat: bool =
         activation_observer: observer class for activations (default ``MinMaxObserver``; e.g.
             ``HistogramObserver``).
         qat: wrap both in ``FakeQuantize`` (for ``prepare_qat_fx``).
+        symmetric_activations: per-tensor *symmetric* qint8 activations, as TensorRT needs; prepare with
+            ``backend_config=torch.ao.quantization.backend_config.get_tensorrt_backend_config()`` (torch.ao's
+            native backend only quantizes quint8 activations).
     """
     from torch.ao.quantization import (FakeQuantize, MinMaxObserver, PerChannelMinMaxObserver, QConfig,
                                        QConfigMapping)
@@ -38,9 +42,15 @@ def fx_qconfig_mapping(bits: str = "W8A8", activation_observer=None, qat: bool =
         dtype=torch.qint8, qscheme=torch.per_channel_symmetric,
         quant_min=-(2 ** (weight_bits - 1)), quant_max=2 ** (weight_bits - 1) - 1,
     )
-    activation = (activation_observer or MinMaxObserver).with_args(
-        dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=2**activation_bits - 1,
-    )
+    if symmetric_activations:
+        activation = (activation_observer or MinMaxObserver).with_args(
+            dtype=torch.qint8, qscheme=torch.per_tensor_symmetric, quant_min=-(2 ** (activation_bits - 1)),
+            quant_max=2 ** (activation_bits - 1) - 1,
+        )
+    else:
+        activation = (activation_observer or MinMaxObserver).with_args(
+            dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0, quant_max=2**activation_bits - 1,
+        )
     if qat:
         weight = FakeQuantize.with_args(observer=weight.p.func, **weight.p.keywords)
         activation = FakeQuantize.with_args(observer=activation.p.func, **activation.p.keywords)

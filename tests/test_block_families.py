@@ -118,3 +118,27 @@ def test_a_registered_adapter_wins_over_the_generic_fallback():
     from custom_block_adapter import MyTransformer
 
     assert discover_blocks(ModelStructure.from_module(MyTransformer()))[0] == "my-transformer"
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_adapters_serve_modelopt_models_too(name, fmnist):
+    """The same adapters split ModelOpt models (eager, traced with quantizer-owning modules as leaves)."""
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    from cptv_plugin.amax.modelopt import modelopt_kind
+    from cptv_plugin.amax.session import AmaxSession
+    from test_amax_frameworks import modelopt_config
+
+    calib = fmnist[0][:100]
+    model = mtq.quantize(load_reference_model(name), modelopt_config(4, 8), lambda m: m(calib))
+    session = AmaxSession(model, modelopt_kind())
+    assert session.adapter == FAMILIES[name][0]
+    assert [g.name for g in session.groups if g.name not in ("prefix", "head")] == FAMILIES[name][1]
+    assert len({id(h) for g in session.groups for h in g.handles}) == len(session.all_handles)
+    images = fmnist[0][:8]
+    with torch.no_grad():
+        full = model(images)
+        for group in session.groups:
+            env = session.chain.run(session.chain.initial_env(images), 0, group.segment)
+            torch.testing.assert_close(session.chain.run(env, group.segment), full, rtol=0, atol=1e-5)
+    result = cptv_plugin.refine_modelopt(model, calib, config=TINY_SEARCH)
+    assert result.final_fitness < result.initial_fitness

@@ -69,7 +69,7 @@ def test_uncalibrated_observer_is_refused(tiny_vit, fmnist):
 
 
 def test_failure_during_search_restores_the_model(prepared, fmnist, monkeypatch):
-    import cptv_plugin.fx.refine as refine
+    import cptv_plugin.refinement as refine
 
     before = state_of(prepared)
     baseline = convert_fx(copy.deepcopy(prepared))(fmnist[1][:20])

@@ -25,3 +25,24 @@ def test_custom_adapter_example_finds_its_blocks():
     result = example.main()
     assert [g for g in result.groups if g.startswith("layers.")] == ["layers.0", "layers.1", "layers.2"]
     assert result.final_fitness <= result.initial_fitness
+
+
+def test_modelopt_recipe_refines_saves_and_exports(tmp_path):
+    import pytest
+
+    pytest.importorskip("modelopt")
+    recipe = load(ROOT / "integrations" / "modelopt_tensorrt.py")
+    report = recipe.run(bits="W4A8", preset="fast", calibration=100, test_images=500, out_dir=tmp_path)
+    assert report["fitness"][1] < report["fitness"][0]
+    assert report["tensorrt_violations"] == []
+    assert (tmp_path / "refined.pth").exists() and (tmp_path / "model.onnx").exists()
+
+
+def test_pytorch_quantization_recipe_refines_and_exports(tmp_path):
+    import pytest
+
+    pytest.importorskip("pytorch_quantization")
+    recipe = load(ROOT / "integrations" / "pytorch_quantization_onnx.py")
+    report = recipe.run(bits="W4A8", preset="fast", calibration=100, test_images=500, out=str(tmp_path / "m.onnx"))
+    assert report["fitness"][1] < report["fitness"][0]
+    assert report["tensorrt_violations"] == [] and (tmp_path / "m.onnx").exists()

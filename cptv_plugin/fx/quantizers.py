@@ -30,10 +30,18 @@ class SimulatedQuantizer(nn.Module):
         self.register_buffer("zero_point", zero_point.detach().clone().to(torch.int32).reshape(self.scale.shape))
         self.quant_min, self.quant_max, self.axis = int(quant_min), int(quant_max), axis
         self.enabled = True
+        # the integer type's full range, for ONNX export (QuantizeLinear has no narrower range; weights are
+        # clipped onto their narrowed grid first, so the exported values are the same)
+        self.storage_range = (-128, 127) if quant_min < 0 else (0, 255)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
+        if torch.onnx.is_in_onnx_export():  # torch's fake-quantize ops export as QuantizeLinear/DequantizeLinear
+            low, high = self.storage_range
+            if self.axis is None:
+                return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, low, high)
+            return torch.fake_quantize_per_channel_affine(x, self.scale, self.zero_point, self.axis, low, high)
         return fake_quantize(x, self.scale, self.zero_point, self.quant_min, self.quant_max, self.axis)
 
 

@@ -12,11 +12,9 @@ from torch.ao.quantization.observer import FixedQParamsObserver, ObserverBase
 
 from ..blocks import ModelStructure, discover_blocks
 from ..config import SearchConfig
-from ..data import calibration_batches
-from ..engine import Evaluator, reference_outputs
-from ..fitness import needs_negatives
 from ..handles import Group
-from ..search import RefineResult, evolutionary_search
+from ..refinement import run_refinement
+from ..search import RefineResult
 from .graph import GraphSplitError, assign_groups, split_graph
 from .handles import FakeQuantizeHandle, ObserverHandle, WeightObserverHandle
 from .quantizers import DTYPE_RANGES, SimulatedQuantizer, SimulatedWeightModule
@@ -56,17 +54,21 @@ def _searchable(module: nn.Module) -> bool:
 
 
 def _weight_quantized_by_convert(node: fx.Node, module: nn.Module, observed: set[str]) -> bool:
-    """Whether ``convert_fx`` (native backend config) would quantize this plain module's weight."""
-    from torch.ao.quantization.backend_config import get_native_backend_config
-    from torch.ao.quantization.fx.qconfig_mapping_utils import _is_qconfig_supported_by_dtype_configs
+    """Whether ``convert_fx`` would quantize this plain module's weight, with torch.ao's native backend config
+    or its TensorRT one (``get_tensorrt_backend_config()``: symmetric int8 activations)."""
+    from torch.ao.quantization.backend_config import get_native_backend_config, get_tensorrt_backend_config
     from torch.ao.quantization.backend_config.utils import get_pattern_to_dtype_configs
+    from torch.ao.quantization.fx.qconfig_mapping_utils import _is_qconfig_supported_by_dtype_configs
     from torch.ao.quantization.utils import weight_is_quantized
 
     qconfig = getattr(module, "qconfig", None)
-    if qconfig is None or node.name not in observed:
+    if qconfig is None or node.name not in observed or not weight_is_quantized(qconfig):
         return False
-    dtype_configs = get_pattern_to_dtype_configs(get_native_backend_config()).get(type(module), [])
-    return _is_qconfig_supported_by_dtype_configs(qconfig, dtype_configs) and weight_is_quantized(qconfig)
+    for backend_config in (get_native_backend_config(), get_tensorrt_backend_config()):
+        dtype_configs = get_pattern_to_dtype_configs(backend_config).get(type(module), [])
+        if _is_qconfig_supported_by_dtype_configs(qconfig, dtype_configs):
+            return True
+    return False
 
 
 class FxSession:
@@ -84,7 +86,7 @@ class FxSession:
             )
         if target not in ("convert_fx", "fake_quant"):
             raise ValueError(f"target must be 'convert_fx' or 'fake_quant', got {target!r}")
-        self.prepared = prepared
+        self.prepared = self.module = prepared
         attrs = _observed_attrs(prepared)
         observed = set(getattr(attrs, "observed_node_names", set()) or set())
         modules = dict(prepared.named_modules())
@@ -247,6 +249,11 @@ class FxSession:
         for path, observer in state["modules"].items():
             set_submodule(self.prepared, path, observer)
 
+    def begin(self) -> None:
+        """Stop FakeQuantize observers from moving the scales while the search evaluates candidates."""
+        for fq in self.fake_quants:
+            fq.disable_observer()
+
     def commit(self) -> None:
         for handle in self.all_handles:
             handle.commit()
@@ -295,54 +302,4 @@ def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | No
     config.validate()
     session = FxSession(prepared, blocks=blocks, target=target, clamp_weights=clamp_weights, roles=config.roles,
                         search_outside_blocks=config.search_outside_blocks)
-    device = torch.device(config.device) if config.device else _device_of(prepared)
-    model_device = _device_of(prepared)
-    if device != model_device:
-        raise ValueError(f"the model is on {model_device} but config.device is {device}: move the model first "
-                         f"(prepared.to('{device}')) or leave config.device unset")
-    batches = [b.to(device) for b in calibration_batches(
-        calib_data, config.batch_size, min_batch=2 if needs_negatives(config.fitness) else 1)]
-    _probe(session, batches[0][:2])
-    state = session.snapshot()
-    try:
-        for fq in session.fake_quants:
-            fq.disable_observer()
-        if fp_model is not None:
-            reference = reference_outputs(fp_model.eval(), batches)
-        else:
-            session.set_quantization(False)
-            try:
-                reference = reference_outputs(session.chain.forward, batches)
-            finally:
-                session.set_quantization(True)
-        evaluator = Evaluator(session.chain, batches, reference, config.fitness, config.temperature, config.normalize)
-        result = evolutionary_search(session.groups, evaluator, config)
-        session.commit()
-    except BaseException:
-        session.restore(state)
-        raise
-    return result
-
-
-def _probe(session: FxSession, images: torch.Tensor) -> None:
-    """Run two calibration images through the full-precision evaluation graph; a failure there means the
-    images do not fit the model, which deserves a clearer message than the layer's own."""
-    session.set_quantization(False)
-    try:
-        with torch.no_grad():
-            session.chain.forward(images)
-    except (RuntimeError, ValueError, AssertionError) as error:
-        from ..data import CalibrationError
-
-        raise CalibrationError(
-            f"the model cannot run on calibration images of shape {tuple(images.shape[1:])}: {error}. "
-            "Pass images shaped and normalized as for the model's own forward."
-        ) from error
-    finally:
-        session.set_quantization(True)
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        return tensor.device
-    return torch.device("cpu")
+    return run_refinement(session, calib_data, config, fp_model)

@@ -1,0 +1,130 @@
+"""NVIDIA ModelOpt: refine the ``amax`` of the ``TensorQuantizer``s that ``mtq.quantize`` inserted.
+
+Candidates run through ModelOpt's own fake-quant forward; the full-precision reference is the same model with
+its quantizers disabled. The refined ``amax`` is ModelOpt's own state, so ``mto.save`` and ModelOpt's ONNX
+export carry it unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Callable
+
+from torch import nn
+
+from ..config import SearchConfig
+from ..refinement import run_refinement
+from ..search import RefineResult
+from .session import AmaxSession, QuantizerKind
+
+__all__ = ["refine_modelopt", "refine_modelopt_checkpoint", "is_modelopt_model", "modelopt_kind"]
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'cptv_plugin[modelopt]' (nvidia-modelopt 0.47 and requests)"
+
+
+def modelopt_kind() -> QuantizerKind:
+    try:
+        from modelopt.torch.quantization.nn import TensorQuantizer
+    except ImportError as error:  # pragma: no cover - exercised only without the extra
+        raise ImportError(f"refine_modelopt needs NVIDIA ModelOpt: {INSTALL_HINT}") from error
+    return QuantizerKind(
+        framework="modelopt",
+        quantizer_type=TensorQuantizer,
+        is_enabled=lambda q: bool(q.is_enabled),
+        enable=lambda q: q.enable(),
+        disable=lambda q: q.disable(),
+        is_calibrating=lambda q: bool(getattr(q, "_if_calib", False)),
+    )
+
+
+def is_modelopt_model(model: nn.Module) -> bool:
+    """Whether ``model`` holds ModelOpt quantizers (False when ModelOpt is not installed)."""
+    try:
+        from modelopt.torch.quantization.nn import TensorQuantizer
+    except ImportError:
+        return False
+    return any(isinstance(m, TensorQuantizer) for m in model.modules())
+
+
+def refine_modelopt(model: nn.Module, calib_data, *, config: SearchConfig | None = None,
+                    fp_model: nn.Module | None = None, blocks: list[str] | None = None) -> RefineResult:
+    """Refine the ``amax`` of a model returned by ``mtq.quantize`` in place with CPT-V's block-wise search.
+
+    Args:
+        model: the quantized, calibrated model (e.g. ``mtq.quantize(model, mtq.INT8_DEFAULT_CFG, loop)``).
+        calib_data: calibration images (tensor, list of tensors or DataLoader).
+        config: search settings; ``None`` means ``SearchConfig()``.
+        fp_model: the full-precision model to match; ``None`` uses ``model`` with its quantizers disabled.
+        blocks: module paths of the blocks, to skip automatic block discovery.
+
+    Example:
+        >>> model = mtq.quantize(model, mtq.INT8_DEFAULT_CFG, forward_loop)
+        >>> cptv_plugin.refine_modelopt(model, images)
+        >>> mto.save(model, "refined.pth")
+    """
+    config = config or SearchConfig()
+    config.validate()
+    session = AmaxSession(model, modelopt_kind(), blocks=blocks, roles=config.roles,
+                          search_outside_blocks=config.search_outside_blocks)
+    return run_refinement(session, calib_data, config, fp_model)
+
+
+def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Callable[..., nn.Module],
+                               calibration: str | os.PathLike, output: str | os.PathLike, *,
+                               model_kwargs: dict | None = None, config: SearchConfig | None = None,
+                               calibration_size: int = 1000, seed: int = 0, overwrite: bool = False) -> RefineResult:
+    """Post-process a ModelOpt checkpoint (``mto.save``) before TensorRT export: restore it, refine its
+    ``amax``, save a new checkpoint that ``mto.restore`` loads.
+
+    The input file is only read; the output is written to a temporary file and renamed into place.
+
+    Args:
+        checkpoint: the file ``mto.save`` wrote.
+        model: the constructor of the full-precision model: ``"timm:deit_tiny_patch16_224"``,
+            ``"cptv:fmnist_vit_tiny"``, ``"package.module:function"`` or a callable.
+        calibration: ``"fashion-mnist"``, a folder of images (ImageNet layout or flat) or a tensor file.
+        output: the refined checkpoint to write (must differ from ``checkpoint``).
+        model_kwargs: keyword arguments of the constructor (e.g. ``{"num_classes": 10}``).
+        calibration_size: number of calibration images drawn (reproducibly from ``seed``).
+        overwrite: allow replacing an existing ``output`` file.
+    """
+    import modelopt.torch.opt as mto
+
+    from ..datasets import load_calibration_source
+    from ..models import build_model
+
+    checkpoint, output = Path(checkpoint), Path(output)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"ModelOpt checkpoint {checkpoint} does not exist")
+    if output.resolve() == checkpoint.resolve():
+        raise ValueError(f"output {output} is the input checkpoint: cptv_plugin never modifies its input; "
+                         "choose another output path")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    config = config or SearchConfig()
+    if config.seed != seed:
+        config = config.replace(seed=seed)
+    quantized = build_model(model, **(model_kwargs or {})).eval()
+    try:
+        quantized = mto.restore(quantized, str(checkpoint))
+    except Exception as error:
+        raise ValueError(f"mto.restore could not load {checkpoint} into {model!r}: {error}. Pass the same "
+                         "constructor and kwargs that built the model before it was quantized.") from error
+    if not is_modelopt_model(quantized):
+        raise ValueError(f"{checkpoint} holds no ModelOpt quantizers: was it saved after mtq.quantize?")
+    images = load_calibration_source(calibration, quantized, calibration_size, seed)
+    result = refine_modelopt(quantized, images, config=config)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
+    try:
+        mto.save(quantized, str(temporary))
+        os.replace(temporary, output)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    logger.info("refined checkpoint written to %s (%s)", output, result)
+    return result

@@ -1,0 +1,204 @@
+"""Refinement for frameworks whose quantizers hold an ``amax`` (NVIDIA ModelOpt, pytorch-quantization).
+
+The user's eager model is traced once with torch.fx, every module that owns a quantizer kept whole (a leaf), so
+candidates are evaluated through the framework's own fake-quant forward. The trace is cut at block
+boundaries for suffix-only evaluation; a model that does not trace is evaluated whole (correct, slower).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import fx, nn
+
+from ..blocks import ModelStructure, discover_blocks
+from ..engine import Segment, SegmentedModel
+from ..fx.graph import GraphSplitError, assign_groups, split_graph
+from ..handles import Group, ScaleHandle
+
+__all__ = ["AmaxHandle", "AmaxSession", "QuantizerKind", "NotCalibratedError"]
+
+logger = logging.getLogger(__name__)
+
+
+class NotCalibratedError(ValueError):
+    """A quantizer has no calibrated range (``amax``) or is still collecting statistics."""
+
+
+@dataclass(frozen=True)
+class QuantizerKind:
+    """How one framework's quantizer module is read and switched.
+
+    Attributes:
+        framework: name used in messages ("modelopt", "pytorch-quantization").
+        quantizer_type: the framework's ``TensorQuantizer`` class.
+        is_enabled / enable / disable: read and switch a quantizer's fake quantization.
+        is_calibrating: whether the quantizer still collects statistics instead of quantizing.
+        set_amax: write a new ``amax`` of the quantizer's own shape and dtype.
+    """
+
+    framework: str
+    quantizer_type: type
+    is_enabled: Callable[[nn.Module], bool]
+    enable: Callable[[nn.Module], None]
+    disable: Callable[[nn.Module], None]
+    is_calibrating: Callable[[nn.Module], bool]
+    set_amax: Callable[[nn.Module, torch.Tensor], None] = lambda q, amax: setattr(q, "amax", amax)
+
+
+class AmaxHandle(ScaleHandle):
+    """A quantizer that stores its range as ``amax``: the scale is ``amax / maxbound`` (maxbound = 2^(b−1) − 1
+    signed, 2^b − 1 unsigned), the same step that the framework's fake quantization and ONNX export use."""
+
+    def __init__(self, name: str, quantizer: nn.Module, role: str, kind: QuantizerKind):
+        self.name, self.quantizer, self.role, self.kind = name, quantizer, role, kind
+        bits = int(quantizer.num_bits)
+        unsigned = bool(getattr(quantizer, "unsigned", False))
+        narrow = bool(getattr(quantizer, "narrow_range", False))
+        self.maxbound = 2 ** (bits - 1 + int(unsigned)) - 1
+        self.quant_max = self.maxbound
+        self.quant_min = 0 if unsigned else -self.maxbound - (0 if narrow else 1)
+        amax = quantizer.amax
+        self.axis = None if amax.numel() == 1 else next(
+            (d for d, size in enumerate(amax.shape) if size > 1), None)
+        if not bool(torch.isfinite(amax).all()) or not bool((amax > 0).all()):
+            raise NotCalibratedError(f"{name}: amax must be finite and positive, got min {float(amax.min()):g}; "
+                                     "recalibrate the model")
+
+    @property
+    def bits(self) -> int:
+        return int(self.quantizer.num_bits)
+
+    def read(self) -> torch.Tensor:
+        return self.quantizer.amax.detach().float() / self.maxbound
+
+    def set(self, scale: torch.Tensor) -> None:
+        current = self.quantizer.amax
+        self.kind.set_amax(self.quantizer, (scale.to(current.device, torch.float32) * self.maxbound).to(
+            current.dtype).reshape(current.shape))
+
+    def commit(self) -> None:
+        """``amax`` is the framework's own state: what ``set`` wrote is what save/export carry."""
+
+
+def _owner_node(path: str, nodes: dict[str, fx.Node]) -> fx.Node | None:
+    while path:
+        if path in nodes:
+            return nodes[path]
+        path = path.rpartition(".")[0]
+    return None
+
+
+class AmaxSession:
+    """The handles, groups and segmented evaluation model of an eager model with amax quantizers."""
+
+    def __init__(self, model: nn.Module, kind: QuantizerKind, *, blocks: list[str] | None = None,
+                 roles=("weight", "activation"), search_outside_blocks: bool = True):
+        self.module, self.kind = model, kind
+        self.quantizers = {path: q for path, q in model.named_modules() if isinstance(q, kind.quantizer_type)}
+        self.initially_enabled = {path: kind.is_enabled(q) for path, q in self.quantizers.items()}
+        handles: list[AmaxHandle] = []
+        for path, quantizer in self.quantizers.items():
+            if not self.initially_enabled[path]:
+                continue
+            if kind.is_calibrating(quantizer):
+                raise NotCalibratedError(
+                    f"{path} is still calibrating: finish calibration first ({kind.framework}: load the "
+                    "calibrated amax and switch quantization back on)")
+            if getattr(quantizer, "amax", None) is None:
+                raise NotCalibratedError(f"{path} has no amax: calibrate the model before refining it")
+            role = "weight" if path.endswith("weight_quantizer") else "activation"
+            if role in roles:
+                handles.append(AmaxHandle(path, quantizer, role, kind))
+        if not handles:
+            from ..fx.refine import NoQuantizersError
+
+            raise NoQuantizersError(
+                f"the model holds no enabled, calibrated {kind.framework} quantizer to refine; quantize and "
+                "calibrate it first")
+        self.adapter, self.block_paths = discover_blocks(ModelStructure.from_module(model), blocks)
+        self.chain, segment_of_group, group_of_path = self._segment(model)
+        names = ["prefix"] + self.block_paths + ["head"]
+        members: dict[int, list[AmaxHandle]] = {g: [] for g in range(len(names))}
+        for handle in handles:
+            members[group_of_path(handle.name)].append(handle)
+        self.all_handles = handles
+        self.groups = [Group(name, members[i], segment=segment_of_group.get(i, 0)) for i, name in enumerate(names)
+                       if members[i] and (search_outside_blocks or 0 < i < len(names) - 1)]
+
+    def _segment(self, model: nn.Module):
+        """Trace ``model`` with quantizer-owning modules as leaves and cut it between blocks."""
+        quantizer_type = self.kind.quantizer_type
+
+        class _Tracer(fx.Tracer):
+            def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+                return isinstance(module, quantizer_type) or any(
+                    isinstance(child, quantizer_type) for child in module.children()) or \
+                    super().is_leaf_module(module, qualified_name)
+
+        def group_by_path(path: str) -> int | None:
+            for index, block in enumerate(self.block_paths):
+                if path == block or path.startswith(block + "."):
+                    return index + 1
+            return None
+
+        order = {path: i for i, path in enumerate(dict(model.named_modules()))}
+        first_block = min((order[b] for b in self.block_paths), default=0)
+
+        def _by_order(path: str) -> int:
+            found = group_by_path(path)
+            if found is not None:
+                return found
+            return 0 if order.get(path, 0) < first_block else len(self.block_paths) + 1
+
+        training = model.training
+        try:
+            model.eval()  # trace the inference path: timm branches on self.training in Python
+            graph = _Tracer().trace(model)
+            traced = fx.GraphModule(model, graph)
+            groups = assign_groups(graph, self.block_paths,
+                                   module_path_of=lambda n: n.target if n.op == "call_module" else None)
+            chain, segment_of_group = split_graph(traced, groups)
+            nodes = {n.target: n for n in graph.nodes if n.op == "call_module"}
+
+            def group_of_path(path: str) -> int:
+                node = _owner_node(path, nodes)
+                return groups[node] if node is not None else _by_order(path)
+
+            return chain, segment_of_group, group_of_path
+        except (GraphSplitError, fx.proxy.TraceError, TypeError, RuntimeError, AttributeError) as error:
+            logger.warning("cannot trace and cut %s between blocks (%s: %s): every candidate runs the whole model",
+                           type(model).__name__, type(error).__name__, error)
+        finally:
+            model.train(training)
+        chain = SegmentedModel([Segment(model, ["images"], None)], lambda images: {"images": images})
+        return chain, {}, _by_order
+
+    def set_quantization(self, enabled: bool) -> None:
+        for path, quantizer in self.quantizers.items():
+            if enabled and self.initially_enabled[path]:
+                self.kind.enable(quantizer)
+            else:
+                self.kind.disable(quantizer)
+
+    def snapshot(self) -> dict:
+        return {"amax": [h.quantizer.amax.detach().clone() for h in self.all_handles],
+                "training": self.module.training}
+
+    def restore(self, state: dict) -> None:
+        for handle, amax in zip(self.all_handles, state["amax"]):
+            self.kind.set_amax(handle.quantizer, amax)
+        self.set_quantization(True)
+        self.module.train(state["training"])
+
+    def begin(self) -> None:
+        self._training = self.module.training
+        self.module.eval()
+
+    def commit(self) -> None:
+        for handle in self.all_handles:
+            handle.commit()
+        self.module.train(self._training)

@@ -1,0 +1,299 @@
+"""ONNX export for TensorRT's explicit quantization, and a checker of TensorRT's Q/DQ rules.
+
+The export goes through torch's own ONNX exporter (TorchScript path, opset 17), where fake-quantize ops become
+``QuantizeLinear``/``DequantizeLinear`` pairs, on a *copy* of the user's model prepared for it:
+
+* weights narrower than 8 bits are clipped onto the grid they occupy and exported as int8 with the same scale,
+  so the file holds exactly the low-bit integers that were optimized (TensorRT runs them as int8);
+* activations narrower than 8 bits cannot be expressed by TensorRT's int8 Q/DQ: the export refuses them.
+
+:func:`check_tensorrt_onnx` lists every rule a file breaks (TensorRT developer guide, "Working with
+Quantized Types": int8, zero point 0, per-channel scales only on weights and on their output-channel axis,
+per-tensor activation scales, Q immediately followed by a matching DQ, opset ≥ 13).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .frameworks import detect_framework
+
+__all__ = ["export_onnx", "check_tensorrt_onnx", "ExportError", "TensorRTRuleError"]
+
+logger = logging.getLogger(__name__)
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as a TensorRT explicit-quantization ONNX file."""
+
+
+class TensorRTRuleError(ExportError):
+    """The exported graph breaks TensorRT's Q/DQ rules; ``violations`` lists them."""
+
+    def __init__(self, violations: list[str]):
+        self.violations = violations
+        super().__init__("the exported ONNX breaks TensorRT's Q/DQ rules:\n  - " + "\n  - ".join(violations))
+
+
+class _Forward(nn.Module):
+    """Hides an fx.GraphModule's ``graph`` attribute from the TorchScript exporter, which would misread it."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        output = self.module(images)
+        return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, *, opset: int = 17,
+                check_tensorrt: bool = True, dynamic_batch: bool = True) -> Path:
+    """Export a refined (or just calibrated) quantized model as an ONNX file with Q/DQ pairs for TensorRT.
+
+    Args:
+        model: a torch.ao FX GraphModule from ``prepare_fx`` / ``prepare_qat_fx`` (refined or calibrated; export
+            before ``convert_fx``), a ModelOpt model or a pytorch-quantization model. It is not modified.
+        path: the output file, written atomically (a temporary file renamed into place).
+        example_input: a batch of images shaped as the model expects.
+        opset: ONNX opset (≥ 13, for per-channel QuantizeLinear).
+        check_tensorrt: run :func:`check_tensorrt_onnx` and refuse (nothing written) if a rule is broken.
+        dynamic_batch: make the batch dimension dynamic.
+
+    Returns:
+        The path written.
+    """
+    if opset < 13:
+        raise ExportError(f"opset {opset} is too old: per-channel QuantizeLinear needs opset >= 13")
+    path = Path(path)
+    framework = detect_framework(model)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with _export_view(model, framework) as module:
+            module = _Forward(module).eval()
+            with torch.no_grad():
+                torch.onnx.export(module, (example_input,), str(temporary), opset_version=opset, dynamo=False,
+                                  input_names=["images"], output_names=["logits"],
+                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch
+                                  else None)
+        if check_tensorrt:
+            violations = check_tensorrt_onnx(temporary)
+            if violations:
+                raise TensorRTRuleError(violations)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    logger.info("exported %s model to %s", framework, path)
+    return path
+
+
+@contextmanager
+def _export_view(model: nn.Module, framework: str):
+    """A copy of ``model`` whose fake quantization exports as int8 Q/DQ."""
+    if framework == "fx":
+        yield _fx_export_module(model)
+    elif framework in ("modelopt", "pytorch-quantization"):
+        module = copy.deepcopy(model).eval()
+        _widen_low_bit_weights(module, framework)
+        if framework == "pytorch-quantization":
+            from pytorch_quantization.nn import TensorQuantizer
+
+            previous = TensorQuantizer.use_fb_fake_quant
+            TensorQuantizer.use_fb_fake_quant = True  # torch's fake-quantize ops, which export as Q/DQ
+            try:
+                yield module
+            finally:
+                TensorQuantizer.use_fb_fake_quant = previous
+        else:
+            yield module
+    else:
+        raise ExportError(f"export_onnx does not support {framework} models yet")
+
+
+def _fx_export_module(prepared: nn.Module) -> nn.Module:
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
+    from .fx.refine import FxSession
+
+    prepared = copy.deepcopy(prepared)
+    session = FxSession(prepared, target="convert_fx")
+    narrowed = [h.name for h in session.all_handles if h.role == "activation" and h.bits < 8]
+    if narrowed:
+        raise ExportError(f"{len(narrowed)} activation quantizer(s) use fewer than 8 bits (e.g. {narrowed[0]}): "
+                          "TensorRT's int8 Q/DQ cannot express them. Quantize activations with 8 bits to export.")
+    session.commit()  # in the copy: clips low-bit weights onto their grid
+    for fq in session.fake_quants:  # QuantizeLinear has no narrower range: export on the int8 range
+        if isinstance(fq, FakeQuantizeBase) and fq.quant_min < 0:
+            fq.quant_min, fq.quant_max = -128, 127
+            fq.activation_post_process.quant_min, fq.activation_post_process.quant_max = -128, 127
+    session.set_quantization(True)
+    return session.eval_module.eval()
+
+
+def _widen_low_bit_weights(model: nn.Module, framework: str) -> None:
+    """ModelOpt / pytorch-quantization copy: clip each low-bit weight onto its grid, then quantize it as int8
+    with the same scale (identical values); refuse low-bit activations."""
+    from .amax.session import AmaxHandle
+    from .frameworks import quantizer_kind
+
+    kind = quantizer_kind(framework)
+    for path, quantizer in list(model.named_modules()):
+        if not isinstance(quantizer, kind.quantizer_type) or not kind.is_enabled(quantizer):
+            continue
+        role = "weight" if path.endswith("weight_quantizer") else "activation"
+        handle = AmaxHandle(path, quantizer, role, kind)
+        if handle.bits >= 8:
+            continue
+        if role == "activation":
+            raise ExportError(f"{path} quantizes activations with {handle.bits} bits: TensorRT's int8 Q/DQ cannot "
+                              "express them. Quantize activations with 8 bits to export.")
+        owner = model.get_submodule(path.rpartition(".")[0])
+        scale = handle.read()
+        shape = [-1] + [1] * (owner.weight.dim() - 1) if scale.numel() > 1 else [1]
+        step = scale.reshape(shape).to(owner.weight)
+        with torch.no_grad():
+            owner.weight.copy_(torch.maximum(torch.minimum(owner.weight, handle.quant_max * step),
+                                             handle.quant_min * step))
+        quantizer.num_bits = 8
+        kind.set_amax(quantizer, (handle.read() * 127).to(quantizer.amax.dtype).reshape(quantizer.amax.shape))
+
+
+# --------------------------------------------------------------------------------------------- the checker
+
+
+def check_tensorrt_onnx(path: str | os.PathLike) -> list[str]:
+    """Every TensorRT explicit-quantization rule the ONNX file at ``path`` breaks (empty: none).
+
+    Rules: opset ≥ 13; at least one Q/DQ pair; int8 zero points equal to 0 (uint8 or missing zero points are
+    refused); positive finite scales; each QuantizeLinear feeds only DequantizeLinear nodes with the same scale,
+    zero point and axis; per-channel scales only on constant (weight) inputs, on the consumer's output-channel
+    axis (Conv: 0, ConvTranspose: 1, Gemm: 0 with transB else 1, MatMul: last); activations per tensor.
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    problems: list[str] = []
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 13:
+        problems.append(f"opset {opset} < 13: per-channel QuantizeLinear needs opset 13 or later")
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            for attribute in node.attribute:
+                if attribute.name == "value":
+                    constants[node.output[0]] = numpy_helper.to_array(attribute.t)
+    producers = {out: node for node in graph.node for out in node.output}
+    for name in list(producers):  # values behind Identity chains of constants are constants too
+        source = name
+        while source not in constants and source in producers and producers[source].op_type == "Identity":
+            source = producers[source].input[0]
+        if source in constants:
+            constants[name] = constants[source]
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def is_constant(name: str) -> bool:
+        """A weight: an initializer or a Constant, possibly behind shape-only ops."""
+        seen = name
+        while seen not in constants:
+            node = producers.get(seen)
+            if node is None or node.op_type not in ("Identity", "Transpose", "Reshape", "Unsqueeze", "Squeeze"):
+                return False
+            seen = node.input[0]
+        return True
+
+    def axis_of(node) -> int:
+        return next((a.i for a in node.attribute if a.name == "axis"), 1)
+
+    qdq = [n for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    if not any(n.op_type == "QuantizeLinear" for n in graph.node):
+        problems.append("no QuantizeLinear node: the graph is not explicitly quantized")
+    for node in qdq:
+        label = f"{node.op_type} {node.name or node.output[0]}"
+        scale = constants.get(node.input[1])
+        if scale is None:
+            problems.append(f"{label}: scale is not a constant")
+            continue
+        if not (np.isfinite(scale).all() and (scale > 0).all()):
+            problems.append(f"{label}: scale must be positive and finite")
+        if len(node.input) < 3 or not node.input[2]:
+            problems.append(f"{label}: no zero point (ONNX then means uint8); TensorRT needs int8 with zero point 0")
+        else:
+            zero_point = constants.get(node.input[2])
+            if zero_point is None:
+                problems.append(f"{label}: zero point is not a constant")
+            elif zero_point.dtype != np.int8:
+                problems.append(f"{label}: zero point is {zero_point.dtype}; TensorRT needs int8 (symmetric)")
+            elif (zero_point != 0).any():
+                problems.append(f"{label}: zero point is not 0; TensorRT needs symmetric quantization")
+        if node.op_type != "QuantizeLinear":
+            continue
+        per_channel = scale.size > 1
+        if per_channel and not is_constant(node.input[0]):
+            problems.append(f"{label}: per-channel scale on an activation; TensorRT needs per-tensor activations")
+        for user in consumers.get(node.output[0], []):
+            if user.op_type != "DequantizeLinear":
+                problems.append(f"{label}: feeds {user.op_type} {user.name}; it must feed a DequantizeLinear")
+                continue
+            same = all(np.array_equal(constants.get(a), constants.get(b)) for a, b in
+                       zip(node.input[1:], user.input[1:])) and (not per_channel or axis_of(node) == axis_of(user))
+            if not same:
+                problems.append(f"{label}: its DequantizeLinear {user.name} uses other scale/zero point/axis")
+            if per_channel:
+                problems += _check_weight_axis(label, user, axis_of(user), consumers, producers, constants)
+    return problems
+
+
+def _check_weight_axis(label, dequantize, axis, consumers, producers, constants) -> list[str]:
+    """Per-channel weight scales must lie on the consuming layer's output-channel axis."""
+    name, position_axis = dequantize.output[0], axis
+    while True:
+        users = consumers.get(name, [])
+        if len(users) != 1:
+            return []  # shared or dangling weight: nothing to infer
+        user = users[0]
+        if user.op_type == "Transpose":
+            perm = next(list(a.ints) for a in user.attribute if a.name == "perm")
+            position_axis = perm.index(position_axis)
+            name = user.output[0]
+            continue
+        if user.op_type in ("Identity", "Reshape", "Unsqueeze", "Squeeze"):
+            name = user.output[0]
+            continue
+        break
+    if list(user.input).index(name) != 1:
+        return []
+    if user.op_type == "Conv":
+        expected = 0
+    elif user.op_type == "ConvTranspose":
+        expected = 1
+    elif user.op_type == "Gemm":
+        expected = 0 if next((a.i for a in user.attribute if a.name == "transB"), 0) else 1
+    elif user.op_type == "MatMul":
+        expected = -1
+    else:
+        return []
+    rank = None
+    source = dequantize.input[0]
+    while source in producers and source not in constants:
+        source = producers[source].input[0]
+    if source in constants:
+        rank = constants[source].ndim
+    if expected == -1 and rank is not None:
+        expected = rank - 1
+    if position_axis != expected:
+        return [f"{label}: per-channel axis {axis} is not the output-channel axis of {user.op_type} {user.name}"]
+    return []

@@ -1,0 +1,74 @@
+"""Recipe: NVIDIA ModelOpt PTQ → CPT-V refinement → mto.save → ONNX for TensorRT.
+
+    python integrations/modelopt_tensorrt.py --bits W4A8 --preset fast --out-dir /tmp/cptv-modelopt
+
+Every step but ``refine_modelopt`` is ModelOpt's own flow. The checkpoint-file variant of step 3, for a
+checkpoint someone else saved, is ``cptv refine-modelopt quantized.pth --model timm:NAME --calibration DIR
+--out refined.pth``. Then build the engine with TensorRT, e.g. ``trtexec --onnx=model.onnx --int8``
+(explicit quantization: the Q/DQ nodes carry the refined scales).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+import modelopt.torch.opt as mto
+import modelopt.torch.quantization as mtq
+import torch
+
+import cptv_plugin
+from cptv_plugin.datasets import calibration_subset, load_fashion_mnist
+from cptv_plugin.models import load_reference_model
+from cptv_plugin.qconfigs import parse_bits
+from cptv_plugin.train import evaluate_top1
+
+
+def modelopt_config(bits: str) -> dict:
+    """ModelOpt's INT8 default config (per-channel weights, per-tensor inputs of Linear/Conv) at ``bits``."""
+    weight_bits, activation_bits = parse_bits(bits)
+    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    for entry in config["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["num_bits"] = weight_bits
+        elif entry.get("quantizer_name") == "*input_quantizer":
+            entry["cfg"]["num_bits"] = activation_bits
+    return config
+
+
+def run(bits: str = "W4A8", preset: str = "fast", calibration: int = 1000, test_images: int = 10000,
+        model_name: str = "fmnist_vit_tiny", out_dir: str | Path = "modelopt-out") -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = load_reference_model(model_name)
+    train_x, _ = load_fashion_mnist("train")
+    test_x, test_y = (t[:test_images] for t in load_fashion_mnist("test"))
+    calib = calibration_subset(train_x, calibration)
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for batch in calib.split(100):
+                m(batch)
+
+    model = mtq.quantize(model, modelopt_config(bits), forward_loop)                 # 1. quantize + calibrate
+    before = evaluate_top1(model, test_x, test_y)
+    result = cptv_plugin.refine_modelopt(model, calib, config=cptv_plugin.SearchConfig.preset(preset))  # 2.
+    after = evaluate_top1(model, test_x, test_y)
+    mto.save(model, str(out_dir / "refined.pth"))                                    # 3. save
+    onnx_path = cptv_plugin.export_onnx(model, out_dir / "model.onnx", calib[:2])    # 4. ONNX for TensorRT
+    return {"bits": bits, "preset": preset, "top1_before": before, "top1_after": after,
+            "fitness": [result.initial_fitness, result.final_fitness], "seconds": result.seconds,
+            "checkpoint": str(out_dir / "refined.pth"), "onnx": str(onnx_path),
+            "tensorrt_violations": cptv_plugin.check_tensorrt_onnx(onnx_path)}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", default="W4A8")
+    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--calibration", type=int, default=1000)
+    parser.add_argument("--test-images", type=int, default=10000)
+    parser.add_argument("--out-dir", default="modelopt-out")
+    args = parser.parse_args()
+    print(run(args.bits, args.preset, args.calibration, args.test_images, out_dir=args.out_dir))

@@ -1,0 +1,163 @@
+"""ModelOpt and pytorch-quantization: refine the amax, dispatch through refine(), ModelOpt checkpoints."""
+
+import copy
+import hashlib
+
+import pytest
+import torch
+
+import cptv_plugin
+from cptv_plugin import NotCalibratedError, SearchConfig, UnsupportedFrameworkError
+from cptv_plugin.amax.session import AmaxSession
+from conftest import TINY_SEARCH, prepare_and_calibrate
+
+mtq = pytest.importorskip("modelopt.torch.quantization")
+mto = pytest.importorskip("modelopt.torch.opt")
+pytest.importorskip("pytorch_quantization")
+
+
+def modelopt_config(weight_bits: int, activation_bits: int = 8) -> dict:
+    """ModelOpt's INT8 default (per-channel weights, per-tensor Linear/Conv inputs) at other bit widths."""
+    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    for entry in config["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["num_bits"] = weight_bits
+        if entry.get("quantizer_name") == "*input_quantizer":
+            entry["cfg"]["num_bits"] = activation_bits
+    return config
+
+
+def modelopt_quantize(model, calib, bits=(4, 8)):
+    return mtq.quantize(copy.deepcopy(model), modelopt_config(*bits), lambda m: m(calib))
+
+
+def amax_of(model):
+    return {name: q.amax.detach().clone() for name, q in model.named_modules()
+            if type(q).__name__ == "TensorQuantizer" and getattr(q, "amax", None) is not None}
+
+
+@pytest.mark.parametrize("bits", [(4, 8), (3, 8)])
+def test_refine_modelopt_moves_amax_and_lowers_fitness(tiny_vit, fmnist, bits):
+    calib = fmnist[0][:100]
+    model = modelopt_quantize(tiny_vit, calib, bits)
+    before = amax_of(model)
+    with torch.no_grad():
+        output_before = model(calib[:20])
+    result = cptv_plugin.refine_modelopt(model, calib, config=TINY_SEARCH)
+    after = amax_of(model)
+    assert result.final_fitness < result.initial_fitness
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(after[k].shape == before[k].shape for k in before)
+    with torch.no_grad():
+        assert not torch.equal(model(calib[:20]), output_before)
+    # quantizers that were disabled stay disabled, enabled ones are on again
+    assert all(not q.is_enabled for n, q in model.named_modules() if n.endswith("output_quantizer"))
+
+
+def test_modelopt_suffix_evaluation_equals_full_forward(tiny_vit, fmnist):
+    model = modelopt_quantize(tiny_vit, fmnist[0][:100])
+    session = AmaxSession(model, cptv_plugin.amax.modelopt.modelopt_kind())
+    assert [g.name for g in session.groups] == ["prefix"] + [f"blocks.{i}" for i in range(4)] + ["head"]
+    assert len(session.chain.segments) == 6
+    images = fmnist[0][:8]
+    with torch.no_grad():
+        full = model(images)
+        for group in session.groups:
+            env = session.chain.run(session.chain.initial_env(images), 0, group.segment)
+            torch.testing.assert_close(session.chain.run(env, group.segment), full, rtol=0, atol=1e-5)
+
+
+def test_pytorch_quantization_swap_calibrate_and_refine(tiny_vit, fmnist):
+    calib = fmnist[0][:100]
+    model = cptv_plugin.quantize_pytorch_quantization(copy.deepcopy(tiny_vit), "W4A8", calib)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"QuantLinear", "QuantConv2d"} <= kinds and "Linear" not in kinds
+    before = amax_of(model)
+    assert before and all(bool((a > 0).all()) for a in before.values())
+    result = cptv_plugin.refine_pytorch_quantization(model, calib, config=TINY_SEARCH)
+    assert result.final_fitness < result.initial_fitness
+    assert any(not torch.equal(before[k], v) for k, v in amax_of(model).items())
+
+
+def test_refine_dispatches_on_the_framework(tiny_vit, fmnist):
+    calib = fmnist[0][:100]
+    models = {
+        "fx": prepare_and_calibrate(tiny_vit, calib, "W4A8"),
+        "modelopt": modelopt_quantize(tiny_vit, calib),
+        "pytorch-quantization": cptv_plugin.quantize_pytorch_quantization(copy.deepcopy(tiny_vit), "W4A8", calib),
+    }
+    for framework, model in models.items():
+        assert cptv_plugin.detect_framework(model) == framework
+        result = cptv_plugin.refine(model, calib, config=TINY_SEARCH.replace(passes=1, population=2, cycles=0,
+                                                                            samples=1))
+        assert result.final_fitness <= result.initial_fitness
+    with pytest.raises(UnsupportedFrameworkError, match="prepare_fx"):
+        cptv_plugin.refine(copy.deepcopy(tiny_vit), calib)
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    with pytest.raises(UnsupportedFrameworkError, match="already converted"):
+        cptv_plugin.refine(convert_fx(prepare_and_calibrate(tiny_vit, calib, "W8A8")), calib)
+
+
+def test_uncalibrated_modelopt_quantizers_are_refused_untouched(tiny_vit, fmnist):
+    model = modelopt_quantize(tiny_vit, fmnist[0][:50])
+    quantizer = model.blocks[0].mlp.fc1.input_quantizer
+    quantizer.amax = torch.tensor(0.0)
+    before = amax_of(model)
+    with pytest.raises(NotCalibratedError, match="blocks.0.mlp.fc1.input_quantizer"):
+        cptv_plugin.refine_modelopt(model, fmnist[0][:50], config=TINY_SEARCH)
+    assert all(torch.equal(before[k], v) for k, v in amax_of(model).items())
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_modelopt_checkpoint_post_processing(tiny_vit, fmnist, tmp_path, capsys):
+    calib = fmnist[0][:100]
+    model = modelopt_quantize(tiny_vit, calib)
+    source = tmp_path / "quantized.pth"
+    mto.save(model, str(source))
+    digest = sha256(source)
+    output = tmp_path / "refined.pth"
+    result = cptv_plugin.refine_modelopt_checkpoint(source, "cptv:fmnist_vit_tiny", "fashion-mnist", output,
+                                                    config=TINY_SEARCH, calibration_size=100)
+    assert result.final_fitness < result.initial_fitness
+    assert sha256(source) == digest  # the input is never modified
+    restored = mto.restore(cptv_plugin.models.build_model("cptv:fmnist_vit_tiny"), str(output))
+    original, refined = amax_of(model), amax_of(restored)
+    assert original.keys() == refined.keys()
+    assert any(not torch.equal(original[k], refined[k]) for k in original)
+    with pytest.raises(ValueError, match="never modifies its input"):
+        cptv_plugin.refine_modelopt_checkpoint(source, "cptv:fmnist_vit_tiny", "fashion-mnist", source)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        cptv_plugin.refine_modelopt_checkpoint(source, "cptv:fmnist_vit_tiny", "fashion-mnist", output)
+    assert not list(tmp_path.glob(".*.tmp"))
+
+    from cptv_plugin.cli import main
+
+    main(["refine-modelopt", str(source), "--model", "cptv:fmnist_vit_tiny", "--calibration", "fashion-mnist",
+          "--calibration-size", "100", "--out", str(tmp_path / "cli.pth"), "--preset", "fast"])
+    assert "wrote" in capsys.readouterr().out
+    assert (tmp_path / "cli.pth").exists() and sha256(source) == digest
+
+
+def test_calibration_from_an_imagenet_style_folder(tmp_path):
+    from PIL import Image
+
+    from cptv_plugin.datasets import load_calibration_source, load_image_folder, image_folder_transform
+    import timm
+
+    generator = torch.Generator().manual_seed(0)
+    for label in ("n01440764", "n01443537"):
+        (tmp_path / label).mkdir()
+        for index in range(3):
+            pixels = (torch.rand(40, 50, 3, generator=generator) * 255).to(torch.uint8).numpy()
+            Image.fromarray(pixels).save(tmp_path / label / f"img{index}.JPEG")
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=2)
+    images = load_calibration_source(tmp_path, model, count=4, seed=1)
+    assert images.shape == (4, 3, 224, 224) and images.dtype == torch.float32
+    images, labels = load_image_folder(tmp_path, image_folder_transform(model), with_labels=True)
+    assert labels.tolist() == [0, 0, 0, 1, 1, 1]
+    with torch.no_grad():
+        assert model(images).shape == (6, 2)

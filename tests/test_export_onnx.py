@@ -1,0 +1,136 @@
+"""TensorRT explicit-quantization ONNX export: rules, onnxruntime agreement, scales equal to the refined ones."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import cptv_plugin
+from cptv_plugin import ExportError, TensorRTRuleError, check_tensorrt_onnx, export_onnx
+from cptv_plugin.qconfigs import fx_qconfig_mapping
+from conftest import TINY_SEARCH, prepare_and_calibrate
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+mtq = pytest.importorskip("modelopt.torch.quantization")
+from test_amax_frameworks import modelopt_quantize  # noqa: E402
+
+
+def fx_tensorrt(model, calib, bits):
+    from torch.ao.quantization.backend_config import get_tensorrt_backend_config
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    prepared = prepare_fx(copy.deepcopy(model).eval(), fx_qconfig_mapping(bits, symmetric_activations=True),
+                          example_inputs=(calib[:1],), backend_config=get_tensorrt_backend_config())
+    with torch.no_grad():
+        prepared(calib)
+    return prepared
+
+
+def build(framework, tiny_vit, calib, bits):
+    if framework == "modelopt":
+        return modelopt_quantize(tiny_vit, calib, (int(bits[1]), 8))
+    if framework == "pytorch-quantization":
+        return cptv_plugin.quantize_pytorch_quantization(copy.deepcopy(tiny_vit), bits, calib)
+    return fx_tensorrt(tiny_vit, calib, bits)
+
+
+def onnx_scales(path) -> list[np.ndarray]:
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    values = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+        elif node.op_type == "Identity" and node.input[0] in values:
+            values[node.output[0]] = values[node.input[0]]
+    return [values[n.input[1]].reshape(-1) for n in graph.node if n.op_type == "QuantizeLinear"]
+
+
+# (framework, bits): top-1 agreement and max |logit| difference measured on 1,000 Fashion-MNIST test images
+CASES = [("modelopt", "W8A8"), ("modelopt", "W4A8"), ("pytorch-quantization", "W4A8"), ("fx", "W8A8")]
+
+
+@pytest.mark.parametrize("framework,bits", CASES)
+def test_refined_model_exports_for_tensorrt_and_onnxruntime_agrees(framework, bits, tiny_vit, fmnist, tmp_path):
+    calib, test_images, _ = fmnist
+    test_images = torch.cat([test_images, calib])[:700]
+    model = build(framework, tiny_vit, calib[:100], bits)
+    result = cptv_plugin.refine(model, calib[:100], config=TINY_SEARCH)
+    assert result.final_fitness < result.initial_fitness
+    path = export_onnx(model, tmp_path / "model.onnx", calib[:2])
+    onnx.checker.check_model(str(path))
+    assert check_tensorrt_onnx(path) == []
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    logits = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(
+        None, {"images": test_images.numpy()})[0]
+    with torch.no_grad():
+        if framework == "fx":  # what convert_fx computes: the refined scales, simulated
+            from cptv_plugin.fx.refine import FxSession
+
+            session = FxSession(copy.deepcopy(model))
+            expected = session.eval_module(test_images).numpy()
+        else:
+            expected = model.eval()(test_images).numpy()
+    agreement = (logits.argmax(1) == expected.argmax(1)).mean()
+    # ONNX QuantizeLinear divides by the scale, torch multiplies by its reciprocal: rare ±1 steps compound
+    assert agreement >= 0.99, agreement
+    assert np.abs(logits - expected).max() < 0.6
+
+    # the scales in the file are the refined ones
+    file_scales = onnx_scales(path)
+    if framework == "fx":
+        refined = [h.read().reshape(-1).numpy() for h in session.all_handles]
+    else:
+        refined = [(q.amax.detach().float() / (2 ** (q.num_bits - 1) - 1)).reshape(-1).numpy()
+                   for n, q in model.named_modules() if type(q).__name__ == "TensorQuantizer" and
+                   (q.is_enabled if framework == "modelopt" else not q._disabled)]
+    for scale in refined:
+        assert any(s.shape == scale.shape and np.allclose(s, scale, rtol=1e-6, atol=0) for s in file_scales)
+
+
+def test_export_leaves_the_user_model_untouched(tiny_vit, fmnist, tmp_path):
+    model = build("modelopt", tiny_vit, fmnist[0][:100], "W4A8")
+    state = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    export_onnx(model, tmp_path / "m.onnx", fmnist[0][:2])
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items() if k in state)
+    assert model.blocks[0].mlp.fc1.weight_quantizer.num_bits == 4
+
+
+def test_affine_uint8_activations_break_the_rules_and_nothing_is_written(tiny_vit, fmnist, tmp_path):
+    prepared = prepare_and_calibrate(tiny_vit, fmnist[0][:100], "W8A8")  # torch.ao default: quint8, affine
+    target = tmp_path / "affine.onnx"
+    with pytest.raises(TensorRTRuleError, match="zero point") as error:
+        export_onnx(prepared, target, fmnist[0][:2])
+    assert any("uint8" in v for v in error.value.violations)
+    assert not target.exists() and not list(tmp_path.iterdir())
+    # without the check the file is written, and the checker lists the same problems
+    export_onnx(prepared, target, fmnist[0][:2], check_tensorrt=False)
+    assert check_tensorrt_onnx(target) == error.value.violations
+
+
+def test_low_bit_activations_are_refused(tiny_vit, fmnist, tmp_path):
+    model = modelopt_quantize(tiny_vit, fmnist[0][:100], (8, 4))
+    with pytest.raises(ExportError, match="4 bits"):
+        export_onnx(model, tmp_path / "a4.onnx", fmnist[0][:2])
+
+
+def test_checker_finds_per_channel_activations_and_missing_dequantize(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    scale = numpy_helper.from_array(np.array([0.1, 0.2, 0.3], dtype=np.float32), "scale")
+    zero = numpy_helper.from_array(np.zeros(3, dtype=np.int8), "zero")
+    nodes = [helper.make_node("QuantizeLinear", ["x", "scale", "zero"], ["q"], axis=1, name="q_act"),
+             helper.make_node("Cast", ["q"], ["y"], to=TensorProto.FLOAT, name="cast")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])], [scale, zero])
+    path = tmp_path / "bad.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 12)]), str(path))
+    problems = check_tensorrt_onnx(path)
+    assert any("opset 12" in p for p in problems)
+    assert any("per-channel scale on an activation" in p for p in problems)
+    assert any("must feed a DequantizeLinear" in p for p in problems)

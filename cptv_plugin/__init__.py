@@ -19,6 +19,7 @@ from .amax.pytorch_quantization import quantize_pytorch_quantization, refine_pyt
 from .amax.session import NotCalibratedError
 from .export import ExportError, TensorRTRuleError, check_tensorrt_onnx, export_onnx
 from .frameworks import UnsupportedFrameworkError, detect_framework, refine
+from .pt2e import refine_pt2e
 from .search import RefineResult
 
 __version__ = "0.1.0"
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "refine",
     "refine_fx",
+    "refine_pt2e",
     "refine_modelopt",
     "refine_modelopt_checkpoint",
     "refine_pytorch_quantization",

@@ -23,10 +23,10 @@ def detect_framework(model: nn.Module) -> str:
     from .fx.refine import _observed_attrs
     from .pt2e import is_pt2e_prepared
 
+    if is_pt2e_prepared(model):  # before FX: PT2E graphs carry FX's observed-graph metadata too
+        return "pt2e"
     if _observed_attrs(model) is not None:
         return "fx"
-    if is_pt2e_prepared(model):
-        return "pt2e"
     if is_modelopt_model(model):
         return "modelopt"
     if is_pytorch_quantization_model(model):

@@ -57,11 +57,11 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
     if device != model_device:
         raise ValueError(f"the model is on {model_device} but config.device is {device}: move the model first "
                          f"(model.to('{device}')) or leave config.device unset")
-    batches = [b.to(device) for b in calibration_batches(
-        calib_data, config.batch_size, min_batch=2 if needs_negatives(config.fitness) else 1)]
-    _probe(session, batches[0][:2])
     state = session.snapshot()
     try:
+        batches = [b.to(device) for b in calibration_batches(
+            calib_data, config.batch_size, min_batch=2 if needs_negatives(config.fitness) else 1)]
+        _probe(session, batches[0][:2])
         session.begin()
         if fp_model is not None:
             reference = reference_outputs(fp_model.eval(), batches)

@@ -27,11 +27,15 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def evaluate_top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
     """Top-1 accuracy in percent of ``model`` on ``images``/``labels`` (runs on the model's device)."""
-    device = next(model.parameters()).device
+    from .refinement import device_of
+
+    device = device_of(model)
     correct = 0
-    for start in range(0, len(images), batch_size):
-        logits = model(images[start : start + batch_size].to(device))
-        correct += (logits.argmax(-1).cpu() == labels[start : start + batch_size]).sum().item()
+    with torch.no_grad():
+        for start in range(0, len(images), batch_size):
+            logits = model(images[start : start + batch_size].to(device))
+            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+            correct += (logits.argmax(-1).cpu() == labels[start : start + batch_size]).sum().item()
     return 100.0 * correct / len(images)
 
 

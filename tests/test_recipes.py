@@ -46,3 +46,13 @@ def test_pytorch_quantization_recipe_refines_and_exports(tmp_path):
     report = recipe.run(bits="W4A8", preset="fast", calibration=100, test_images=500, out=str(tmp_path / "m.onnx"))
     assert report["fitness"][1] < report["fitness"][0]
     assert report["tensorrt_violations"] == [] and (tmp_path / "m.onnx").exists()
+
+
+def test_pt2e_recipe_improves_on_the_baseline_fitness():
+    import pytest
+
+    pytest.importorskip("torchao")
+    recipe = load(ROOT / "integrations" / "torchao_pt2e.py")
+    report = recipe.run(bits="W3A8", preset="fast", calibration=100, test_images=500)
+    assert report["fitness"][1] < report["fitness"][0]
+    assert 10 < report["top1_before"] <= 100 and 10 < report["top1_after"] <= 100

@@ -93,6 +93,28 @@ def test_fused_qat_commit_makes_convert_use_the_scales_the_fake_quant_forward_us
         torch.testing.assert_close(scale.float(), forward_scales[name].float(), rtol=0, atol=0)
 
 
+def test_default_fused_qat_fake_quantize_is_searched_and_carried_into_convert(tiny_vit, fmnist):
+    """The fused kernel recomputes its scale from running min/max on every call; the search must still move
+    the scales (it evaluates the FakeQuantize's buffers as convert_fx will) and convert_fx must carry them."""
+    calib = fmnist[0][:100]
+    prepared = prepare_and_calibrate(tiny_vit, calib, qconfig_mapping=get_default_qat_qconfig_mapping("x86"),
+                                     qat=True)
+    before = {n: m.scale.clone() for n, m in prepared.named_modules() if n.endswith("weight_fake_quant")}
+    result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH)
+    assert result.final_fitness < result.initial_fitness
+    assert all(type(m).__name__ == "FusedMovingAvgObsFakeQuantize" for n, m in prepared.named_modules()
+               if n.endswith("weight_fake_quant"))  # the user's modules are back in place
+    converted = convert_fx(copy.deepcopy(prepared))
+    moved = 0
+    for name, module in converted.named_modules():
+        if callable(getattr(module, "weight", None)) and not isinstance(module.weight, torch.Tensor):
+            scale = module.weight().q_per_channel_scales().float()
+            refined = prepared.get_submodule(name + ".weight_fake_quant").scale.float()
+            torch.testing.assert_close(scale, refined, rtol=0, atol=0)
+            moved += not torch.equal(refined, before[name + ".weight_fake_quant"].float())
+    assert moved > 0
+
+
 def test_refinement_lowers_fitness_and_moves_scales(refined_w3a8):
     baseline, prepared, result = refined_w3a8
     assert result.final_fitness < result.initial_fitness

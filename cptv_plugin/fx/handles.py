@@ -82,10 +82,9 @@ class ObserverHandle(_QuantizerInfo, ScaleHandle):
     """An activation observer of a ``prepare_fx`` model. The search moves a :class:`SimulatedQuantizer`;
     ``commit`` puts a :class:`RefinedObserver` at the observer's path so ``convert_fx`` uses the result."""
 
-    role = "activation"
-
-    def __init__(self, root: nn.Module, path: str, observer: nn.Module, clamp_to_dtype: bool):
-        self.root, self.name, self.observer = root, path, observer
+    def __init__(self, root: nn.Module, path: str, observer: nn.Module, clamp_to_dtype: bool,
+                 role: str = "activation", refined_cls: type = RefinedObserver):
+        self.root, self.name, self.observer, self.role, self.refined_cls = root, path, observer, role, refined_cls
         self.paths = [path]  # torch.ao shares one observer between several paths (shape ops): all move together
         require_calibrated(path, observer)
         scale, zero_point = observer.calculate_qparams()
@@ -104,7 +103,7 @@ class ObserverHandle(_QuantizerInfo, ScaleHandle):
 
     def commit(self) -> None:
         scale = self.quantizer.scale.reshape(self._scale_shape).clone()
-        refined = RefinedObserver.like(self.observer, scale, self._zero_point)
+        refined = self.refined_cls.like(self.observer, scale, self._zero_point)
         for path in self.paths:
             set_submodule(self.root, path, refined)
 
@@ -159,8 +158,8 @@ class FakeQuantizeHandle(_QuantizerInfo, ScaleHandle):
     ``calculate_qparams()``, which asks the observer."""
 
     def __init__(self, path: str, fake_quant: FakeQuantizeBase, role: str, weight: torch.Tensor | None = None,
-                 clamp_weights: bool = True):
-        self.name, self.fake_quant, self.role = path, fake_quant, role
+                 clamp_weights: bool = True, refined_cls: type = RefinedObserver):
+        self.name, self.fake_quant, self.role, self.refined_cls = path, fake_quant, role, refined_cls
         self.weight, self.clamp_weights = weight, clamp_weights
         require_calibrated(path, getattr(fake_quant, "activation_post_process", None))
         check_scale(path, fake_quant.scale)
@@ -176,8 +175,8 @@ class FakeQuantizeHandle(_QuantizerInfo, ScaleHandle):
 
     def commit(self) -> None:
         fq = self.fake_quant
-        fq.activation_post_process = RefinedObserver.like(fq.activation_post_process, fq.scale.detach().clone(),
-                                                          fq.zero_point.detach().clone())
+        fq.activation_post_process = self.refined_cls.like(fq.activation_post_process, fq.scale.detach().clone(),
+                                                           fq.zero_point.detach().clone())
         fq.disable_observer()
         if self.weight is not None and self.clamp_weights and self.narrowed:
             clamp_weight_to_grid(self.weight, fq.scale, fq.zero_point, self.quant_min, self.quant_max, self.axis)

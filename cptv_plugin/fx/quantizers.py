@@ -12,7 +12,8 @@ import torch
 from torch import nn
 from torch.ao.quantization.observer import ObserverBase
 
-__all__ = ["SimulatedQuantizer", "SimulatedWeightModule", "RefinedObserver", "DTYPE_RANGES"]
+__all__ = ["SimulatedQuantizer", "SimulatedWeightModule", "RefinedObserver", "FakeQuantizeView",
+           "is_fused_fake_quantize", "DTYPE_RANGES"]
 
 DTYPE_RANGES = {
     torch.quint8: (0, 255), torch.qint8: (-128, 127), torch.uint8: (0, 255), torch.int8: (-128, 127),
@@ -59,6 +60,31 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return q.sub_(zero_point).mul_(scale)
 
 
+def is_fused_fake_quantize(module: nn.Module) -> bool:
+    """``FusedMovingAvgObsFakeQuantize`` (torch.ao's default QAT qconfig, torchao's PT2E QAT configs): its fused
+    kernel recomputes the scale from the running min/max on every call, even with the observer off, so a scale
+    written into its buffer would never be used."""
+    return type(module).__name__ == "FusedMovingAvgObsFakeQuantize"
+
+
+class FakeQuantizeView(nn.Module):
+    """Fake-quantizes with a FakeQuantize's own ``scale``/``zero_point`` buffers and range, as ``convert_*``
+    will (used in place of fused FakeQuantize modules while the search runs)."""
+
+    def __init__(self, fake_quant: nn.Module):
+        super().__init__()
+        self.fake_quant = fake_quant
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fq = self.fake_quant
+        if not bool(fq.fake_quant_enabled[0]):
+            return x
+        observer = fq.activation_post_process
+        per_channel = fq.scale.numel() > 1 or getattr(fq, "is_per_channel", False)
+        return fake_quantize(x, fq.scale.float(), fq.zero_point, observer.quant_min, observer.quant_max,
+                             fq.ch_axis if per_channel else None)
+
+
 class SimulatedWeightModule(nn.Module):
     """A Linear/Conv (or a torch.ao fused module led by one) whose weight passes through a quantizer."""
 
@@ -84,12 +110,12 @@ class SimulatedWeightModule(nn.Module):
         return out
 
 
-class RefinedObserver(ObserverBase):
+class _FrozenQParams:
     """An observer frozen at refined quantization parameters.
 
-    ``convert_fx`` (and FakeQuantize's ``calculate_qparams``) read ``calculate_qparams()``, which returns the
-    stored scale and zero point bit for bit; ``forward`` records nothing, so later calibration passes cannot
-    overwrite the refinement. It keeps the replaced observer's dtype, qscheme, range and channel axis.
+    ``convert_fx`` / ``convert_pt2e`` (and FakeQuantize's ``calculate_qparams``) read ``calculate_qparams()``, which
+    returns the stored scale and zero point bit for bit; ``forward`` records nothing, so later calibration passes
+    cannot overwrite the refinement. It keeps the replaced observer's dtype, qscheme, range and channel axis.
     """
 
     def __init__(self, scale: torch.Tensor, zero_point: torch.Tensor, dtype: torch.dtype = torch.quint8,
@@ -109,7 +135,7 @@ class RefinedObserver(ObserverBase):
         self.register_buffer("max_val", (quant_max - zero_point).float() * scale)
 
     @classmethod
-    def like(cls, observer: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor) -> "RefinedObserver":
+    def like(cls, observer: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor):
         """A RefinedObserver with ``observer``'s dtype, qscheme, range and axis."""
         eps = getattr(observer, "eps", torch.finfo(torch.float32).eps)
         eps = float(eps.reshape(-1)[0]) if isinstance(eps, torch.Tensor) else float(eps)
@@ -128,3 +154,25 @@ class RefinedObserver(ObserverBase):
 
     def extra_repr(self) -> str:
         return f"dtype={self.dtype}, qscheme={self.qscheme}, quant_min={self.quant_min}, quant_max={self.quant_max}"
+
+
+class RefinedObserver(_FrozenQParams, ObserverBase):
+    __doc__ = _FrozenQParams.__doc__
+
+
+_PT2E_REFINED: list[type] = []
+
+
+def _pt2e_refined_observer() -> type:
+    """The same frozen observer as a subclass of torchao's PT2E ``ObserverBase`` (``convert_pt2e`` only converts
+    torchao's observer classes)."""
+    if not _PT2E_REFINED:
+        from torchao.quantization.pt2e import ObserverBase as PT2EObserverBase
+
+        class RefinedPT2EObserver(_FrozenQParams, PT2EObserverBase):
+            __doc__ = _FrozenQParams.__doc__
+
+        RefinedPT2EObserver.__module__ = __name__
+        globals()["RefinedPT2EObserver"] = RefinedPT2EObserver  # picklable by qualified name
+        _PT2E_REFINED.append(RefinedPT2EObserver)
+    return _PT2E_REFINED[0]

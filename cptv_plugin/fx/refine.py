@@ -17,7 +17,8 @@ from ..refinement import run_refinement
 from ..search import RefineResult
 from .graph import GraphSplitError, assign_groups, split_graph
 from .handles import FakeQuantizeHandle, ObserverHandle, WeightObserverHandle
-from .quantizers import DTYPE_RANGES, SimulatedQuantizer, SimulatedWeightModule
+from .quantizers import (DTYPE_RANGES, FakeQuantizeView, RefinedObserver, SimulatedQuantizer, SimulatedWeightModule,
+                         _pt2e_refined_observer, is_fused_fake_quantize)
 
 __all__ = ["refine_fx", "NotPreparedError", "NoQuantizersError", "FxSession"]
 
@@ -41,16 +42,35 @@ def _observed_attrs(model: nn.Module):
     return getattr(model, "_observed_graph_module_attrs", None)
 
 
+def _torchao_types(*names: str) -> tuple[type, ...]:
+    """torchao's PT2E counterparts of torch.ao's classes (PT2E models hold those), when torchao is installed."""
+    try:
+        import torchao.quantization.pt2e as pt2e
+    except ImportError:
+        return ()
+    return tuple(getattr(pt2e, name) for name in names if hasattr(pt2e, name))
+
+
+def observer_types() -> tuple[type, ...]:
+    return (ObserverBase,) + _torchao_types("ObserverBase")
+
+
+def fake_quant_types() -> tuple[type, ...]:
+    return (FakeQuantizeBase,) + _torchao_types("FakeQuantizeBase")
+
+
 def _quantizing_observer(module: nn.Module) -> bool:
     """An observer or FakeQuantize that converts into a quantize/dequantize pair."""
-    if not isinstance(module, (ObserverBase, FakeQuantizeBase)):
+    if not isinstance(module, observer_types() + fake_quant_types()):
         return False
     return getattr(module, "dtype", None) in DTYPE_RANGES and not getattr(module, "is_dynamic", False) \
         and hasattr(module, "quant_min")
 
 
 def _searchable(module: nn.Module) -> bool:
-    return _quantizing_observer(module) and not isinstance(module, (FixedQParamsObserver, FixedQParamsFakeQuantize))
+    fixed = (FixedQParamsObserver, FixedQParamsFakeQuantize) + _torchao_types(
+        "FixedQParamsObserver", "FixedQParamsFakeQuantize", "DerivedObserverOrFakeQuantize")
+    return _quantizing_observer(module) and not isinstance(module, fixed)
 
 
 def _weight_quantized_by_convert(node: fx.Node, module: nn.Module, observed: set[str]) -> bool:
@@ -77,8 +97,14 @@ class FxSession:
 
     def __init__(self, prepared: fx.GraphModule, *, blocks: list[str] | None = None,
                  target: Target = "convert_fx", clamp_weights: bool = True, roles=("weight", "activation"),
-                 search_outside_blocks: bool = True):
-        if not isinstance(prepared, fx.GraphModule) or _observed_attrs(prepared) is None:
+                 search_outside_blocks: bool = True, flavor: Literal["fx", "pt2e"] = "fx"):
+        if flavor == "pt2e":
+            # convert_pt2e's decomposed quantize ops honour each observer's own (possibly narrowed) range, and
+            # PT2E observes weights as graph values: no qconfig, no clipping needed
+            target, refined_cls = "fake_quant", _pt2e_refined_observer()
+        else:
+            refined_cls = RefinedObserver
+        if flavor == "fx" and (not isinstance(prepared, fx.GraphModule) or _observed_attrs(prepared) is None):
             raise NotPreparedError(
                 "refine_fx needs the GraphModule returned by torch.ao's prepare_fx or prepare_qat_fx, calibrated "
                 f"on images; got {type(prepared).__name__}. Run prepare_fx(model, qconfig_mapping, example_inputs) "
@@ -95,6 +121,7 @@ class FxSession:
         mapping: dict[fx.Node, fx.Node] = {}
         graph.output(graph.graph_copy(prepared.graph, mapping))
         self.handles = []
+        self.swapped: list[tuple[nn.Module, nn.Module]] = []  # (QAT module, its fused weight FakeQuantize)
         self.fake_quants: list[FakeQuantizeBase] = []
         self.simulated: list[SimulatedQuantizer] = []
         handle_of_node: dict[fx.Node, object] = {}
@@ -110,24 +137,29 @@ class FxSession:
                 continue
             module = prepared.get_submodule(node.target)
             module_path[node] = node.target
-            if isinstance(module, (ObserverBase, FakeQuantizeBase)):
+            if isinstance(module, observer_types() + fake_quant_types()):
                 inserted.add(node)
                 if not _quantizing_observer(module):
                     node.replace_all_uses_with(node.args[0])
                     graph.erase_node(node)
                     continue
-                if isinstance(module, FakeQuantizeBase):
+                # PT2E observes weights as values: an observer whose input is a constant quantizes a weight
+                role = "weight" if node.all_input_nodes and all(
+                    a.op == "get_attr" for a in node.all_input_nodes) else "activation"
+                if isinstance(module, fake_quant_types()):
                     self.fake_quants.append(module)
-                    root[node.target] = module
-                    if _searchable(module) and "activation" in roles:
-                        handle = by_module.get(id(module)) or FakeQuantizeHandle(node.target, module, "activation")
+                    root[node.target] = FakeQuantizeView(module) if is_fused_fake_quantize(module) else module
+                    if _searchable(module) and role in roles:
+                        handle = by_module.get(id(module)) or FakeQuantizeHandle(node.target, module, role,
+                                                                                 refined_cls=refined_cls)
                         by_module[id(module)] = handle
                         handle_of_node[node] = handle
                     continue
-                if _searchable(module) and "activation" in roles:
+                if _searchable(module) and role in roles:
                     handle = by_module.get(id(module))
                     if handle is None:
-                        handle = ObserverHandle(prepared, node.target, module, clamp_to_dtype=target == "convert_fx")
+                        handle = ObserverHandle(prepared, node.target, module, clamp_to_dtype=target == "convert_fx",
+                                                role=role, refined_cls=refined_cls)
                         by_module[id(module)] = handle
                     elif node.target not in handle.paths:
                         handle.paths.append(node.target)
@@ -155,6 +187,9 @@ class FxSession:
             if isinstance(weight_fq, FakeQuantizeBase):  # a QAT module: its own forward fake-quantizes
                 root[node.target] = module
                 self.fake_quants.append(weight_fq)
+                if is_fused_fake_quantize(weight_fq):  # put back by commit() / restore()
+                    self.swapped.append((module, weight_fq))
+                    module.weight_fake_quant = FakeQuantizeView(weight_fq)
                 if _searchable(weight_fq) and "weight" in roles:
                     handle_of_node[node] = FakeQuantizeHandle(f"{node.target}.weight", weight_fq, "weight",
                                                               weight=module.weight, clamp_weights=clamp_weights)
@@ -177,6 +212,12 @@ class FxSession:
                 "kernels quantize activations with the full dtype range, so the search optimizes that; pass "
                 "target='fake_quant' to optimize the narrowed range as FakeQuantize computes it.",
                 len(narrowed_activations), narrowed_activations[0])
+        # quantizers of constants (PT2E weight observers sit at the top of the graph): run them just before their
+        # first user, so they belong to that user's block and the graph can be cut between blocks
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        for node in [n for n in graph.nodes if n in inserted and n.all_input_nodes
+                     and all(a.op == "get_attr" for a in n.all_input_nodes) and n.users]:
+            min(node.users, key=order.__getitem__).prepend(node)
         self.eval_module = fx.GraphModule(root, graph)
         self.target = target
 
@@ -231,9 +272,14 @@ class FxSession:
                             for path in h.paths}
         return state
 
+    def _unswap(self) -> None:
+        for module, weight_fq in self.swapped:
+            module.weight_fake_quant = weight_fq
+
     def restore(self, state: dict) -> None:
         from .handles import set_submodule
 
+        self._unswap()
         for handle, scale in zip(self.all_handles, state["scales"]):
             handle.set(scale)
         for fq, (fake_quant_on, observer_on, observer) in zip(self.fake_quants, state["fq_flags"]):
@@ -255,6 +301,7 @@ class FxSession:
             fq.disable_observer()
 
     def commit(self) -> None:
+        self._unswap()
         for handle in self.all_handles:
             handle.commit()
 

@@ -1,0 +1,62 @@
+"""Recipe: torchao PT2E post-training quantization → CPT-V refinement → convert_pt2e.
+
+    python integrations/torchao_pt2e.py --bits W3A8 --preset fast
+
+The PT2E flow is the successor of torch.ao's FX graph mode quantization: torch.export → prepare_pt2e with a
+quantizer → calibrate → convert_pt2e. Only step 4 is new; the refined scales travel into the converted model
+through the prepared module's observers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+import cptv_plugin
+from cptv_plugin.datasets import calibration_subset, load_fashion_mnist
+from cptv_plugin.models import load_reference_model
+from cptv_plugin.qconfigs import parse_bits
+from cptv_plugin.train import evaluate_top1
+
+
+def xnnpack_quantizer(bits: str):
+    """Per-channel symmetric weights with W bits, 8-bit per-tensor activations (XNNPACK's static config)."""
+    from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+
+    weight_bits, _ = parse_bits(bits)
+    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
+        is_per_channel=True, weight_qmin=-(2 ** (weight_bits - 1)), weight_qmax=2 ** (weight_bits - 1) - 1))
+
+
+def run(bits: str = "W3A8", preset: str = "fast", calibration: int = 1000, test_images: int = 10000,
+        model_name: str = "fmnist_vit_tiny") -> dict:
+    model = load_reference_model(model_name)
+    train_x, _ = load_fashion_mnist("train")
+    test_x, test_y = (t[:test_images] for t in load_fashion_mnist("test"))
+    calib = calibration_subset(train_x, calibration)
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    exported = torch.export.export(model, (calib[:2],), dynamic_shapes=({0: batch},)).module()  # 1. export
+    prepared = prepare_pt2e(exported, xnnpack_quantizer(bits))                                  # 2. prepare
+    with torch.no_grad():                                                                        # 3. calibrate
+        for images in calib.split(100):
+            prepared(images)
+    before = evaluate_top1(convert_pt2e(copy.deepcopy(prepared)), test_x, test_y)
+    result = cptv_plugin.refine_pt2e(prepared, calib, config=cptv_plugin.SearchConfig.preset(preset))  # 4. refine
+    quantized = convert_pt2e(prepared)                                                           # 5. convert
+    after = evaluate_top1(quantized, test_x, test_y)
+    return {"bits": bits, "preset": preset, "top1_before": before, "top1_after": after,
+            "fitness": [result.initial_fitness, result.final_fitness], "seconds": result.seconds}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--bits", default="W3A8")
+    parser.add_argument("--preset", default="fast")
+    parser.add_argument("--calibration", type=int, default=1000)
+    parser.add_argument("--test-images", type=int, default=10000)
+    args = parser.parse_args()
+    print(run(args.bits, args.preset, args.calibration, args.test_images))

@@ -1,0 +1,139 @@
+"""torchao PT2E: refine_pt2e between calibration and convert_pt2e, for the quantizers people use."""
+
+import copy
+
+import pytest
+import torch
+
+import cptv_plugin
+from cptv_plugin import NotPreparedError
+from cptv_plugin.fx.refine import FxSession
+from cptv_plugin.models import load_reference_model
+from conftest import TINY_SEARCH
+
+pytest.importorskip("torchao")
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
+from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # noqa: E402
+    X86InductorQuantizer, get_default_x86_inductor_quantization_config)
+from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config  # noqa
+
+
+def export(model, images):
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    return torch.export.export(model.eval(), (images[:2],), dynamic_shapes=({0: batch},)).module()
+
+
+def xnnpack(weight_bits=4, qat=False):
+    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
+        is_per_channel=True, is_qat=qat, weight_qmin=-(2 ** (weight_bits - 1)), weight_qmax=2 ** (weight_bits - 1) - 1))
+
+
+def prepared_model(name, calib, quantizer, qat=False):
+    exported = export(load_reference_model(name), calib)
+    prepared = (prepare_qat_pt2e if qat else prepare_pt2e)(exported, quantizer)
+    with torch.no_grad():
+        prepared(calib)
+    return prepared
+
+
+def converted_scales(converted) -> list[torch.Tensor]:
+    """Scale arguments of every quantize/dequantize node convert_pt2e wrote (floats, or per-channel buffers;
+    weights are quantized at convert time, so only their dequantize node remains)."""
+    scales = []
+    for node in converted.graph.nodes:
+        if node.op == "call_function" and "quantize_per" in str(node.target):
+            scale = node.args[1]
+            if isinstance(scale, torch.fx.Node):
+                scale = getattr(converted, scale.target)
+            scales.append(torch.as_tensor(scale, dtype=torch.float64).reshape(-1))
+    return scales
+
+
+def refined_scales(prepared) -> list[torch.Tensor]:
+    return [m.scale.double().reshape(-1) for m in prepared.modules() if type(m).__name__ == "RefinedPT2EObserver"]
+
+
+def test_simulation_equals_convert_pt2e(fmnist):
+    prepared = prepared_model("fmnist_vit_tiny", fmnist[0][:100], xnnpack(4))
+    session = FxSession(prepared, flavor="pt2e")
+    with torch.no_grad():
+        simulated = session.chain.forward(fmnist[1][:50])[0]
+        converted = convert_pt2e(copy.deepcopy(prepared))(fmnist[1][:50])
+    torch.testing.assert_close(simulated, converted, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("quantizer", ["xnnpack-w4", "x86-inductor"])
+def test_refine_pt2e_carries_refined_scales_into_convert_pt2e_bit_for_bit(quantizer, fmnist):
+    calib = fmnist[0][:100]
+    q = xnnpack(4) if quantizer == "xnnpack-w4" else X86InductorQuantizer().set_global(
+        get_default_x86_inductor_quantization_config())
+    prepared = prepared_model("fmnist_vit_tiny", calib, q)
+    baseline = convert_pt2e(copy.deepcopy(prepared))
+    assert cptv_plugin.detect_framework(prepared) == "pt2e"
+    result = cptv_plugin.refine(prepared, calib, config=TINY_SEARCH)
+    assert result.final_fitness < result.initial_fitness
+    written = refined_scales(prepared)
+    assert written
+    converted = convert_pt2e(prepared)
+    in_graph = converted_scales(converted)
+    # every scale refine wrote is a quantize node's scale in the converted model, exactly
+    for scale in written:
+        assert any(s.shape == scale.shape and torch.equal(s, scale) for s in in_graph)
+    with torch.no_grad():
+        assert not torch.equal(converted(fmnist[1][:20]), baseline(fmnist[1][:20]))
+
+
+def test_qat_prepared_models_are_refined(fmnist):
+    calib = fmnist[0][:100]
+    exported = export(load_reference_model("fmnist_vit_tiny").train(), calib)
+    prepared = prepare_qat_pt2e(exported, xnnpack(4, qat=True))
+    with torch.no_grad():
+        prepared(calib)
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+
+    move_exported_model_to_eval(prepared)
+    result = cptv_plugin.refine_pt2e(prepared, calib, config=TINY_SEARCH)
+    assert result.final_fitness < result.initial_fitness
+    converted = convert_pt2e(prepared)
+    fake_quant_scales = [h.double().reshape(-1) for h in refined_scales(prepared)]
+    assert fake_quant_scales
+    in_graph = converted_scales(converted)
+    assert all(any(s.shape == f.shape and torch.equal(s, f) for s in in_graph) for f in fake_quant_scales)
+
+
+@pytest.mark.parametrize("name,adapter", [("fmnist_swin_tiny", "swin"), ("fmnist_levit", "levit")])
+def test_other_families_through_the_same_adapters(name, adapter, fmnist):
+    calib = fmnist[0][:100]
+    prepared = prepared_model(name, calib, xnnpack(4))
+    session = FxSession(prepared, flavor="pt2e")
+    assert session.adapter == adapter and len(session.chain.segments) == len(session.groups)
+    images = fmnist[0][:8]
+    with torch.no_grad():
+        full = session.chain.forward(images)[0]
+        for group in session.groups:
+            env = session.chain.run(session.chain.initial_env(images), 0, group.segment)
+            torch.testing.assert_close(session.chain.run(env, group.segment)[0], full, rtol=0, atol=1e-5)
+    result = cptv_plugin.refine_pt2e(prepared, calib, config=TINY_SEARCH)
+    assert result.final_fitness < result.initial_fitness
+
+
+def test_exported_but_not_prepared_or_not_calibrated_is_refused_untouched(fmnist):
+    calib = fmnist[0][:50]
+    exported = export(load_reference_model("fmnist_vit_tiny"), calib)
+    with pytest.raises(NotPreparedError, match="exported but not prepared"):
+        cptv_plugin.refine_pt2e(exported, calib)
+    prepared = prepare_pt2e(exported, xnnpack(8))
+    before = {k: v.clone() for k, v in prepared.state_dict().items()}
+    kinds = {n: type(m) for n, m in prepared.named_modules()}
+    with pytest.raises(ValueError, match="never calibrated"):
+        cptv_plugin.refine_pt2e(prepared, calib, config=TINY_SEARCH)
+    assert {n: type(m) for n, m in prepared.named_modules()} == kinds
+    assert all(torch.equal(before[k], v) for k, v in prepared.state_dict().items())
+
+
+def test_missing_torchao_says_what_to_install(monkeypatch, fmnist):
+    import cptv_plugin.pt2e as pt2e
+
+    monkeypatch.setattr(pt2e, "_torchao_quantizer_types", lambda: ())
+    with pytest.raises(ImportError, match=r"cptv_plugin\[pt2e\]"):
+        cptv_plugin.refine_pt2e(torch.nn.Linear(2, 2), fmnist[0][:4])

@@ -35,6 +35,16 @@ class SearchConfig:
         seed: seeds every random choice; same seed, data and config give the same scales.
         device: where the search runs (``None``: where the model's parameters are).
         progress: show a progress bar.
+        engine: ``"fast"`` (default: block inputs cached once per group visit, candidates re-run only the
+            blocks from the searched one on) or ``"literal"`` (a full forward per candidate, as the paper; for
+            comparisons). Both give the same scales in fp32.
+        precision: arithmetic of candidate evaluations: ``"fp32"``, ``"tf32"`` (CUDA matmuls in TF32), ``"bf16"``
+            or ``"fp16"`` (autocast), or ``"auto"`` (default): fp32 on the CPU, bf16 autocast on CUDA. The
+            full-precision reference outputs are always computed in fp32.
+        compute_batch_size: images per forward pass; fitness batches (``batch_size``) are grouped into passes of
+            up to this many images and split again for the fitness. ``None``: ``batch_size`` on the CPU, 1,000
+            on CUDA.
+        compile: compile the evaluation segments with ``torch.compile`` (GPU; costs compile time up front).
     """
 
     passes: int = 10
@@ -55,6 +65,10 @@ class SearchConfig:
     seed: int = 0
     device: str | None = None
     progress: bool = True
+    engine: Literal["fast", "literal"] = "fast"
+    precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto"
+    compute_batch_size: int | None = None
+    compile: bool = False
     name: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:
@@ -80,6 +94,12 @@ class SearchConfig:
             problems.append(f"block_order must be 'forward' or 'reverse' (got {self.block_order!r})")
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0 (got {self.temperature})")
+        if self.engine not in ("fast", "literal"):
+            problems.append(f"engine must be 'fast' or 'literal' (got {self.engine!r})")
+        if self.precision not in ("auto", "fp32", "tf32", "bf16", "fp16"):
+            problems.append(f"precision must be one of auto, fp32, tf32, bf16, fp16 (got {self.precision!r})")
+        if self.compute_batch_size is not None and self.compute_batch_size < 1:
+            problems.append(f"compute_batch_size must be >= 1 or None (got {self.compute_batch_size})")
         bad_roles = set(self.roles) - {"weight", "activation"}
         if bad_roles or not self.roles:
             problems.append(f"roles must be a non-empty subset of ('weight', 'activation') (got {self.roles})")
@@ -91,6 +111,17 @@ class SearchConfig:
         if self.mutation is not None:
             return self.mutation
         return self.mutation_8bit if weight_bits >= 8 else self.mutation_low_bit
+
+    def resolved_precision(self, device_type: str) -> str:
+        """The precision ``"auto"`` means on ``device_type``: fp32 on the CPU, bf16 on CUDA."""
+        if self.precision != "auto":
+            return self.precision
+        return "bf16" if device_type == "cuda" else "fp32"
+
+    def resolved_compute_batch_size(self, device_type: str) -> int:
+        if self.compute_batch_size is not None:
+            return self.compute_batch_size
+        return 1000 if device_type == "cuda" else self.batch_size
 
     def replace(self, **changes) -> "SearchConfig":
         """A copy with ``changes`` applied (validated)."""

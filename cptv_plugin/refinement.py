@@ -7,6 +7,7 @@ ModelOpt and pytorch-quantization, so a user does not notice which framework the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Protocol
 
@@ -71,14 +72,43 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                 reference = reference_outputs(session.chain.forward, batches)
             finally:
                 session.set_quantization(True)
+        if config.compile and config.engine == "fast":
+            session.chain.compile()
+        precision = config.resolved_precision(device.type)
+        if config.engine == "literal":
+            precision = "fp32"  # the reference implementation: full forward, fp32, one fitness batch at a time
         evaluator = Evaluator(session.chain, batches, reference, config.fitness, config.temperature,
-                              config.normalize)
-        result = evolutionary_search(session.groups, evaluator, config)
+                              config.normalize, compute_batch_size=config.resolved_compute_batch_size(device.type)
+                              if config.engine == "fast" else None, precision=precision)
+        with _matmul_precision(precision):
+            result = evolutionary_search(session.groups, evaluator, config)
+        result.device = _device_name(device)
+        result.precision = precision
         session.commit()
     except BaseException:
         session.restore(state)
         raise
     return result
+
+
+@contextlib.contextmanager
+def _matmul_precision(precision: str):
+    """TF32 matmuls and convolutions on CUDA for ``"tf32"``; restored afterwards."""
+    if precision != "tf32" or not torch.cuda.is_available():
+        yield
+        return
+    previous = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
 
 
 def _probe(session: RefinementSession, images: torch.Tensor) -> None:

@@ -32,6 +32,7 @@ class RefineResult:
         seconds: wall time of the search.
         groups: names of the searched groups, in model order, with their number of scales.
         interrupted: the search was stopped early (Ctrl-C); the best scales found so far were kept.
+        device: where the search ran (GPU name or "cpu"); precision: the arithmetic of candidate evaluations.
     """
 
     initial_fitness: float
@@ -42,6 +43,8 @@ class RefineResult:
     groups: dict[str, int] = field(default_factory=dict)
     config: SearchConfig | None = None
     interrupted: bool = False
+    device: str = "cpu"
+    precision: str = "fp32"
 
     @property
     def improvement(self) -> float:
@@ -96,17 +99,20 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                 try:
                     current = group.read()
                     population.append((current, best_fitness))
-                    evaluator.advance(group.segment)
+                    # the fast engine re-runs the suffix from the cached group input; the literal one everything
+                    segment = group.segment if config.engine == "fast" else None
+                    if segment is not None:
+                        evaluator.advance(segment)
                     for _ in range(config.population - 1):
                         candidate = mutate(current, gamma, config.mutation_kind, generator)
                         group.set(candidate)
-                        population.append((candidate, evaluator(group.segment)))
+                        population.append((candidate, evaluator(segment)))
                     for _ in range(config.cycles):
                         drawn = rng.sample(range(len(population)), min(config.samples, len(population)))
                         parent = min(drawn, key=lambda i: population[i][1])
                         child = mutate(population[parent][0], gamma, config.mutation_kind, generator)
                         group.set(child)
-                        population.append((child, evaluator(group.segment)))
+                        population.append((child, evaluator(segment)))
                         worst = max(range(len(population)), key=lambda i: population[i][1])
                         population.pop(worst)
                 finally:

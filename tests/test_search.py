@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+import cptv_plugin
 from cptv_plugin import SearchConfig
+from conftest import TINY_SEARCH
 from cptv_plugin.handles import Group, ScaleHandle
 from cptv_plugin.search import evolutionary_search, mutate
 
@@ -148,3 +150,34 @@ def test_paper_preset_is_table_2():
 def test_impossible_configs_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         SearchConfig(**changes)
+
+
+def test_fast_engine_gives_exactly_the_scales_of_the_literal_one(tiny_vit, fmnist):
+    """Suffix-only evaluation from cached block inputs is the same arithmetic as a full forward per candidate:
+    same seed, same fitness values, same selections, same refined scales (fp32, CPU)."""
+    from conftest import prepare_and_calibrate
+    from cptv_plugin.fx.refine import FxSession
+
+    calib = fmnist[0][:100]
+    config = TINY_SEARCH.replace(passes=2, block_order="reverse", precision="fp32")
+    results, scales = [], []
+    for engine in ("fast", "literal"):
+        prepared = prepare_and_calibrate(tiny_vit, calib, "W3A8")
+        results.append(cptv_plugin.refine_fx(prepared, calib, config=config.replace(engine=engine)))
+        scales.append([h.read() for h in FxSession(prepared).all_handles])
+    fast, literal = results
+    assert [r["fitness"] for r in fast.history] == [r["fitness"] for r in literal.history]
+    assert fast.final_fitness == literal.final_fitness < fast.initial_fitness
+    assert all(torch.equal(a, b) for a, b in zip(*scales))
+
+
+def test_forward_passes_group_fitness_batches_without_changing_the_fitness(tiny_vit, fmnist):
+    from conftest import prepare_and_calibrate
+
+    calib = fmnist[0][:200]
+    values = []
+    for compute in (50, 200):
+        prepared = prepare_and_calibrate(tiny_vit, calib, "W4A8")
+        result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH.replace(compute_batch_size=compute))
+        values.append(result.initial_fitness)
+    assert values[0] == pytest.approx(values[1], rel=1e-5)

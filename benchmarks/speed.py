@@ -1,0 +1,181 @@
+"""Speed of the search engine: our fast engine against a literal reference implementation, same run.
+
+    python -m benchmarks.speed [--models vit_base_patch16_224 deit_tiny_patch16_224 ...] [--out FILE]
+
+For each timm model at 224² (random weights: only time is measured), torch.ao FX PTQ at W4A8 on 1,000 random
+calibration images, then the paper preset (K=10, P=15, C=3, S=10):
+
+* ``fast``: our engine (block inputs cached once per visit, candidates run only the suffix, forward passes of
+  1,000 images, the precision given by ``--precision``, default bf16 autocast on CUDA);
+* ``literal``: a full forward per candidate, fp32, one fitness batch of 100 at a time. Its cost per evaluation
+  is constant, so it is timed on a measured number of evaluations and extrapolated to the fast run's count
+  (``extrapolated_from`` says how many were timed).
+
+Records (``benchmarks/results/speed.json``): model, engine, seconds, evaluations, device, peak_memory_gb,
+precision, and for the fast engine the achieved fraction of the GPU's dense bf16 matmul peak
+(``matmul_tflops`` / ``bf16_peak_tflops``), counting the matmul FLOPs of every evaluated suffix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+MODELS = ["vit_base_patch16_224", "deit_small_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
+          "levit_256"]
+# dense bf16 tensor-core peaks (NVIDIA data sheets); used only for the achieved-fraction figure
+BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.0, "H100 PCIe": 756.0, "H200": 989.0, "A100": 312.0}
+
+
+def _peak_tflops(device_name: str) -> float | None:
+    return next((v for k, v in BF16_PEAK_TFLOPS.items() if k in device_name), None)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _segment_flops(chain, images: torch.Tensor) -> list[float]:
+    """Matmul/conv FLOPs of each segment for ``images`` (torch's FlopCounterMode)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    env = chain.initial_env(images)
+    flops = []
+    for index in range(len(chain.segments)):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            next_env = chain.run(env, index, index + 1)
+        flops.append(float(counter.get_total_flops()))
+        env = next_env if isinstance(next_env, dict) else env
+    return flops
+
+
+def bench_model(name: str, device: torch.device, images: int, precision: str, literal_evaluations: int,
+                bits: str = "W4A8", passes: int = 10, compile: bool = False) -> list[dict]:
+    import timm
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    import cptv_plugin
+    from cptv_plugin.fx.refine import FxSession
+    from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx
+    from cptv_plugin.refinement import _device_name
+
+    torch.manual_seed(0)
+    model = prepare_timm_for_fx(timm.create_model(name, pretrained=False)).eval().to(device)
+    calib = torch.randn(images, 3, 224, 224, device=device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(model, fx_qconfig_mapping(bits), example_inputs=(calib[:1],))
+    with torch.no_grad():
+        for batch in calib.split(100):
+            prepared(batch)
+    literal_model = copy.deepcopy(prepared)
+    device_name = _device_name(device)
+    records = []
+
+    config = cptv_plugin.SearchConfig.paper(progress=False, precision=precision, passes=passes, compile=compile)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    result = cptv_plugin.refine_fx(prepared, calib, config=config)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+    # matmul FLOPs actually evaluated: every candidate of a visit re-runs the segments from its group's on
+    session = FxSession(copy.deepcopy(literal_model).requires_grad_(False), search_outside_blocks=False)
+    flops = _segment_flops(session.chain, calib[:10])
+    per_image = [f / 10 for f in flops]
+    suffix = [sum(per_image[s:]) for s in range(len(per_image))]
+    visits = config.passes * len(session.groups)
+    evaluated = images * (suffix[0] + sum(suffix[g.segment] for g in session.groups) * config.passes
+                          * (config.population - 1 + config.cycles))
+    tflops = evaluated / seconds / 1e12
+    peak_tflops = _peak_tflops(device_name)
+    records.append({
+        "model": name, "engine": "fast", "compiled": compile, "bits": bits, "preset": "paper", "images": images,
+        "seconds": round(seconds, 2), "evaluations": result.evaluations, "group_visits": visits,
+        "device": device_name, "precision": result.precision, "peak_memory_gb": peak and round(peak, 2),
+        "fitness": [round(result.initial_fitness, 5), round(result.final_fitness, 5)],
+        "matmul_tflops": round(tflops, 1), "bf16_peak_tflops": peak_tflops,
+        "fraction_of_bf16_peak": peak_tflops and round(tflops / peak_tflops, 3),
+    })
+    logging.info("%s fast: %.1f s, %d evaluations, %s", name, seconds, result.evaluations, records[-1])
+
+    # literal: full forward per candidate, fp32, batches of 100; time a measured number of evaluations
+    from cptv_plugin.engine import Evaluator, reference_outputs
+
+    session = FxSession(literal_model, search_outside_blocks=False)
+    batches = list(calib.split(100))
+    session.set_quantization(False)
+    reference = reference_outputs(session.chain.forward, batches)
+    session.set_quantization(True)
+    evaluator = Evaluator(session.chain, batches, reference, "infonce", config.temperature, config.normalize,
+                          precision="fp32")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    evaluator(None)  # warm-up
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(literal_evaluations):
+        evaluator(None)
+    _sync(device)
+    per_evaluation = (time.perf_counter() - start) / literal_evaluations
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    literal_seconds = per_evaluation * result.evaluations
+    records.append({
+        "model": name, "engine": "literal", "bits": bits, "preset": "paper", "images": images,
+        "seconds": round(literal_seconds, 2), "evaluations": result.evaluations, "device": device_name,
+        "precision": "fp32", "peak_memory_gb": peak and round(peak, 2),
+        "extrapolated_from": f"{literal_evaluations} full-forward evaluations timed, {per_evaluation:.4f} s each",
+        "speedup_of_fast": round(literal_seconds / seconds, 1),
+    })
+    logging.info("%s literal: %.1f s (extrapolated)", name, literal_seconds)
+    del prepared, literal_model, session, evaluator
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--literal-evaluations", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the evaluation segments")
+    parser.add_argument("--passes", type=int, default=10, help="K (the paper: 10; fewer only for a smoke test)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", default="benchmarks/results/speed.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    device = torch.device(args.device)
+    out = Path(args.out)
+    records = json.loads(out.read_text()) if out.exists() else []
+    for name in args.models:
+        fresh = bench_model(name, device, args.images, args.precision, args.literal_evaluations, passes=args.passes,
+                            compile=args.compile)
+        records = [r for r in records if not (r["model"] == name and r["device"] == fresh[0]["device"]
+                                              and r.get("precision") in (fresh[0]["precision"], "fp32")
+                                              and r["engine"] in ("fast", "literal")
+                                              and r.get("images") == args.images)] + fresh
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps(records, indent=1))
+        tmp.replace(out)
+        for record in fresh:
+            print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -16,11 +16,11 @@ from .fx.quantizers import RefinedObserver
 from .fx.refine import NoQuantizersError, NotPreparedError, refine_fx
 from .amax.modelopt import refine_modelopt, refine_modelopt_checkpoint
 from .amax.pytorch_quantization import quantize_pytorch_quantization, refine_pytorch_quantization
-from .amax.session import NotCalibratedError
+from .amax.session import NotCalibratedError, UnsupportedQuantizerError
 from .export import ExportError, TensorRTRuleError, check_tensorrt_onnx, export_onnx
 from .frameworks import UnsupportedFrameworkError, detect_framework, refine
 from .pt2e import refine_pt2e
-from .search import RefineResult
+from .search import CheckpointMismatchError, RefineResult
 
 __version__ = "0.1.0"
 
@@ -52,6 +52,8 @@ __all__ = [
     "UnsupportedModelError",
     "UnsupportedFrameworkError",
     "NotCalibratedError",
+    "UnsupportedQuantizerError",
+    "CheckpointMismatchError",
     "ExportError",
     "TensorRTRuleError",
     "__version__",

@@ -45,6 +45,14 @@ class SearchConfig:
             up to this many images and split again for the fitness. ``None``: ``batch_size`` on the CPU, 1,000
             on CUDA.
         compile: compile the evaluation segments with ``torch.compile`` (GPU; costs compile time up front).
+        checkpoint_path: save the search state there after every group visit (atomically); a run started
+            again with the same model, config and calibration images resumes where it stopped and ends with
+            exactly the scales of an uninterrupted run. The file is removed when the search finishes.
+        on_interrupt: what Ctrl-C leaves in the model: ``"keep_best"`` (the best scales found so far) or
+            ``"restore"`` (the scales it was given).
+        validation_fraction: hold out this share of the calibration images (drawn by ``seed``); the search
+            never sees them, and if the refined scales are worse than the initial ones on them, the initial
+            scales are restored (``RefineResult.validation`` says so). 0 disables the guard.
     """
 
     passes: int = 10
@@ -69,6 +77,9 @@ class SearchConfig:
     precision: Literal["auto", "fp32", "tf32", "bf16", "fp16"] = "auto"
     compute_batch_size: int | None = None
     compile: bool = False
+    checkpoint_path: str | None = None
+    on_interrupt: Literal["keep_best", "restore"] = "keep_best"
+    validation_fraction: float = 0.0
     name: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:
@@ -100,6 +111,10 @@ class SearchConfig:
             problems.append(f"precision must be one of auto, fp32, tf32, bf16, fp16 (got {self.precision!r})")
         if self.compute_batch_size is not None and self.compute_batch_size < 1:
             problems.append(f"compute_batch_size must be >= 1 or None (got {self.compute_batch_size})")
+        if self.on_interrupt not in ("keep_best", "restore"):
+            problems.append(f"on_interrupt must be 'keep_best' or 'restore' (got {self.on_interrupt!r})")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            problems.append(f"validation_fraction must be in [0, 1) (got {self.validation_fraction})")
         bad_roles = set(self.roles) - {"weight", "activation"}
         if bad_roles or not self.roles:
             problems.append(f"roles must be a non-empty subset of ('weight', 'activation') (got {self.roles})")

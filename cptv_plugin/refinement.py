@@ -60,18 +60,26 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                          f"(model.to('{device}')) or leave config.device unset")
     state = session.snapshot()
     try:
-        batches = [b.to(device) for b in calibration_batches(
-            calib_data, config.batch_size, min_batch=2 if needs_negatives(config.fitness) else 1)]
+        min_batch = 2 if needs_negatives(config.fitness) else 1
+        images = torch.cat(calibration_batches(calib_data, config.batch_size, min_batch=min_batch))
+        held_out = None
+        if config.validation_fraction > 0:
+            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
+            count = int(round(len(images) * config.validation_fraction))
+            if count < min_batch or len(images) - count < min_batch:
+                raise CalibrationError(
+                    f"validation_fraction={config.validation_fraction} of {len(images)} images leaves too few images "
+                    f"on one side (each needs at least {min_batch}): pass more images or change the fraction")
+            held_out, images = images[order[:count]], images[order[count:]]
+        batches = [b.to(device) for b in calibration_batches(images, config.batch_size, min_batch=min_batch)]
         _probe(session, batches[0][:2])
+        if len(images) < config.batch_size:
+            split = " left after the validation split" if held_out is not None else ""
+            raise CalibrationError(
+                f"the calibration set has {len(images)} images{split}, fewer than batch_size={config.batch_size}: "
+                f"pass at least {config.batch_size} images or set SearchConfig(batch_size={len(images)})")
         session.begin()
-        if fp_model is not None:
-            reference = reference_outputs(fp_model.eval(), batches)
-        else:
-            session.set_quantization(False)
-            try:
-                reference = reference_outputs(session.chain.forward, batches)
-            finally:
-                session.set_quantization(True)
+        reference = _reference(session, fp_model, batches)
         if config.compile and config.engine == "fast":
             session.chain.compile()
         precision = config.resolved_precision(device.type)
@@ -80,8 +88,27 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
         evaluator = Evaluator(session.chain, batches, reference, config.fitness, config.temperature,
                               config.normalize, compute_batch_size=config.resolved_compute_batch_size(device.type)
                               if config.engine == "fast" else None, precision=precision)
+        validator = None
+        if held_out is not None:
+            held_batches = [b.to(device) for b in calibration_batches(held_out, config.batch_size, min_batch=min_batch)]
+            validator = Evaluator(session.chain, held_batches, _reference(session, fp_model, held_batches),
+                                  config.fitness, config.temperature, config.normalize, precision=precision)
         with _matmul_precision(precision):
-            result = evolutionary_search(session.groups, evaluator, config)
+            initial_validation = validator(None) if validator is not None else None
+            initial_vectors = [g.read() for g in session.groups]
+            result = evolutionary_search(session.groups, evaluator, config,
+                                         fingerprint=fingerprint(session, config, batches))
+            if validator is not None:
+                final_validation = validator(None)
+                restored = final_validation > initial_validation
+                if restored:
+                    logger.warning("the refined scales are worse on the held-out images (%.5f > %.5f): keeping the "
+                                   "initial scales", final_validation, initial_validation)
+                    for group, vector in zip(session.groups, initial_vectors):
+                        group.set(vector)
+                    result.final_fitness = result.initial_fitness
+                result.validation = {"initial": initial_validation, "final": final_validation,
+                                     "restored": restored, "images": len(held_out)}
         result.device = _device_name(device)
         result.precision = precision
         session.commit()
@@ -89,6 +116,37 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
         session.restore(state)
         raise
     return result
+
+
+def _reference(session: RefinementSession, fp_model: nn.Module | None, batches: list[torch.Tensor]):
+    """Full-precision outputs (fp32): of ``fp_model`` if given, else of the model with quantization off."""
+    if fp_model is not None:
+        return reference_outputs(fp_model.eval(), batches)
+    session.set_quantization(False)
+    try:
+        return reference_outputs(session.chain.forward, batches)
+    finally:
+        session.set_quantization(True)
+
+
+def fingerprint(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor]) -> str:
+    """What a search checkpoint must match: the quantizers (names, shapes, scales at the start), the search
+    settings that change its course, and the calibration images."""
+    import dataclasses
+    import hashlib
+
+    digest = hashlib.sha256()
+    for group in session.groups:
+        digest.update(group.name.encode())
+        for handle in group.handles:
+            digest.update(f"{handle.name}:{handle.role}:{handle.quant_min}:{handle.quant_max}".encode())
+            digest.update(handle.read().detach().cpu().float().numpy().tobytes())
+    ignored = {"progress", "checkpoint_path", "device", "compile", "name", "on_interrupt"}
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
+    digest.update(repr(sorted(settings.items())).encode())
+    for batch in batches:
+        digest.update(batch.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

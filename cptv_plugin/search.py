@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -13,7 +15,7 @@ from .config import SearchConfig
 from .engine import Evaluator
 from .handles import Group
 
-__all__ = ["RefineResult", "evolutionary_search", "mutate"]
+__all__ = ["RefineResult", "evolutionary_search", "mutate", "CheckpointMismatchError"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +35,9 @@ class RefineResult:
         groups: names of the searched groups, in model order, with their number of scales.
         interrupted: the search was stopped early (Ctrl-C); the best scales found so far were kept.
         device: where the search ran (GPU name or "cpu"); precision: the arithmetic of candidate evaluations.
+        resumed_from: the group visit a resumed search started from (``None``: not resumed).
+        validation: with ``validation_fraction``: held-out fitness before and after, and whether the initial
+            scales were restored because the refined ones were worse there.
     """
 
     initial_fitness: float
@@ -45,6 +50,8 @@ class RefineResult:
     interrupted: bool = False
     device: str = "cpu"
     precision: str = "fp32"
+    resumed_from: int | None = None
+    validation: dict | None = None
 
     @property
     def improvement(self) -> float:
@@ -69,9 +76,42 @@ def mutate(parent: torch.Tensor, gamma: float, kind: str, generator: torch.Gener
     return child.clamp_min(MIN_SCALE).to(parent.dtype)
 
 
-def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: SearchConfig) -> RefineResult:
+class CheckpointMismatchError(ValueError):
+    """A search checkpoint belongs to another model, config or calibration set."""
+
+
+CHECKPOINT_FORMAT = 1
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != fingerprint:
+        raise CheckpointMismatchError(
+            f"the search checkpoint {path} was written for another model, config or calibration set "
+            f"(fingerprint {str(state.get('fingerprint'))[:12]}…, this run {fingerprint[:12]}…). Delete it to start "
+            "over, or pass another checkpoint_path.")
+    return state
+
+
+def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: SearchConfig,
+                        fingerprint: str = "") -> RefineResult:
     """Run K passes of the block-wise search over ``groups`` (in model order); scales are left at the best
-    found. The current scales are always a member of the population, so the fitness never increases."""
+    found. The current scales are always a member of the population, so the fitness never increases.
+
+    With ``config.checkpoint_path`` the state (scales of every group, RNG states, position, history) is saved
+    atomically after every group visit; a run started again with the same model, config and calibration set
+    (``fingerprint``) resumes there and ends with exactly the scales of an uninterrupted run.
+    """
     start_time = time.time()
     generator = torch.Generator().manual_seed(config.seed)
     rng = random.Random(config.seed)
@@ -80,60 +120,102 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     order = list(range(len(groups)))
     if config.block_order == "reverse":
         order.reverse()
-    best_fitness = evaluator(None)
-    result = RefineResult(initial_fitness=best_fitness, final_fitness=best_fitness, config=config,
+    initial_vectors = [g.read() for g in groups]
+    checkpoint_path = Path(config.checkpoint_path) if config.checkpoint_path else None
+    saved = _load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
+    if saved is not None:
+        for group, vector in zip(groups, saved["vectors"]):
+            group.set(vector.to(group.read().device))
+        evaluator.invalidate()
+        evaluator.evaluations = saved["evaluations"]
+        generator.set_state(saved["torch_rng"])
+        rng.setstate(_as_random_state(saved["py_rng"]))
+        best_fitness = saved["best_fitness"]
+        initial_fitness = saved["initial_fitness"]
+        resume_at = saved["next_visit"]
+        logger.info("resuming the search from %s at visit %d (fitness %.5f)", checkpoint_path, resume_at,
+                    best_fitness)
+    else:
+        best_fitness = initial_fitness = evaluator(None)
+        resume_at = 0
+    result = RefineResult(initial_fitness=initial_fitness, final_fitness=best_fitness, config=config,
                           groups={g.name: len(g) for g in groups})
+    if saved is not None:
+        result.history = list(saved["history"])
+        result.resumed_from = resume_at
     logger.info("searching %d groups (%d scales), %d passes, gamma=%g (%s), initial fitness %.5f",
                 len(groups), sum(result.groups.values()), config.passes, gamma, config.mutation_kind, best_fitness)
     try:
         from tqdm.auto import tqdm
-        progress = tqdm(total=config.passes * len(order), desc="cpt-v search", disable=not config.progress,
-                        unit="group")
+        progress = tqdm(total=config.passes * len(order), initial=resume_at, desc="cpt-v search",
+                        disable=not config.progress, unit="group")
     except ImportError:  # pragma: no cover - tqdm is a dependency
         progress = None
+    visits = [(p, g) for p in range(config.passes) for g in order]
     try:
-        for pass_index in range(config.passes):
-            for group_index in order:
-                group = groups[group_index]
-                population: list[tuple[torch.Tensor, float]] = []
-                try:
-                    current = group.read()
-                    population.append((current, best_fitness))
-                    # the fast engine re-runs the suffix from the cached group input; the literal one everything
-                    segment = group.segment if config.engine == "fast" else None
-                    if segment is not None:
-                        evaluator.advance(segment)
-                    for _ in range(config.population - 1):
-                        candidate = mutate(current, gamma, config.mutation_kind, generator)
-                        group.set(candidate)
-                        population.append((candidate, evaluator(segment)))
-                    for _ in range(config.cycles):
-                        drawn = rng.sample(range(len(population)), min(config.samples, len(population)))
-                        parent = min(drawn, key=lambda i: population[i][1])
-                        child = mutate(population[parent][0], gamma, config.mutation_kind, generator)
-                        group.set(child)
-                        population.append((child, evaluator(segment)))
-                        worst = max(range(len(population)), key=lambda i: population[i][1])
-                        population.pop(worst)
-                finally:
-                    # whatever happened, leave the group at the best member evaluated so far
-                    if population:
-                        best_vector, best_fitness = min(population, key=lambda member: member[1])
-                        group.set(best_vector)
-                result.history.append({"pass": pass_index, "group": group.name, "fitness": best_fitness,
-                                       "evaluations": evaluator.evaluations})
-                if progress is not None:
-                    progress.update(1)
-                    progress.set_postfix(fitness=f"{best_fitness:.4f}")
+        for visit, (pass_index, group_index) in enumerate(visits):
+            if visit < resume_at:
+                continue
+            group = groups[group_index]
+            population: list[tuple[torch.Tensor, float]] = []
+            try:
+                current = group.read()
+                population.append((current, best_fitness))
+                # the fast engine re-runs the suffix from the cached group input; the literal one everything
+                segment = group.segment if config.engine == "fast" else None
+                if segment is not None:
+                    evaluator.advance(segment)
+                for _ in range(config.population - 1):
+                    candidate = mutate(current, gamma, config.mutation_kind, generator)
+                    group.set(candidate)
+                    population.append((candidate, evaluator(segment)))
+                for _ in range(config.cycles):
+                    drawn = rng.sample(range(len(population)), min(config.samples, len(population)))
+                    parent = min(drawn, key=lambda i: population[i][1])
+                    child = mutate(population[parent][0], gamma, config.mutation_kind, generator)
+                    group.set(child)
+                    population.append((child, evaluator(segment)))
+                    worst = max(range(len(population)), key=lambda i: population[i][1])
+                    population.pop(worst)
+            finally:
+                # whatever happened, leave the group at the best member evaluated so far
+                if population:
+                    best_vector, best_fitness = min(population, key=lambda member: member[1])
+                    group.set(best_vector)
+            result.history.append({"pass": pass_index, "group": group.name, "fitness": best_fitness,
+                                   "evaluations": evaluator.evaluations})
+            if checkpoint_path is not None:
+                _save_checkpoint(checkpoint_path, {
+                    "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "next_visit": visit + 1,
+                    "vectors": [g.read().cpu() for g in groups], "best_fitness": best_fitness,
+                    "initial_fitness": initial_fitness, "history": result.history,
+                    "evaluations": evaluator.evaluations, "torch_rng": generator.get_state(),
+                    "py_rng": rng.getstate()})
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(fitness=f"{best_fitness:.4f}")
     except KeyboardInterrupt:
-        logger.warning("search interrupted: keeping the best scales found so far")
         result.interrupted = True
+        if config.on_interrupt == "restore":
+            logger.warning("search interrupted: restoring the initial scales (on_interrupt='restore')")
+            for group, vector in zip(groups, initial_vectors):
+                group.set(vector)
+            best_fitness = initial_fitness
+        else:
+            logger.warning("search interrupted: keeping the best scales found so far")
     finally:
         if progress is not None:
             progress.close()
     result.final_fitness = best_fitness
     result.evaluations = evaluator.evaluations
+    if checkpoint_path is not None and not result.interrupted and checkpoint_path.exists():
+        checkpoint_path.unlink()  # finished: the model now holds the result
     result.seconds = time.time() - start_time
     logger.info("search done: fitness %.5f -> %.5f in %.1f s (%d evaluations)", result.initial_fitness,
                 result.final_fitness, result.seconds, result.evaluations)
     return result
+
+
+def _as_random_state(state):
+    """``random.setstate`` wants tuples; a checkpoint may give lists back."""
+    return tuple(_as_random_state(x) for x in state) if isinstance(state, (list, tuple)) else state

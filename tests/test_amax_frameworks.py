@@ -161,3 +161,14 @@ def test_calibration_from_an_imagenet_style_folder(tmp_path):
     assert labels.tolist() == [0, 0, 0, 1, 1, 1]
     with torch.no_grad():
         assert model(images).shape == (6, 2)
+
+
+def test_floating_point_modelopt_formats_are_refused_untouched(tiny_vit, fmnist):
+    from cptv_plugin.amax.session import UnsupportedQuantizerError
+
+    calib = fmnist[0][:100]
+    model = mtq.quantize(copy.deepcopy(tiny_vit), copy.deepcopy(mtq.FP8_DEFAULT_CFG), lambda m: m(calib))
+    before = amax_of(model)
+    with pytest.raises(UnsupportedQuantizerError, match="integer per-tensor and per-channel"):
+        cptv_plugin.refine_modelopt(model, calib, config=TINY_SEARCH)
+    assert all(torch.equal(before[k], v) for k, v in amax_of(model).items())

@@ -74,14 +74,14 @@ def test_failure_during_search_restores_the_model(prepared, fmnist, monkeypatch)
     before = state_of(prepared)
     baseline = convert_fx(copy.deepcopy(prepared))(fmnist[1][:20])
 
-    def broken_search(groups, evaluator, config):
+    def broken_search(groups, evaluator, config, fingerprint=""):
         for group in groups:  # move scales, then fail half way
             group.set(group.read() * 2)
         raise RuntimeError("boom")
 
     monkeypatch.setattr(refine, "evolutionary_search", broken_search)
     with pytest.raises(RuntimeError, match="boom"):
-        cptv_plugin.refine_fx(prepared, fmnist[0][:20], config=TINY_SEARCH)
+        cptv_plugin.refine_fx(prepared, fmnist[0][:20], config=TINY_SEARCH.replace(batch_size=20))
     assert_unchanged(prepared, before)
     torch.testing.assert_close(convert_fx(copy.deepcopy(prepared))(fmnist[1][:20]), baseline, rtol=0, atol=0)
 
@@ -92,7 +92,7 @@ def test_nan_model_output_is_reported(prepared, fmnist):
     with torch.no_grad():
         prepared.cls_token.fill_(float("nan"))
     with pytest.raises(ModelOutputError, match="NaN"):
-        cptv_plugin.refine_fx(prepared, fmnist[0][:20], config=TINY_SEARCH)
+        cptv_plugin.refine_fx(prepared, fmnist[0][:20], config=TINY_SEARCH.replace(batch_size=20))
 
 
 def test_unknown_architecture_names_the_fix(fmnist):

@@ -19,9 +19,13 @@ from ..engine import Segment, SegmentedModel
 from ..fx.graph import GraphSplitError, assign_groups, split_graph
 from ..handles import Group, ScaleHandle
 
-__all__ = ["AmaxHandle", "AmaxSession", "QuantizerKind", "NotCalibratedError"]
+__all__ = ["AmaxHandle", "AmaxSession", "QuantizerKind", "NotCalibratedError", "UnsupportedQuantizerError"]
 
 logger = logging.getLogger(__name__)
+
+
+class UnsupportedQuantizerError(ValueError):
+    """A quantizer format the search cannot move (floating-point formats, block quantization)."""
 
 
 class NotCalibratedError(ValueError):
@@ -108,6 +112,13 @@ class AmaxSession:
                 raise NotCalibratedError(
                     f"{path} is still calibrating: finish calibration first ({kind.framework}: load the "
                     "calibrated amax and switch quantization back on)")
+            bits = getattr(quantizer, "num_bits", None)
+            if not isinstance(bits, int) or isinstance(bits, bool) or getattr(quantizer, "block_sizes", None):
+                raise UnsupportedQuantizerError(
+                    f"{path}: {kind.framework} quantizer with num_bits={bits!r}"
+                    + (f", block_sizes={quantizer.block_sizes}" if getattr(quantizer, "block_sizes", None) else "")
+                    + " is not supported: cptv_plugin refines integer per-tensor and per-channel quantizers "
+                    "(e.g. INT8/INT4 weights, INT8 activations). Leave that quantizer out or disable it.")
             if getattr(quantizer, "amax", None) is None:
                 raise NotCalibratedError(f"{path} has no amax: calibrate the model before refining it")
             role = "weight" if path.endswith("weight_quantizer") else "activation"

@@ -1,0 +1,217 @@
+"""Resumable searches, never-worse guard, interrupts, and property-based invariants."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import cptv_plugin
+from cptv_plugin import CalibrationError, SearchConfig
+from cptv_plugin.search import CheckpointMismatchError, evolutionary_search
+from conftest import TINY_SEARCH, prepare_and_calibrate
+from test_search import make_problem
+
+WORKER = Path(__file__).with_name("resume_worker.py")
+
+
+def run_worker(checkpoint: Path, out: Path, kill_after_visits: int | None = None) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, str(WORKER), str(checkpoint), str(out)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    if kill_after_visits is None:
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err.decode()[-2000:]
+        return process
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if checkpoint.exists():
+            try:
+                if torch.load(checkpoint, weights_only=True)["next_visit"] >= kill_after_visits:
+                    break
+            except Exception:  # being replaced right now: look again
+                pass
+        assert process.poll() is None, "the worker finished before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return process
+
+
+def test_killed_search_resumes_to_exactly_the_uninterrupted_scales(tmp_path):
+    run_worker(tmp_path / "a.ckpt", tmp_path / "a.pt")
+    uninterrupted = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert not (tmp_path / "a.ckpt").exists() and uninterrupted["resumed_from"] is None
+
+    killed = run_worker(tmp_path / "b.ckpt", tmp_path / "b.pt", kill_after_visits=5)
+    assert killed.returncode == -signal.SIGKILL and not (tmp_path / "b.pt").exists()
+    assert (tmp_path / "b.ckpt").exists()
+    run_worker(tmp_path / "b.ckpt", tmp_path / "b.pt")
+    resumed = torch.load(tmp_path / "b.pt", weights_only=True)
+    assert resumed["resumed_from"] >= 5
+    assert resumed["final_fitness"] == uninterrupted["final_fitness"]
+    assert all(torch.equal(a, b) for a, b in zip(uninterrupted["scales"], resumed["scales"]))
+
+
+def test_checkpoint_of_another_config_is_refused_and_model_untouched(tiny_vit, fmnist, tmp_path):
+    calib = fmnist[0][:100]
+    checkpoint = tmp_path / "search.ckpt"
+    config = TINY_SEARCH.replace(passes=2, checkpoint_path=str(checkpoint))
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W4A8")
+    # Ctrl-C after the first visit: the search keeps its best scales and leaves its checkpoint for a resume
+    assert _interrupt_after(prepared, calib, config, visits=1).interrupted
+    assert checkpoint.exists()
+    other = prepare_and_calibrate(tiny_vit, calib, "W4A8")
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match="another model, config or calibration set"):
+        cptv_plugin.refine_fx(other, calib, config=config.replace(seed=1))
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+
+
+def _interrupt_after(prepared, calib, config, visits):
+    """Run refine_fx and raise KeyboardInterrupt (as Ctrl-C) once ``visits`` group visits were checkpointed."""
+    import cptv_plugin.search as search
+
+    original = search._save_checkpoint
+    count = {"n": 0}
+
+    def save_then_interrupt(path, state):
+        original(path, state)
+        count["n"] += 1
+        if count["n"] >= visits:
+            raise KeyboardInterrupt
+
+    search._save_checkpoint = save_then_interrupt
+    try:
+        return cptv_plugin.refine_fx(prepared, calib, config=config)
+    finally:
+        search._save_checkpoint = original
+
+
+@pytest.mark.parametrize("on_interrupt", ["keep_best", "restore"])
+def test_ctrl_c_leaves_best_or_initial_scales(tiny_vit, fmnist, on_interrupt, monkeypatch):
+    from cptv_plugin.engine import Evaluator
+
+    calib = fmnist[0][:100]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W4A8")
+    original_call = Evaluator.__call__
+    calls = {"n": 0}
+
+    def interrupting(self, segment=None):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise KeyboardInterrupt
+        return original_call(self, segment)
+
+    monkeypatch.setattr(Evaluator, "__call__", interrupting)
+    result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH.replace(on_interrupt=on_interrupt))
+    assert result.interrupted
+    from cptv_plugin.fx.refine import FxSession
+
+    fresh = prepare_and_calibrate(tiny_vit, calib, "W4A8")
+    initial = [h.read() for h in FxSession(fresh).all_handles]
+    now = [h.read() for h in FxSession(prepared).all_handles]
+    if on_interrupt == "restore":
+        assert result.final_fitness == result.initial_fitness
+        assert all(torch.equal(a, b) for a, b in zip(initial, now))
+    else:
+        assert result.final_fitness < result.initial_fitness
+        assert any(not torch.equal(a, b) for a, b in zip(initial, now))
+
+
+def test_validation_split_reports_and_guards(tiny_vit, fmnist):
+    calib = fmnist[0][:200]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W4A8")
+    result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH.replace(validation_fraction=0.25))
+    check = result.validation
+    assert check["images"] == 50 and check["restored"] == (check["final"] > check["initial"])
+
+
+def test_worse_on_held_out_images_restores_the_initial_scales(tiny_vit, fmnist, monkeypatch):
+    import cptv_plugin.refinement as refinement
+    from cptv_plugin.fx.refine import FxSession
+
+    def harmful_search(groups, evaluator, config, fingerprint=""):
+        initial = evaluator(None)
+        for group in groups:
+            group.set(group.read() * 4)  # much worse everywhere, the held-out images too
+        return cptv_plugin.RefineResult(initial_fitness=initial, final_fitness=initial)
+
+    monkeypatch.setattr(refinement, "evolutionary_search", harmful_search)
+    calib = fmnist[0][:200]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W4A8")
+    initial = [h.read() for h in FxSession(prepare_and_calibrate(tiny_vit, calib, "W4A8")).all_handles]
+    result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH.replace(validation_fraction=0.25))
+    assert result.validation["restored"] and result.validation["final"] > result.validation["initial"]
+    assert all(torch.equal(a, b) for a, b in zip(initial, [h.read() for h in FxSession(prepared).all_handles]))
+
+
+def test_calibration_set_smaller_than_a_batch_is_refused(tiny_vit, fmnist):
+    prepared = prepare_and_calibrate(tiny_vit, fmnist[0][:100], "W4A8")
+    with pytest.raises(CalibrationError, match="batch_size=50"):
+        cptv_plugin.refine_fx(prepared, fmnist[0][:30], config=TINY_SEARCH)
+
+
+# ------------------------------------------------------------------------------------ property-based tests
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(min_value=1e-6, max_value=1e3, allow_nan=False), min_size=1, max_size=8))
+def test_amax_handle_round_trips_scales(values):
+    from cptv_plugin.amax.session import AmaxHandle, QuantizerKind
+
+    class Quantizer(torch.nn.Module):
+        num_bits, unsigned, narrow_range = 4, False, False
+
+        def __init__(self, n):
+            super().__init__()
+            self.amax = torch.ones(n, 1)
+
+    kind = QuantizerKind("test", Quantizer, lambda q: True, lambda q: None, lambda q: None, lambda q: False)
+    quantizer = Quantizer(len(values))
+    handle = AmaxHandle("q", quantizer, "weight", kind)
+    scale = torch.tensor(values, dtype=torch.float32).reshape(-1, 1)
+    handle.set(scale)
+    torch.testing.assert_close(handle.read(), scale, rtol=1e-6, atol=0)
+    assert handle.quant_min == -8 and handle.quant_max == 7
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.floats(min_value=1e-6, max_value=1e3, allow_nan=False), min_size=1, max_size=8))
+def test_fx_observer_handle_round_trips_scales(values):
+    from torch.ao.quantization.observer import PerChannelMinMaxObserver
+
+    from cptv_plugin.fx.handles import ObserverHandle
+
+    observer = PerChannelMinMaxObserver(ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric)
+    observer(torch.randn(len(values), 3))
+    root = torch.nn.Module()
+    root.obs = observer
+    handle = ObserverHandle(root, "obs", observer, clamp_to_dtype=True)
+    scale = torch.tensor(values, dtype=torch.float32)
+    handle.set(scale)
+    assert torch.equal(handle.read(), scale)
+    handle.commit()
+    refined_scale, _ = root.obs.calculate_qparams()
+    assert torch.equal(refined_scale, scale)
+
+
+@settings(max_examples=20, deadline=None)
+@given(passes=st.integers(1, 3), population=st.integers(2, 6), cycles=st.integers(0, 4), groups=st.integers(1, 4),
+       seed=st.integers(0, 10_000), data=st.data())
+def test_search_invariants(passes, population, cycles, groups, seed, data):
+    samples = data.draw(st.integers(1, population))
+    config = SearchConfig(passes=passes, population=population, cycles=cycles, samples=samples, seed=seed,
+                          progress=False)
+    problem, evaluator = make_problem(n_groups=groups)
+    result = evolutionary_search(problem, evaluator, config)
+    fitness = [h["fitness"] for h in result.history]
+    assert all(b <= a for a, b in zip([result.initial_fitness] + fitness, fitness))  # never increases
+    assert result.final_fitness == fitness[-1] <= result.initial_fitness
+    assert result.evaluations == 1 + passes * groups * (population - 1 + cycles)
+    assert evaluator() == pytest.approx(result.final_fitness)  # the model holds the best scales found

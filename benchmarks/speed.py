@@ -81,7 +81,8 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     device_name = _device_name(device)
     records = []
 
-    config = cptv_plugin.SearchConfig.paper(progress=False, precision=precision, passes=passes, compile=compile)
+    config = cptv_plugin.SearchConfig.paper(progress=False, precision=precision, passes=passes, compile=compile,
+                                            batch_size=min(100, images))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -116,7 +117,7 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     from cptv_plugin.engine import Evaluator, reference_outputs
 
     session = FxSession(literal_model, search_outside_blocks=False)
-    batches = list(calib.split(100))
+    batches = list(calib.split(config.batch_size))
     session.set_quantization(False)
     reference = reference_outputs(session.chain.forward, batches)
     session.set_quantization(True)

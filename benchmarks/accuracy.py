@@ -1,0 +1,331 @@
+"""Reference accuracy benchmark: Fashion-MNIST models at six bit widths, every method, several seeds.
+
+    python -m benchmarks.accuracy                                   # everything (GPU: a few sessions' work)
+    python -m benchmarks.accuracy --models fmnist_vit_tiny --bits W4A8 --methods baseline fast --seeds 0 \\
+        --device cpu                                                # the CPU path: one model, one setting
+    python -m benchmarks.accuracy --imagenet /data/imagenet/val --imagenet-model timm:deit_tiny_patch16_224 \\
+        --imagenet-calibration /data/imagenet/train --bits W4A8 --methods baseline default
+
+Records go to ``benchmarks/results/accuracy.json`` (one per model, bit setting, placement, method and seed:
+``model, bits, placement, framework, method, seed, top1, seconds, evaluations, device, fitness, history``);
+runs already recorded are skipped, so the benchmark can be continued across sessions. ``--report`` writes
+``accuracy.md`` (mean ± std over seeds) and ``accuracy.png`` / ``fitness.png``.
+
+Placements of activation quantizers:
+* ``e2e``: torch.ao FX's global qconfig (every op: Linear inputs, LayerNorm, GELU, attention matmuls and softmax,
+  residual adds); MinMax per-channel weights, per-tensor activations. Evaluated as the simulated quantized model
+  (equal to ``convert_to_reference_fx``'s output).
+* ``linear``: NVIDIA ModelOpt's default placement (inputs and weights of Linear/Conv only), ``mtq.quantize``.
+
+Methods: ``fp32``; ``baseline`` (MinMax/Max calibration); our presets ``default``, ``paper``, ``fast``;
+``paper-mse`` (the paper's search with the MSE fitness, its Fig. 3); what users pick instead: ``histogram``
+(torch.ao HistogramObserver, e2e), ``modelopt-mse`` and ``modelopt-local_hessian`` (linear); and our refinement
+on top of each (``histogram+default``, ``modelopt-mse+default``, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import statistics
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+MODELS = ["fmnist_deit_tiny", "fmnist_swin_tiny", "fmnist_levit"]
+BITS = ["W8A8", "W4A8", "W3A8", "W4A4", "W3A4", "W2A8"]
+STARTS = {"e2e": ["baseline", "histogram"], "linear": ["baseline", "modelopt-mse", "modelopt-local_hessian"]}
+PRESETS = ["default", "paper", "fast", "paper-mse"]
+METHODS = {
+    "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "histogram", "histogram+default"],
+    "linear": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "modelopt-mse", "modelopt-local_hessian",
+               "modelopt-mse+default", "modelopt-local_hessian+default"],
+}
+OUT = Path("benchmarks/results/accuracy.json")
+logger = logging.getLogger("benchmarks.accuracy")
+
+
+def search_config(name: str, seed: int, device: torch.device):
+    from cptv_plugin import SearchConfig
+
+    if name == "paper-mse":
+        return SearchConfig.paper(fitness="mse", seed=seed, progress=False, name="paper-mse")
+    return SearchConfig.preset(name, seed=seed, progress=False)
+
+
+def split_method(method: str) -> tuple[str, str | None]:
+    """``"histogram+default"`` → start ``"histogram"``, search ``"default"``; ``"paper"`` → baseline + paper."""
+    if "+" in method:
+        start, search = method.split("+", 1)
+        return start, search
+    if method in ("default", "paper", "fast", "paper-mse"):
+        return "baseline", method
+    return method, None
+
+
+def valid_method(method: str, placement: str) -> bool:
+    """fp32, a starting point of the placement, a preset, or ``start+preset``."""
+    if method == "fp32":
+        return True
+    start, search = split_method(method)
+    return start in STARTS[placement] and (search is None or search in PRESETS)
+
+
+# ------------------------------------------------------------------------------------------ quantizers
+
+
+def quantize_e2e(model, calib, bits: str, start: str):
+    """torch.ao FX PTQ (global qconfig) → the prepared GraphModule."""
+    from torch.ao.quantization import HistogramObserver
+    from torch.ao.quantization.quantize_fx import prepare_fx
+
+    from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx
+
+    observer = HistogramObserver if start == "histogram" else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(prepare_timm_for_fx(copy.deepcopy(model)).eval(),
+                              fx_qconfig_mapping(bits, activation_observer=observer), example_inputs=(calib[:1],))
+    with torch.no_grad():
+        for batch in calib.split(100):
+            prepared(batch)
+    return prepared
+
+
+def quantize_linear(model, calib, bits: str, start: str):
+    """ModelOpt PTQ with its default placement; ``start`` picks the amax calibration algorithm."""
+    import modelopt.torch.quantization as mtq
+
+    from cptv_plugin.qconfigs import parse_bits
+
+    weight_bits, activation_bits = parse_bits(bits)
+    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    for entry in config["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["num_bits"] = weight_bits
+        elif entry.get("quantizer_name") == "*input_quantizer":
+            entry["cfg"]["num_bits"] = activation_bits
+    algorithm = start.removeprefix("modelopt-") if start.startswith("modelopt-") else "max"
+    config["algorithm"] = {"method": algorithm}
+
+    def forward_loop(m):
+        with torch.no_grad():
+            for batch in calib.split(100):
+                m(batch)
+
+    return mtq.quantize(copy.deepcopy(model), config, forward_loop)
+
+
+def evaluation_model(quantized, placement: str):
+    """What to measure: ModelOpt models directly; FX models as the simulated quantized model."""
+    if placement == "linear":
+        return quantized.eval()
+    from cptv_plugin.fx.refine import FxSession
+
+    return FxSession(quantized).eval_module.eval()
+
+
+# ------------------------------------------------------------------------------------------ one run
+
+
+def run_one(model_name: str, model, bits: str, placement: str, method: str, seed: int, calib, test_x, test_y,
+            device: torch.device) -> dict:
+    import cptv_plugin
+    from cptv_plugin.refinement import _device_name
+    from cptv_plugin.train import evaluate_top1
+
+    record = {"model": model_name, "bits": bits, "placement": placement,
+              "framework": "fx" if placement == "e2e" else "modelopt", "method": method, "seed": seed,
+              "calibration_images": len(calib), "test_images": len(test_x), "device": _device_name(device)}
+    start_time = time.time()
+    if method == "fp32":
+        record.update(top1=evaluate_top1(model, test_x, test_y), seconds=0.0, evaluations=0)
+        return record
+    start, search = split_method(method)
+    quantized = (quantize_e2e if placement == "e2e" else quantize_linear)(model, calib, bits, start)
+    calibrated = time.time() - start_time
+    result = None
+    if search is not None:
+        result = cptv_plugin.refine(quantized, calib, config=search_config(search, seed, device))
+    top1 = evaluate_top1(evaluation_model(quantized, placement), test_x, test_y)
+    record.update(top1=top1, seconds=round(result.seconds if result else calibrated, 2),
+                  evaluations=result.evaluations if result else 0)
+    if result is not None:
+        record.update(fitness=[result.initial_fitness, result.final_fitness], precision=result.precision,
+                      history=[round(h["fitness"], 6) for h in result.history],
+                      passes=result.config.passes)
+    return record
+
+
+def key(record: dict) -> tuple:
+    return (record["model"], record["bits"], record["placement"], record["method"], record["seed"],
+            record.get("calibration_images"), record.get("test_images"))
+
+
+def load_records(path: Path) -> list[dict]:
+    return json.loads(path.read_text()) if path.exists() else []
+
+
+def save_records(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_text(json.dumps(records, indent=1))
+    temporary.replace(path)
+
+
+def data_for(args, model_name: str, model, seed: int, device: torch.device):
+    """(calibration images, test images, test labels) on ``device``."""
+    from cptv_plugin.datasets import (calibration_subset, image_folder_transform, load_fashion_mnist,
+                                      load_image_folder)
+
+    if args.imagenet:
+        transform = image_folder_transform(model)
+        calib = load_image_folder(args.imagenet_calibration or args.imagenet, transform, args.calibration, seed)
+        test_x, test_y = load_image_folder(args.imagenet, transform, args.test_images, 0, with_labels=True)
+    else:
+        train_x, _ = load_fashion_mnist("train")
+        test_x, test_y = load_fashion_mnist("test")
+        if args.test_images:
+            test_x, test_y = test_x[:args.test_images], test_y[:args.test_images]
+        calib = calibration_subset(train_x, args.calibration, seed)
+    return calib.to(device), test_x.to(device), test_y
+
+
+def run(args) -> list[dict]:
+    from cptv_plugin.models import build_model, load_reference_model
+
+    device = torch.device(args.device)
+    out = Path(args.out)
+    records = load_records(out)
+    done = {key(r) for r in records}
+    models = [args.imagenet_model] if args.imagenet else args.models
+    for model_name in models:
+        model = (build_model(model_name, **json.loads(args.imagenet_model_kwargs)) if args.imagenet
+                 else load_reference_model(model_name)).eval().to(device)
+        for seed in args.seeds:
+            calib, test_x, test_y = data_for(args, model_name, model, seed, device)
+            for placement in args.placements:
+                for bits in args.bits:
+                    for method in args.methods or METHODS[placement]:
+                        if not valid_method(method, placement):
+                            continue
+                        if method == "fp32" and bits != args.bits[0]:
+                            continue  # one fp32 record per model, placement and seed
+                        probe = {"model": model_name, "bits": bits, "placement": placement, "method": method,
+                                 "seed": seed, "calibration_images": len(calib), "test_images": len(test_x)}
+                        if key(probe) in done:
+                            continue
+                        torch.manual_seed(seed)
+                        record = run_one(model_name, model, bits, placement, method, seed, calib, test_x, test_y,
+                                         device)
+                        records.append(record)
+                        done.add(key(record))
+                        save_records(out, records)
+                        print(json.dumps({k: v for k, v in record.items() if k != "history"}), flush=True)
+    return records
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def report(records: list[dict], out_dir: Path) -> str:
+    """Markdown table (mean ± std of top-1 over seeds) and plots."""
+    groups: dict[tuple, dict[str, list[float]]] = {}
+    methods: list[str] = []
+    for r in records:
+        row = (r["model"], r["placement"], r["bits"] if r["method"] != "fp32" else "FP32")
+        groups.setdefault(row, {}).setdefault(r["method"], []).append(r["top1"])
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    lines = ["| model | placement | bits | " + " | ".join(methods) + " |",
+             "|---" * (3 + len(methods)) + "|"]
+    for (model, placement, bits), values in sorted(groups.items()):
+        cells = []
+        for method in methods:
+            v = values.get(method)
+            if not v:
+                cells.append("")
+            elif len(v) == 1:
+                cells.append(f"{v[0]:.2f}")
+            else:
+                cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} (n={len(v)})")
+        lines.append(f"| {model} | {placement} | {bits} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (out_dir / "accuracy.md").write_text(
+        "# Top-1 (%) on the Fashion-MNIST test set: mean ± std over seeds\n\n"
+        "Generated by `python -m benchmarks.accuracy --report` from `accuracy.json`. Fashion-MNIST models "
+        "trained here, not ImageNet models.\n\n" + table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed: no plots")
+        return table
+    settings = sorted({(r["model"], r["placement"]) for r in records})
+    figure, axes = plt.subplots(len(settings), 1, figsize=(11, 3.2 * len(settings)), squeeze=False)
+    for axis, (model, placement) in zip(axes[:, 0], settings):
+        bits = [b for b in BITS if any(r["bits"] == b and r["model"] == model for r in records)]
+        shown = [m for m in methods if m != "fp32"]
+        width = 0.8 / max(len(shown), 1)
+        for index, method in enumerate(shown):
+            means = []
+            for b in bits:
+                v = groups.get((model, placement, b), {}).get(method, [])
+                means.append(statistics.mean(v) if v else float("nan"))
+            axis.bar([i + index * width for i in range(len(bits))], means, width, label=method)
+        fp32 = groups.get((model, placement, "FP32"), {}).get("fp32")
+        if fp32:
+            axis.axhline(statistics.mean(fp32), color="black", linestyle="--", linewidth=1, label="fp32")
+        axis.set_xticks([i + 0.4 - width / 2 for i in range(len(bits))], bits)
+        axis.set_ylabel("top-1 %")
+        axis.set_title(f"{model}, {placement} placement")
+        axis.legend(fontsize=6, ncol=4)
+    figure.tight_layout()
+    figure.savefig(out_dir / "accuracy.png", dpi=110)
+    figure, axis = plt.subplots(figsize=(8, 4))
+    for r in records:
+        if r.get("history") and r["seed"] == min(x["seed"] for x in records):
+            per_pass = len(r["history"]) // max(r.get("passes", 1), 1)
+            curve = [r["fitness"][0]] + r["history"][per_pass - 1::per_pass]
+            axis.plot(range(len(curve)), curve, label=f"{r['model']} {r['bits']} {r['placement']} {r['method']}",
+                      linewidth=1)
+    axis.set_xlabel("pass")
+    axis.set_ylabel("fitness (calibration set)")
+    axis.legend(fontsize=5, ncol=2)
+    figure.tight_layout()
+    figure.savefig(out_dir / "fitness.png", dpi=110)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=MODELS)
+    parser.add_argument("--bits", nargs="+", default=BITS)
+    parser.add_argument("--methods", nargs="+", default=None, help="default: all of the placement's methods")
+    parser.add_argument("--placements", nargs="+", default=["e2e", "linear"], choices=["e2e", "linear"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--calibration", type=int, default=1000)
+    parser.add_argument("--test-images", type=int, default=None, help="default: the whole test set")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--imagenet", default=None, help="an ImageNet-layout folder of test images")
+    parser.add_argument("--imagenet-calibration", default=None, help="folder to draw calibration images from")
+    parser.add_argument("--imagenet-model", default="timm:deit_tiny_patch16_224")
+    parser.add_argument("--imagenet-model-kwargs", default="{}", help="constructor kwargs as JSON")
+    parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--report", action="store_true", help="only write accuracy.md and the plots")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    out = Path(args.out)
+    if not args.report:
+        run(args)
+    print(report(load_records(out), out.parent))
+
+
+if __name__ == "__main__":
+    main()

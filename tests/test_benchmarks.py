@@ -1,0 +1,65 @@
+"""The benchmark scripts run (small), record what they claim, and take ImageNet-layout folders."""
+
+import json
+
+import pytest
+import torch
+
+
+def test_accuracy_benchmark_cpu_path_records_and_reports(tmp_path):
+    pytest.importorskip("modelopt")
+    from benchmarks.accuracy import main
+
+    out = tmp_path / "accuracy.json"
+    argv = ["--models", "fmnist_vit_tiny", "--bits", "W3A8", "--methods", "fp32", "baseline", "fast",
+            "modelopt-mse+fast", "--seeds", "0", "--calibration", "100", "--test-images", "300", "--device", "cpu",
+            "--out", str(out)]
+    main(argv)
+    records = json.loads(out.read_text())
+    methods = {(r["placement"], r["method"]) for r in records}
+    assert methods == {("e2e", "fp32"), ("e2e", "baseline"), ("e2e", "fast"), ("linear", "fp32"),
+                       ("linear", "baseline"), ("linear", "fast"), ("linear", "modelopt-mse+fast")}
+    for r in records:
+        assert {"model", "bits", "method", "seed", "top1", "seconds", "evaluations", "device", "placement",
+                "framework"} <= r.keys()
+        assert 0 <= r["top1"] <= 100
+    searched = [r for r in records if r["method"].endswith("fast")]
+    assert all(r["evaluations"] > 0 and r["fitness"][1] < r["fitness"][0] for r in searched)
+    main(argv)  # recorded runs are skipped, not repeated
+    assert len(json.loads(out.read_text())) == len(records)
+    table = (tmp_path / "accuracy.md").read_text()
+    assert "| fmnist_vit_tiny | e2e | W3A8 |" in table
+
+
+def test_accuracy_benchmark_takes_an_imagenet_layout_folder(tmp_path):
+    from PIL import Image
+
+    from benchmarks.accuracy import main
+
+    generator = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for label in ("n01440764", "n01443537"):
+            folder = tmp_path / split / label
+            folder.mkdir(parents=True)
+            for index in range(3):
+                pixels = (torch.rand(48, 64, 3, generator=generator) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{index}.JPEG")
+    out = tmp_path / "imagenet.json"
+    main(["--imagenet", str(tmp_path / "val"), "--imagenet-calibration", str(tmp_path / "train"),
+          "--imagenet-model", "timm:vit_tiny_patch16_224", "--imagenet-model-kwargs", '{"num_classes": 2}',
+          "--bits", "W8A8", "--methods", "fp32", "baseline", "--placements", "e2e", "--seeds", "0",
+          "--calibration", "6", "--device", "cpu", "--out", str(out)])
+    records = json.loads(out.read_text())
+    assert [r["method"] for r in records] == ["fp32", "baseline"]
+    assert all(r["test_images"] == 6 and r["model"] == "timm:vit_tiny_patch16_224" for r in records)
+
+
+def test_speed_benchmark_runs_small_on_the_cpu(tmp_path):
+    from benchmarks.speed import main
+
+    out = tmp_path / "speed.json"
+    main(["--models", "deit_tiny_patch16_224", "--images", "4", "--passes", "1", "--literal-evaluations", "1",
+          "--device", "cpu", "--out", str(out)])
+    fast, literal = json.loads(out.read_text())
+    assert fast["engine"] == "fast" and literal["engine"] == "literal"
+    assert fast["evaluations"] == literal["evaluations"] > 0 and "extrapolated_from" in literal

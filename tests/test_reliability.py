@@ -215,3 +215,25 @@ def test_search_invariants(passes, population, cycles, groups, seed, data):
     assert result.final_fitness == fitness[-1] <= result.initial_fitness
     assert result.evaluations == 1 + passes * groups * (population - 1 + cycles)
     assert evaluator() == pytest.approx(result.final_fitness)  # the model holds the best scales found
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"samples": 20}, "samples"), ({"passes": 0}, "passes"), ({"mutation": -1e-3}, "mutation"),
+    ({"validation_fraction": 1.5}, "validation_fraction"), ({"precision": "int4"}, "precision"),
+    ({"on_interrupt": "ignore"}, "on_interrupt"),
+])
+def test_impossible_configs_name_the_setting(changes, message):
+    with pytest.raises(ValueError, match=message):
+        SearchConfig(**changes)
+
+
+def test_non_finite_scales_in_the_given_model_are_refused_untouched(tiny_vit, fmnist):
+    calib = fmnist[0][:100]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W4A8")
+    observer = next(m for n, m in prepared.named_modules() if n.startswith("activation_post_process"))
+    observer.max_val.fill_(float("inf"))
+    before = {k: v.clone() for k, v in prepared.state_dict().items()}
+    with pytest.raises(ValueError, match="activation_post_process"):
+        cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH)
+    after = prepared.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -16,6 +16,8 @@ Placements of activation quantizers:
   residual adds); MinMax per-channel weights, per-tensor activations. Evaluated as the simulated quantized model
   (equal to ``convert_to_reference_fx``'s output).
 * ``linear``: NVIDIA ModelOpt's default placement (inputs and weights of Linear/Conv only), ``mtq.quantize``.
+* ``pt2e``: torchao PT2E with the XNNPACK quantizer (symmetric per-channel weights, 8-bit activations of the ops
+  XNNPACK quantizes), ``torch.export`` → ``prepare_pt2e``; evaluated as the simulation, equal to ``convert_pt2e``.
 
 Methods: ``fp32``; ``baseline`` (MinMax/Max calibration); our presets ``default``, ``paper``, ``fast``;
 ``paper-mse`` (the paper's search with the MSE fitness, its Fig. 3); what users pick instead: ``histogram``
@@ -38,13 +40,16 @@ import torch
 
 MODELS = ["fmnist_deit_tiny", "fmnist_swin_tiny", "fmnist_levit"]
 BITS = ["W8A8", "W4A8", "W3A8", "W4A4", "W3A4", "W2A8"]
-STARTS = {"e2e": ["baseline", "histogram"], "linear": ["baseline", "modelopt-mse", "modelopt-local_hessian"]}
+STARTS = {"e2e": ["baseline", "histogram"], "linear": ["baseline", "modelopt-mse", "modelopt-local_hessian"],
+          "pt2e": ["baseline"]}
 PRESETS = ["default", "paper", "fast", "paper-mse"]
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "histogram", "histogram+default"],
     "linear": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "modelopt-mse", "modelopt-local_hessian",
                "modelopt-mse+default", "modelopt-local_hessian+default"],
+    "pt2e": ["fp32", "baseline", "default", "paper"],
 }
+FRAMEWORK = {"e2e": "fx", "linear": "modelopt", "pt2e": "pt2e"}
 OUT = Path("benchmarks/results/accuracy.json")
 logger = logging.getLogger("benchmarks.accuracy")
 
@@ -100,17 +105,10 @@ def quantize_linear(model, calib, bits: str, start: str):
     """ModelOpt PTQ with its default placement; ``start`` picks the amax calibration algorithm."""
     import modelopt.torch.quantization as mtq
 
-    from cptv_plugin.qconfigs import parse_bits
+    from cptv_plugin.qconfigs import modelopt_config
 
-    weight_bits, activation_bits = parse_bits(bits)
-    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
-    for entry in config["quant_cfg"]:
-        if entry.get("quantizer_name") == "*weight_quantizer":
-            entry["cfg"]["num_bits"] = weight_bits
-        elif entry.get("quantizer_name") == "*input_quantizer":
-            entry["cfg"]["num_bits"] = activation_bits
     algorithm = start.removeprefix("modelopt-") if start.startswith("modelopt-") else "max"
-    config["algorithm"] = {"method": algorithm}
+    config = modelopt_config(bits, algorithm)
 
     def forward_loop(m):
         with torch.no_grad():
@@ -120,13 +118,34 @@ def quantize_linear(model, calib, bits: str, start: str):
     return mtq.quantize(copy.deepcopy(model), config, forward_loop)
 
 
+def quantize_pt2e(model, calib, bits: str, start: str):
+    """torchao PT2E with the XNNPACK quantizer (W bits per channel; XNNPACK's activations are 8-bit)."""
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+
+    from cptv_plugin.qconfigs import parse_bits
+
+    weight_bits, activation_bits = parse_bits(bits)
+    if activation_bits != 8:
+        raise ValueError("the XNNPACK quantizer quantizes activations with 8 bits only")
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
+        is_per_channel=True, weight_qmin=-(2 ** (weight_bits - 1)), weight_qmax=2 ** (weight_bits - 1) - 1))
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    exported = torch.export.export(copy.deepcopy(model).eval(), (calib[:2],), dynamic_shapes=({0: batch},)).module()
+    prepared = prepare_pt2e(exported, quantizer)
+    with torch.no_grad():
+        for images in calib.split(100):
+            prepared(images)
+    return prepared
+
+
 def evaluation_model(quantized, placement: str):
     """What to measure: ModelOpt models directly; FX models as the simulated quantized model."""
     if placement == "linear":
         return quantized.eval()
     from cptv_plugin.fx.refine import FxSession
 
-    return FxSession(quantized).eval_module.eval()
+    return FxSession(quantized, flavor="pt2e" if placement == "pt2e" else "fx").eval_module
 
 
 # ------------------------------------------------------------------------------------------ one run
@@ -139,14 +158,15 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
     from cptv_plugin.train import evaluate_top1
 
     record = {"model": model_name, "bits": bits, "placement": placement,
-              "framework": "fx" if placement == "e2e" else "modelopt", "method": method, "seed": seed,
+              "framework": FRAMEWORK[placement], "method": method, "seed": seed,
               "calibration_images": len(calib), "test_images": len(test_x), "device": _device_name(device)}
     start_time = time.time()
     if method == "fp32":
         record.update(top1=evaluate_top1(model, test_x, test_y), seconds=0.0, evaluations=0)
         return record
     start, search = split_method(method)
-    quantized = (quantize_e2e if placement == "e2e" else quantize_linear)(model, calib, bits, start)
+    quantize = {"e2e": quantize_e2e, "linear": quantize_linear, "pt2e": quantize_pt2e}[placement]
+    quantized = quantize(model, calib, bits, start)
     calibrated = time.time() - start_time
     result = None
     if search is not None:
@@ -179,19 +199,14 @@ def save_records(path: Path, records: list[dict]) -> None:
 
 def data_for(args, model_name: str, model, seed: int, device: torch.device):
     """(calibration images, test images, test labels) on ``device``."""
-    from cptv_plugin.datasets import (calibration_subset, image_folder_transform, load_fashion_mnist,
-                                      load_image_folder)
+    from cptv_plugin.datasets import fashion_mnist_splits, image_folder_transform, load_image_folder
 
     if args.imagenet:
         transform = image_folder_transform(model)
         calib = load_image_folder(args.imagenet_calibration or args.imagenet, transform, args.calibration, seed)
         test_x, test_y = load_image_folder(args.imagenet, transform, args.test_images, 0, with_labels=True)
     else:
-        train_x, _ = load_fashion_mnist("train")
-        test_x, test_y = load_fashion_mnist("test")
-        if args.test_images:
-            test_x, test_y = test_x[:args.test_images], test_y[:args.test_images]
-        calib = calibration_subset(train_x, args.calibration, seed)
+        calib, test_x, test_y = fashion_mnist_splits(args.calibration, args.test_images, seed)
     return calib.to(device), test_x.to(device), test_y
 
 
@@ -211,7 +226,7 @@ def run(args) -> list[dict]:
             for placement in args.placements:
                 for bits in args.bits:
                     for method in args.methods or METHODS[placement]:
-                        if not valid_method(method, placement):
+                        if not valid_method(method, placement) or (placement == "pt2e" and not bits.endswith("A8")):
                             continue
                         if method == "fp32" and bits != args.bits[0]:
                             continue  # one fp32 record per model, placement and seed
@@ -308,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", nargs="+", default=MODELS)
     parser.add_argument("--bits", nargs="+", default=BITS)
     parser.add_argument("--methods", nargs="+", default=None, help="default: all of the placement's methods")
-    parser.add_argument("--placements", nargs="+", default=["e2e", "linear"], choices=["e2e", "linear"])
+    parser.add_argument("--placements", nargs="+", default=["e2e", "linear", "pt2e"], choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--calibration", type=int, default=1000)
     parser.add_argument("--test-images", type=int, default=None, help="default: the whole test set")

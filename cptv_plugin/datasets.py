@@ -22,6 +22,7 @@ __all__ = [
     "load_image_folder",
     "image_folder_transform",
     "load_calibration_source",
+    "fashion_mnist_splits",
 ]
 
 FASHION_MNIST_DIR = Path(os.environ.get("CPTV_FASHION_MNIST_DIR", "/usr/share/datasets/fashion-mnist"))
@@ -76,6 +77,16 @@ def calibration_subset(images: torch.Tensor, count: int = 1000, seed: int = 0) -
     generator = torch.Generator().manual_seed(seed)
     index = torch.randperm(len(images), generator=generator)[:count]
     return images[index]
+
+
+def fashion_mnist_splits(calibration: int = 1000, test_images: int | None = None, seed: int = 0):
+    """``(calibration images, test images, test labels)``: ``calibration`` training images drawn by ``seed``
+    and the first ``test_images`` of the test split (all 10,000 by default)."""
+    train_images, _ = load_fashion_mnist("train")
+    test_x, test_y = load_fashion_mnist("test")
+    if test_images:
+        test_x, test_y = test_x[:test_images], test_y[:test_images]
+    return calibration_subset(train_images, calibration, seed), test_x, test_y
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")

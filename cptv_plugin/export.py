@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._io import atomic_path
 from .frameworks import detect_framework
 
 __all__ = ["export_onnx", "check_tensorrt_onnx", "ExportError", "TensorRTRuleError"]
@@ -74,23 +75,17 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
         raise ExportError(f"opset {opset} is too old: per-channel QuantizeLinear needs opset >= 13")
     path = Path(path)
     framework = detect_framework(model)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with _export_view(model, framework) as module:
-            module = _Forward(module).eval()
-            with torch.no_grad():
-                torch.onnx.export(module, (example_input,), str(temporary), opset_version=opset, dynamo=False,
-                                  input_names=["images"], output_names=["logits"],
-                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch
-                                  else None)
+    with atomic_path(path) as temporary, _export_view(model, framework) as module:
+        module = _Forward(module).eval()
+        with torch.no_grad():
+            torch.onnx.export(module, (example_input,), str(temporary), opset_version=opset, dynamo=False,
+                              input_names=["images"], output_names=["logits"],
+                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch
+                              else None)
         if check_tensorrt:
             violations = check_tensorrt_onnx(temporary)
             if violations:
                 raise TensorRTRuleError(violations)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     logger.info("exported %s model to %s", framework, path)
     return path
 

@@ -6,7 +6,7 @@ import re
 
 import torch
 
-__all__ = ["parse_bits", "fx_qconfig_mapping", "prepare_timm_for_fx"]
+__all__ = ["parse_bits", "fx_qconfig_mapping", "modelopt_config", "prepare_timm_for_fx"]
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
@@ -55,6 +55,25 @@ def fx_qconfig_mapping(bits: str = "W8A8", activation_observer=None, qat: bool =
         weight = FakeQuantize.with_args(observer=weight.p.func, **weight.p.keywords)
         activation = FakeQuantize.with_args(observer=activation.p.func, **activation.p.keywords)
     return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
+
+
+def modelopt_config(bits: str = "W8A8", algorithm: str = "max") -> dict:
+    """ModelOpt's ``INT8_DEFAULT_CFG`` (per-channel weights on the output channel, per-tensor inputs of every
+    Linear/Conv: ModelOpt's default placement) at ``bits``, with amax calibration ``algorithm`` (``"max"``,
+    ``"mse"``, ``"local_hessian"``, ...). Pass it to ``mtq.quantize``."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+
+    weight_bits, activation_bits = parse_bits(bits)
+    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
+    for entry in config["quant_cfg"]:
+        if entry.get("quantizer_name") == "*weight_quantizer":
+            entry["cfg"]["num_bits"] = weight_bits
+        elif entry.get("quantizer_name") == "*input_quantizer":
+            entry["cfg"]["num_bits"] = activation_bits
+    config["algorithm"] = {"method": algorithm}
+    return config
 
 
 def prepare_timm_for_fx(model: torch.nn.Module) -> torch.nn.Module:

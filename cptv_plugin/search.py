@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ._io import atomic_path
 from .config import SearchConfig
 from .engine import Evaluator
 from .handles import Group
@@ -85,10 +85,8 @@ CHECKPOINT_FORMAT = 1
 
 def _save_checkpoint(path: Path, state: dict) -> None:
     """Write ``state`` to ``path`` atomically (a temporary file renamed into place)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        torch.save(state, temporary)
 
 
 def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:

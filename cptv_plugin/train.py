@@ -10,8 +10,6 @@ import argparse
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -88,17 +86,11 @@ def train(model_name: str, epochs: int, batch_size: int = 256, lr: float = 2e-3,
 
 def save_checkpoint(model: torch.nn.Module, summary: dict, path: str | Path, half: bool = True) -> None:
     """Write ``{"state_dict", "summary"}`` atomically (fp16 weights by default, to keep the file small)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from ._io import atomic_path
+
     state = {k: (v.half() if half and v.is_floating_point() else v) for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save({"state_dict": state, "summary": summary}, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as temporary:
+        torch.save({"state_dict": state, "summary": summary}, temporary)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,7 +11,6 @@ checkpoint someone else saved, is ``cptv refine-modelopt quantized.pth --model t
 from __future__ import annotations
 
 import argparse
-import copy
 from pathlib import Path
 
 import modelopt.torch.opt as mto
@@ -19,22 +18,10 @@ import modelopt.torch.quantization as mtq
 import torch
 
 import cptv_plugin
-from cptv_plugin.datasets import calibration_subset, load_fashion_mnist
+from cptv_plugin.datasets import fashion_mnist_splits
 from cptv_plugin.models import load_reference_model
-from cptv_plugin.qconfigs import parse_bits
+from cptv_plugin.qconfigs import modelopt_config
 from cptv_plugin.train import evaluate_top1
-
-
-def modelopt_config(bits: str) -> dict:
-    """ModelOpt's INT8 default config (per-channel weights, per-tensor inputs of Linear/Conv) at ``bits``."""
-    weight_bits, activation_bits = parse_bits(bits)
-    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
-    for entry in config["quant_cfg"]:
-        if entry.get("quantizer_name") == "*weight_quantizer":
-            entry["cfg"]["num_bits"] = weight_bits
-        elif entry.get("quantizer_name") == "*input_quantizer":
-            entry["cfg"]["num_bits"] = activation_bits
-    return config
 
 
 def run(bits: str = "W4A8", preset: str = "fast", calibration: int = 1000, test_images: int = 10000,
@@ -42,9 +29,7 @@ def run(bits: str = "W4A8", preset: str = "fast", calibration: int = 1000, test_
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_reference_model(model_name)
-    train_x, _ = load_fashion_mnist("train")
-    test_x, test_y = (t[:test_images] for t in load_fashion_mnist("test"))
-    calib = calibration_subset(train_x, calibration)
+    calib, test_x, test_y = fashion_mnist_splits(calibration, test_images)
 
     def forward_loop(m):
         with torch.no_grad():

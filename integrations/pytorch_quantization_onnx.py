@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 import cptv_plugin
-from cptv_plugin.datasets import calibration_subset, load_fashion_mnist
+from cptv_plugin.datasets import fashion_mnist_splits
 from cptv_plugin.models import load_reference_model
 from cptv_plugin.train import evaluate_top1
 
@@ -20,9 +20,7 @@ from cptv_plugin.train import evaluate_top1
 def run(bits: str = "W4A8", preset: str = "fast", calibration: int = 1000, test_images: int = 10000,
         model_name: str = "fmnist_vit_tiny", out: str = "model.onnx") -> dict:
     model = load_reference_model(model_name)
-    train_x, _ = load_fashion_mnist("train")
-    test_x, test_y = (t[:test_images] for t in load_fashion_mnist("test"))
-    calib = calibration_subset(train_x, calibration)
+    calib, test_x, test_y = fashion_mnist_splits(calibration, test_images)
 
     model = cptv_plugin.quantize_pytorch_quantization(model, bits, calib)            # 1. swap + calibrate
     before = evaluate_top1(model, test_x, test_y)

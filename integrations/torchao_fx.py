@@ -16,7 +16,7 @@ import torch
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import cptv_plugin
-from cptv_plugin.datasets import calibration_subset, load_fashion_mnist
+from cptv_plugin.datasets import fashion_mnist_splits
 from cptv_plugin.models import load_reference_model
 from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx
 from cptv_plugin.train import evaluate_top1
@@ -26,9 +26,7 @@ def run(bits: str = "W3A8", preset: str = "fast", calibration: int = 1000, test_
         model_name: str = "fmnist_vit_tiny") -> dict:
     warnings.simplefilter("ignore", DeprecationWarning)
     model = prepare_timm_for_fx(load_reference_model(model_name))      # expose softmax to FX tracing
-    train_x, _ = load_fashion_mnist("train")
-    test_x, test_y = (t[:test_images] for t in load_fashion_mnist("test"))
-    calib = calibration_subset(train_x, calibration)
+    calib, test_x, test_y = fashion_mnist_splits(calibration, test_images)
 
     prepared = prepare_fx(model, fx_qconfig_mapping(bits), example_inputs=(calib[:1],))   # 1. prepare
     with torch.no_grad():                                                                 # 2. calibrate

@@ -16,7 +16,7 @@ import torch
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
 import cptv_plugin
-from cptv_plugin.datasets import calibration_subset, load_fashion_mnist
+from cptv_plugin.datasets import fashion_mnist_splits
 from cptv_plugin.models import load_reference_model
 from cptv_plugin.qconfigs import parse_bits
 from cptv_plugin.train import evaluate_top1
@@ -34,9 +34,7 @@ def xnnpack_quantizer(bits: str):
 def run(bits: str = "W3A8", preset: str = "fast", calibration: int = 1000, test_images: int = 10000,
         model_name: str = "fmnist_vit_tiny") -> dict:
     model = load_reference_model(model_name)
-    train_x, _ = load_fashion_mnist("train")
-    test_x, test_y = (t[:test_images] for t in load_fashion_mnist("test"))
-    calib = calibration_subset(train_x, calibration)
+    calib, test_x, test_y = fashion_mnist_splits(calibration, test_images)
 
     batch = torch.export.Dim("batch", min=1, max=1024)
     exported = torch.export.export(model, (calib[:2],), dynamic_shapes=({0: batch},)).module()  # 1. export

@@ -44,3 +44,17 @@ def prepare_and_calibrate(model, calib, bits="W4A8", qconfig_mapping=None, qat=F
         for batch in calib.split(100):
             prepared(batch)
     return prepared
+
+
+def first_output(output):
+    """Exported (PT2E) graphs return a tuple of outputs; eager models the tensor itself."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def assert_suffix_matches_full(chain, groups, images, full=None):
+    """From every group's cached segment input, the rest of the model gives the full forward's output."""
+    with torch.no_grad():
+        full = first_output(chain.forward(images)) if full is None else full
+        for group in groups:
+            env = chain.run(chain.initial_env(images), 0, group.segment)
+            torch.testing.assert_close(first_output(chain.run(env, group.segment)), full, rtol=0, atol=1e-5)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import cptv_plugin
-from cptv_plugin import NotCalibratedError, SearchConfig, UnsupportedFrameworkError
+from cptv_plugin import NotCalibratedError, UnsupportedFrameworkError
 from cptv_plugin.amax.session import AmaxSession
-from conftest import TINY_SEARCH, prepare_and_calibrate
+from conftest import TINY_SEARCH, assert_suffix_matches_full, prepare_and_calibrate
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 mto = pytest.importorskip("modelopt.torch.opt")
@@ -17,14 +17,9 @@ pytest.importorskip("pytorch_quantization")
 
 
 def modelopt_config(weight_bits: int, activation_bits: int = 8) -> dict:
-    """ModelOpt's INT8 default (per-channel weights, per-tensor Linear/Conv inputs) at other bit widths."""
-    config = copy.deepcopy(mtq.INT8_DEFAULT_CFG)
-    for entry in config["quant_cfg"]:
-        if entry.get("quantizer_name") == "*weight_quantizer":
-            entry["cfg"]["num_bits"] = weight_bits
-        if entry.get("quantizer_name") == "*input_quantizer":
-            entry["cfg"]["num_bits"] = activation_bits
-    return config
+    from cptv_plugin.qconfigs import modelopt_config as config
+
+    return config(f"W{weight_bits}A{activation_bits}")
 
 
 def modelopt_quantize(model, calib, bits=(4, 8)):
@@ -62,9 +57,7 @@ def test_modelopt_suffix_evaluation_equals_full_forward(tiny_vit, fmnist):
     images = fmnist[0][:8]
     with torch.no_grad():
         full = model(images)
-        for group in session.groups:
-            env = session.chain.run(session.chain.initial_env(images), 0, group.segment)
-            torch.testing.assert_close(session.chain.run(env, group.segment), full, rtol=0, atol=1e-5)
+    assert_suffix_matches_full(session.chain, session.groups, images, full)
 
 
 def test_pytorch_quantization_swap_calibrate_and_refine(tiny_vit, fmnist):

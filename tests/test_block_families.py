@@ -11,7 +11,7 @@ from cptv_plugin import ModelStructure, discover_blocks
 from cptv_plugin.fx.refine import FxSession
 from cptv_plugin.models import load_reference_model
 from cptv_plugin.qconfigs import prepare_timm_for_fx
-from conftest import TINY_SEARCH, prepare_and_calibrate
+from conftest import TINY_SEARCH, assert_suffix_matches_full, prepare_and_calibrate
 
 FAMILIES = {
     "fmnist_vit_tiny": ("vit", [f"blocks.{i}" for i in range(4)]),
@@ -53,11 +53,7 @@ def test_every_quantizer_in_exactly_one_group_and_suffix_equals_full_forward(fam
     segments = [g.segment for g in session.groups]
     assert segments == sorted(segments) and len(set(segments)) == len(segments)
     images = fmnist[0][:8]
-    with torch.no_grad():
-        full = session.chain.forward(images)
-        for group in session.groups:
-            env = session.chain.run(session.chain.initial_env(images), 0, group.segment)
-            torch.testing.assert_close(session.chain.run(env, group.segment), full, rtol=0, atol=1e-5)
+    assert_suffix_matches_full(session.chain, session.groups, images)
 
 
 def test_refinement_lowers_the_fitness(family, fmnist):
@@ -137,8 +133,6 @@ def test_adapters_serve_modelopt_models_too(name, fmnist):
     images = fmnist[0][:8]
     with torch.no_grad():
         full = model(images)
-        for group in session.groups:
-            env = session.chain.run(session.chain.initial_env(images), 0, group.segment)
-            torch.testing.assert_close(session.chain.run(env, group.segment), full, rtol=0, atol=1e-5)
+    assert_suffix_matches_full(session.chain, session.groups, images, full)
     result = cptv_plugin.refine_modelopt(model, calib, config=TINY_SEARCH)
     assert result.final_fitness < result.initial_fitness

@@ -1,5 +1,3 @@
-import pytest
-import torch
 
 from cptv_plugin import ModelStructure, discover_blocks, list_block_adapters
 from cptv_plugin.models import create_reference_model

@@ -8,7 +8,7 @@ from torch.ao.quantization import QConfigMapping
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import cptv_plugin
-from cptv_plugin import CalibrationError, NoQuantizersError, NotPreparedError, SearchConfig, UnsupportedModelError
+from cptv_plugin import CalibrationError, NoQuantizersError, NotPreparedError, UnsupportedModelError
 from conftest import TINY_SEARCH, prepare_and_calibrate
 
 

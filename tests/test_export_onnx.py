@@ -134,3 +134,27 @@ def test_checker_finds_per_channel_activations_and_missing_dequantize(tmp_path):
     assert any("opset 12" in p for p in problems)
     assert any("per-channel scale on an activation" in p for p in problems)
     assert any("must feed a DequantizeLinear" in p for p in problems)
+
+
+def test_fx_qat_fake_quantize_model_exports_for_tensorrt(tiny_vit, fmnist, tmp_path):
+    """prepare_qat_fx with TensorRT's backend config (symmetric int8 activations), 4-bit weights, refined."""
+    from torch.ao.quantization.backend_config import get_tensorrt_backend_config
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    calib = fmnist[0][:100]
+    prepared = prepare_qat_fx(copy.deepcopy(tiny_vit).train(),
+                              fx_qconfig_mapping("W4A8", qat=True, symmetric_activations=True),
+                              example_inputs=(calib[:1],), backend_config=get_tensorrt_backend_config()).eval()
+    with torch.no_grad():
+        prepared(calib)
+    result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH)
+    assert result.final_fitness < result.initial_fitness
+    path = export_onnx(prepared, tmp_path / "qat.onnx", calib[:2])
+    assert check_tensorrt_onnx(path) == []
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    logits = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(
+        None, {"images": fmnist[1].numpy()})[0]
+    with torch.no_grad():
+        expected = prepared(fmnist[1]).numpy()  # the QAT model's own fake-quant forward
+    assert (logits.argmax(1) == expected.argmax(1)).mean() >= 0.99

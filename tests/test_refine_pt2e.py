@@ -9,7 +9,7 @@ import cptv_plugin
 from cptv_plugin import NotPreparedError
 from cptv_plugin.fx.refine import FxSession
 from cptv_plugin.models import load_reference_model
-from conftest import TINY_SEARCH
+from conftest import TINY_SEARCH, assert_suffix_matches_full
 
 pytest.importorskip("torchao")
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
@@ -108,11 +108,7 @@ def test_other_families_through_the_same_adapters(name, adapter, fmnist):
     session = FxSession(prepared, flavor="pt2e")
     assert session.adapter == adapter and len(session.chain.segments) == len(session.groups)
     images = fmnist[0][:8]
-    with torch.no_grad():
-        full = session.chain.forward(images)[0]
-        for group in session.groups:
-            env = session.chain.run(session.chain.initial_env(images), 0, group.segment)
-            torch.testing.assert_close(session.chain.run(env, group.segment)[0], full, rtol=0, atol=1e-5)
+    assert_suffix_matches_full(session.chain, session.groups, images)
     result = cptv_plugin.refine_pt2e(prepared, calib, config=TINY_SEARCH)
     assert result.final_fitness < result.initial_fitness
 

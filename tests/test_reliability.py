@@ -1,6 +1,5 @@
 """Resumable searches, never-worse guard, interrupts, and property-based invariants."""
 
-import os
 import signal
 import subprocess
 import sys

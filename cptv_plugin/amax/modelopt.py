@@ -14,6 +14,7 @@ from typing import Callable
 
 from torch import nn
 
+from .._io import atomic_path
 from ..config import SearchConfig
 from ..refinement import run_refinement
 from ..search import RefineResult
@@ -118,13 +119,7 @@ def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Calla
         raise ValueError(f"{checkpoint} holds no ModelOpt quantizers: was it saved after mtq.quantize?")
     images = load_calibration_source(calibration, quantized, calibration_size, seed)
     result = refine_modelopt(quantized, images, config=config)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(output) as temporary:
         mto.save(quantized, str(temporary))
-        os.replace(temporary, output)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
     logger.info("refined checkpoint written to %s (%s)", output, result)
     return result

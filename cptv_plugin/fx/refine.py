@@ -115,7 +115,7 @@ class FxSession:
         self.prepared = self.module = prepared
         attrs = _observed_attrs(prepared)
         observed = set(getattr(attrs, "observed_node_names", set()) or set())
-        modules = dict(prepared.named_modules())
+
 
         graph = fx.Graph()
         mapping: dict[fx.Node, fx.Node] = {}

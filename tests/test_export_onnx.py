@@ -137,13 +137,13 @@ def test_checker_finds_per_channel_activations_and_missing_dequantize(tmp_path):
 
 
 def test_fx_qat_fake_quantize_model_exports_for_tensorrt(tiny_vit, fmnist, tmp_path):
-    """prepare_qat_fx with TensorRT's backend config (symmetric int8 activations), 4-bit weights, refined."""
+    """prepare_qat_fx with TensorRT's backend config (symmetric int8 activations), refined."""
     from torch.ao.quantization.backend_config import get_tensorrt_backend_config
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     calib = fmnist[0][:100]
     prepared = prepare_qat_fx(copy.deepcopy(tiny_vit).train(),
-                              fx_qconfig_mapping("W4A8", qat=True, symmetric_activations=True),
+                              fx_qconfig_mapping("W8A8", qat=True, symmetric_activations=True),
                               example_inputs=(calib[:1],), backend_config=get_tensorrt_backend_config()).eval()
     with torch.no_grad():
         prepared(calib)

@@ -18,7 +18,9 @@ def test_accuracy_benchmark_cpu_path_records_and_reports(tmp_path):
     records = json.loads(out.read_text())
     methods = {(r["placement"], r["method"]) for r in records}
     assert methods == {("e2e", "fp32"), ("e2e", "baseline"), ("e2e", "fast"), ("linear", "fp32"),
-                       ("linear", "baseline"), ("linear", "fast"), ("linear", "modelopt-mse+fast")}
+                       ("linear", "baseline"), ("linear", "fast"), ("linear", "modelopt-mse+fast"),
+                       ("pt2e", "fp32"), ("pt2e", "baseline"), ("pt2e", "fast")}
+    assert {r["framework"] for r in records} == {"fx", "modelopt", "pt2e"}
     for r in records:
         assert {"model", "bits", "method", "seed", "top1", "seconds", "evaluations", "device", "placement",
                 "framework"} <= r.keys()

@@ -136,3 +136,19 @@ def test_adapters_serve_modelopt_models_too(name, fmnist):
     assert_suffix_matches_full(session.chain, session.groups, images, full)
     result = cptv_plugin.refine_modelopt(model, calib, config=TINY_SEARCH)
     assert result.final_fitness < result.initial_fitness
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_adapters_serve_pytorch_quantization_models_too(name, fmnist):
+    pytest.importorskip("pytorch_quantization")
+    from cptv_plugin.amax.pytorch_quantization import pytorch_quantization_kind
+    from cptv_plugin.amax.session import AmaxSession
+
+    calib = fmnist[0][:100]
+    model = cptv_plugin.quantize_pytorch_quantization(load_reference_model(name), "W4A8", calib)
+    session = AmaxSession(model, pytorch_quantization_kind())
+    assert session.adapter == FAMILIES[name][0]
+    assert [g.name for g in session.groups if g.name not in ("prefix", "head")] == FAMILIES[name][1]
+    assert_suffix_matches_full(session.chain, session.groups, fmnist[0][:8])
+    result = cptv_plugin.refine_pytorch_quantization(model, calib, config=TINY_SEARCH)
+    assert result.final_fitness < result.initial_fitness

@@ -96,8 +96,9 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
         with _matmul_precision(precision):
             initial_validation = validator(None) if validator is not None else None
             initial_vectors = [g.read() for g in session.groups]
-            result = evolutionary_search(session.groups, evaluator, config,
-                                         fingerprint=fingerprint(session, config, batches))
+            # hashing the calibration images costs a device-to-host copy: only for checkpointed searches
+            key = fingerprint(session, config, batches) if config.checkpoint_path else ""
+            result = evolutionary_search(session.groups, evaluator, config, fingerprint=key)
             if validator is not None:
                 final_validation = validator(None)
                 restored = final_validation > initial_validation

@@ -96,7 +96,7 @@ class Evaluator:
                  fitness: str, temperature: float, normalize: bool, compute_batch_size: int | None = None,
                  precision: str = "fp32"):
         self.model = model
-        self.batches = batches
+        self.sizes = [len(b) for b in batches]  # the batches themselves live on in the (concatenated) passes
         self.reference = reference_outputs
         self.fitness_fn = get_fitness(fitness)
         self.fitness_kwargs = {"temperature": temperature, "normalize": normalize}
@@ -158,7 +158,7 @@ class Evaluator:
             output = output.float()
             offset = 0
             for member in members:
-                size = len(self.batches[member])
+                size = self.sizes[member]
                 value = self.fitness_fn(output[offset:offset + size], self.reference[member], **self.fitness_kwargs)
                 total += value.double() * size
                 count += size

@@ -138,6 +138,7 @@ def _widen_low_bit_weights(model: nn.Module, framework: str) -> None:
     with the same scale (identical values); refuse low-bit activations."""
     from .amax.session import AmaxHandle
     from .frameworks import quantizer_kind
+    from .fx.handles import clamp_weight_to_grid
 
     kind = quantizer_kind(framework)
     for path, quantizer in list(model.named_modules()):
@@ -151,14 +152,11 @@ def _widen_low_bit_weights(model: nn.Module, framework: str) -> None:
             raise ExportError(f"{path} quantizes activations with {handle.bits} bits: TensorRT's int8 Q/DQ cannot "
                               "express them. Quantize activations with 8 bits to export.")
         owner = model.get_submodule(path.rpartition(".")[0])
-        scale = handle.read()
-        shape = [-1] + [1] * (owner.weight.dim() - 1) if scale.numel() > 1 else [1]
-        step = scale.reshape(shape).to(owner.weight)
-        with torch.no_grad():
-            owner.weight.copy_(torch.maximum(torch.minimum(owner.weight, handle.quant_max * step),
-                                             handle.quant_min * step))
+        scale = handle.read().reshape(-1)
+        clamp_weight_to_grid(owner.weight, scale, torch.zeros_like(scale), handle.quant_min, handle.quant_max,
+                             0 if scale.numel() > 1 else None)  # per-channel amax lies on the output channel
         quantizer.num_bits = 8
-        kind.set_amax(quantizer, (handle.read() * 127).to(quantizer.amax.dtype).reshape(quantizer.amax.shape))
+        kind.set_amax(quantizer, (scale * 127).to(quantizer.amax.dtype).reshape(quantizer.amax.shape))
 
 
 # --------------------------------------------------------------------------------------------- the checker

@@ -6,7 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["CalibrationError", "calibration_batches"]
+__all__ = ["CalibrationError", "calibration_batches", "calibration_images", "split_batches"]
 
 
 class CalibrationError(ValueError):
@@ -39,6 +39,22 @@ def calibration_batches(data, batch_size: int, *, min_batch: int = 1,
         min_batch: the smallest batch the fitness can use (2 for InfoNCE, which needs negatives).
         example_shape: the per-image shape the model expects, if known; checked.
     """
+    if batch_size < min_batch:
+        raise CalibrationError(f"batch_size={batch_size} is too small: the fitness needs at least {min_batch}")
+    return split_batches(calibration_images(data, min_batch=min_batch, example_shape=example_shape), batch_size,
+                         min_batch)
+
+
+def split_batches(images: torch.Tensor, batch_size: int, min_batch: int = 1) -> list[torch.Tensor]:
+    """``images`` in batches of ``batch_size``; a last batch below ``min_batch`` joins the one before."""
+    batches = list(images.split(batch_size))
+    if len(batches) > 1 and len(batches[-1]) < min_batch:
+        batches[-2] = torch.cat([batches[-2], batches.pop()])
+    return batches
+
+
+def calibration_images(data, *, min_batch: int = 1, example_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """``data`` (see :func:`calibration_batches`) as one checked float tensor ``(N, ...)``."""
     if isinstance(data, torch.Tensor):
         images = data
     elif isinstance(data, Iterable):
@@ -71,9 +87,4 @@ def calibration_batches(data, batch_size: int, *, min_batch: int = 1,
             f"the calibration set has {len(images)} image(s) but the fitness needs batches of at least {min_batch} "
             "(InfoNCE uses the other images of a batch as negatives): pass more images or use fitness='mse'"
         )
-    if batch_size < min_batch:
-        raise CalibrationError(f"batch_size={batch_size} is too small: the fitness needs at least {min_batch}")
-    batches = list(images.split(batch_size))
-    if len(batches) > 1 and len(batches[-1]) < min_batch:
-        batches[-2] = torch.cat([batches[-2], batches.pop()])
-    return batches
+    return images

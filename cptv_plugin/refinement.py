@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .config import SearchConfig
-from .data import CalibrationError, calibration_batches
+from .data import CalibrationError, calibration_images, split_batches
 from .engine import Evaluator, SegmentedModel, reference_outputs
 from .fitness import needs_negatives
 from .handles import Group
@@ -61,7 +61,9 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
     state = session.snapshot()
     try:
         min_batch = 2 if needs_negatives(config.fitness) else 1
-        images = torch.cat(calibration_batches(calib_data, config.batch_size, min_batch=min_batch))
+        if config.batch_size < min_batch:
+            raise CalibrationError(f"batch_size={config.batch_size} is too small: the fitness needs at least {min_batch}")
+        images = calibration_images(calib_data, min_batch=min_batch)
         held_out = None
         if config.validation_fraction > 0:
             order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
@@ -71,7 +73,7 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                     f"validation_fraction={config.validation_fraction} of {len(images)} images leaves too few images "
                     f"on one side (each needs at least {min_batch}): pass more images or change the fraction")
             held_out, images = images[order[:count]], images[order[count:]]
-        batches = [b.to(device) for b in calibration_batches(images, config.batch_size, min_batch=min_batch)]
+        batches = [b.to(device) for b in split_batches(images, config.batch_size, min_batch)]
         _probe(session, batches[0][:2])
         if len(images) < config.batch_size:
             split = " left after the validation split" if held_out is not None else ""
@@ -90,7 +92,7 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                               if config.engine == "fast" else None, precision=precision)
         validator = None
         if held_out is not None:
-            held_batches = [b.to(device) for b in calibration_batches(held_out, config.batch_size, min_batch=min_batch)]
+            held_batches = [b.to(device) for b in split_batches(held_out, config.batch_size, min_batch)]
             validator = Evaluator(session.chain, held_batches, _reference(session, fp_model, held_batches),
                                   config.fitness, config.temperature, config.normalize, precision=precision)
         with _matmul_precision(precision):

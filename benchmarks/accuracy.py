@@ -31,7 +31,10 @@ import argparse
 import copy
 import json
 import logging
+import os
+import signal
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -54,30 +57,41 @@ OUT = Path("benchmarks/results/accuracy.json")
 logger = logging.getLogger("benchmarks.accuracy")
 
 
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+
+
 def search_config(name: str, seed: int, device: torch.device):
+    """The preset ``name`` (``"default@fp32"``: the preset with its search run in fp32 instead of ``auto``)."""
     from cptv_plugin import SearchConfig
 
+    name, _, precision = name.partition("@")
     if name == "paper-mse":
-        return SearchConfig.paper(fitness="mse", seed=seed, progress=False, name="paper-mse")
-    return SearchConfig.preset(name, seed=seed, progress=False)
+        config = SearchConfig.paper(fitness="mse", seed=seed, progress=False, name="paper-mse")
+    else:
+        config = SearchConfig.preset(name, seed=seed, progress=False)
+    return config.replace(precision=precision) if precision else config
 
 
 def split_method(method: str) -> tuple[str, str | None]:
-    """``"histogram+default"`` → start ``"histogram"``, search ``"default"``; ``"paper"`` → baseline + paper."""
+    """``"histogram+default"`` → start ``"histogram"``, search ``"default"``; ``"paper"`` → baseline + paper;
+    ``"default@fp32"`` → baseline + default searched in fp32."""
     if "+" in method:
         start, search = method.split("+", 1)
         return start, search
-    if method in ("default", "paper", "fast", "paper-mse"):
+    if method.partition("@")[0] in PRESETS:
         return "baseline", method
     return method, None
 
 
 def valid_method(method: str, placement: str) -> bool:
-    """fp32, a starting point of the placement, a preset, or ``start+preset``."""
+    """fp32, a starting point of the placement, a preset (optionally ``@precision``), or ``start+preset``."""
     if method == "fp32":
         return True
     start, search = split_method(method)
-    return start in STARTS[placement] and (search is None or search in PRESETS)
+    if search is None:
+        return start in STARTS[placement]
+    preset, _, precision = search.partition("@")
+    return start in STARTS[placement] and preset in PRESETS and (not precision or precision in PRECISIONS)
 
 
 # ------------------------------------------------------------------------------------------ quantizers
@@ -210,19 +224,19 @@ def data_for(args, model_name: str, model, seed: int, device: torch.device):
     return calib.to(device), test_x.to(device), test_y
 
 
-def run(args) -> list[dict]:
-    from cptv_plugin.models import build_model, load_reference_model
+def method_tier(method: str) -> int:
+    """Order of work: the core comparison first, then the other presets and starting points, then stacked runs."""
+    if method in ("fp32", "baseline", "default", "paper"):
+        return 0
+    return 2 if "+" in method or "@" in method else 1
 
-    device = torch.device(args.device)
-    out = Path(args.out)
-    records = load_records(out)
-    done = {key(r) for r in records}
+
+def tasks(args) -> list[dict]:
+    """Every run the arguments ask for, most important first (so a partial run is a useful one)."""
     models = [args.imagenet_model] if args.imagenet else args.models
+    found = []
     for model_name in models:
-        model = (build_model(model_name, **json.loads(args.imagenet_model_kwargs)) if args.imagenet
-                 else load_reference_model(model_name)).eval().to(device)
         for seed in args.seeds:
-            calib, test_x, test_y = data_for(args, model_name, model, seed, device)
             for placement in args.placements:
                 for bits in args.bits:
                     for method in args.methods or METHODS[placement]:
@@ -230,18 +244,117 @@ def run(args) -> list[dict]:
                             continue
                         if method == "fp32" and bits != args.bits[0]:
                             continue  # one fp32 record per model, placement and seed
-                        probe = {"model": model_name, "bits": bits, "placement": placement, "method": method,
-                                 "seed": seed, "calibration_images": len(calib), "test_images": len(test_x)}
-                        if key(probe) in done:
-                            continue
-                        torch.manual_seed(seed)
-                        record = run_one(model_name, model, bits, placement, method, seed, calib, test_x, test_y,
-                                         device)
-                        records.append(record)
-                        done.add(key(record))
-                        save_records(out, records)
-                        print(json.dumps({k: v for k, v in record.items() if k != "history"}), flush=True)
+                        found.append({"model": model_name, "bits": bits, "placement": placement, "method": method,
+                                      "seed": seed})
+    return sorted(found, key=lambda t: (method_tier(t["method"]), t["seed"]))  # stable: models, bits stay in order
+
+
+def _claim(claims: Path | None, task: dict) -> bool:
+    """Atomically take ``task`` for this worker (``claims``: a folder shared by the workers; None: no sharing)."""
+    if claims is None:
+        return True
+    name = "_".join(str(task[k]) for k in ("model", "bits", "placement", "method", "seed")).replace("/", "-")
+    try:
+        os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def run(args) -> list[dict]:
+    """Run the tasks not yet recorded in ``--out`` (this process alone, or as one of ``--workers`` processes)."""
+    from cptv_plugin.models import build_model, load_reference_model
+
+    device = torch.device(args.device)
+    out = Path(args.out)
+    records = load_records(out)
+    done = {key(r) for r in records}
+    claims = Path(args.claims) if args.claims else None
+    deadline = time.time() + args.deadline if args.deadline else None
+    models: dict[str, torch.nn.Module] = {}
+    data: dict[tuple, tuple] = {}
+    failures: list[dict] = []
+    for task in tasks(args):
+        if deadline is not None and time.time() > deadline:
+            logger.warning("deadline reached: remaining tasks left for a later run")
+            break
+        model_name, seed = task["model"], task["seed"]
+        if model_name not in models:
+            models[model_name] = (build_model(model_name, **json.loads(args.imagenet_model_kwargs)) if args.imagenet
+                                  else load_reference_model(model_name)).eval().to(device)
+        model = models[model_name]
+        if (model_name, seed) not in data:
+            data[(model_name, seed)] = data_for(args, model_name, model, seed, device)
+        calib, test_x, test_y = data[(model_name, seed)]
+        probe = dict(task, calibration_images=len(calib), test_images=len(test_x))
+        if key(probe) in done or not _claim(claims, probe):
+            continue
+        torch.manual_seed(seed)
+        try:
+            record = run_one(model_name, model, task["bits"], task["placement"], task["method"], seed, calib, test_x,
+                             test_y, device)
+        except Exception:  # one broken run must not cost the rest of a device session; reported, not recorded
+            logger.exception("run failed: %s", probe)
+            failures.append(probe)
+            continue
+        records.append(record)
+        done.add(key(record))
+        save_records(out, records)
+        print(json.dumps({k: v for k, v in record.items() if k != "history"}), flush=True)
+    if failures:
+        raise SystemExit(f"{len(failures)} run(s) failed (see the log above); the others were recorded")
     return records
+
+
+def run_workers(args, argv: list[str]) -> list[dict]:
+    """Share the tasks among ``args.workers`` processes on one device (small models leave a GPU mostly idle);
+    each writes its own file, merged into ``--out`` at the end (also after a failure or a deadline)."""
+    import subprocess
+    import tempfile
+
+    out = Path(args.out)
+    work = Path(tempfile.mkdtemp(prefix="cptv-accuracy-"))
+    (work / "claims").mkdir()
+    for record in load_records(out):  # already recorded: claimed by nobody, skipped by everyone
+        _claim(work / "claims", record)
+    threads = max(1, (os.cpu_count() or 1) // args.workers)
+    processes = []
+    for index in range(args.workers):
+        command = [sys.executable, "-m", "benchmarks.accuracy", *_without_option(argv, "--workers", "--out"),
+                   "--workers", "1", "--claims", str(work / "claims"), "--out", str(work / f"worker{index}.json")]
+        environment = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        processes.append(subprocess.Popen(command, env=environment))
+    try:
+        failed = [p.wait() for p in processes]
+    except KeyboardInterrupt:  # e.g. `timeout -s INT`: stop the workers, keep what they finished
+        for process in processes:
+            process.send_signal(signal.SIGINT)
+        failed = [p.wait() for p in processes]
+    merged = load_records(out)
+    seen = {key(r) for r in merged}
+    for index in range(args.workers):
+        for record in load_records(work / f"worker{index}.json"):
+            if key(record) not in seen:
+                merged.append(record)
+                seen.add(key(record))
+    save_records(out, merged)
+    if any(failed):
+        logger.warning("%d worker(s) failed; their finished records were kept", sum(1 for c in failed if c))
+    return merged
+
+
+def _without_option(argv: list[str], *options: str) -> list[str]:
+    """``argv`` without ``--option VALUE`` pairs for the given options."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        if arg in options:
+            skip = True
+            continue
+        kept.append(arg)
+    return kept
 
 
 # ------------------------------------------------------------------------------------------ report
@@ -334,11 +447,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--imagenet-model-kwargs", default="{}", help="constructor kwargs as JSON")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--report", action="store_true", help="only write accuracy.md and the plots")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="processes sharing the device (small models leave a GPU mostly idle)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="start no new run after this many seconds (the rest waits for a later call)")
+    parser.add_argument("--claims", default=None, help=argparse.SUPPRESS)  # set by --workers for its processes
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
     if not args.report:
-        run(args)
+        if args.workers > 1:
+            run_workers(args, argv)
+        else:
+            torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+            run(args)
+            if args.claims:
+                return  # a worker of --workers: the parent merges and reports
     print(report(load_records(out), out.parent))
 
 

@@ -33,6 +33,28 @@ def test_accuracy_benchmark_cpu_path_records_and_reports(tmp_path):
     assert "| fmnist_vit_tiny | e2e | W3A8 |" in table
 
 
+def test_accuracy_benchmark_workers_share_the_tasks_once_each(tmp_path):
+    from benchmarks.accuracy import main, tasks
+
+    out = tmp_path / "accuracy.json"
+    argv = ["--models", "fmnist_vit_tiny", "--bits", "W4A8", "W2A8", "--placements", "e2e", "--methods", "fp32",
+            "baseline", "fast@fp32", "--seeds", "0", "--calibration", "100", "--test-images", "200",
+            "--device", "cpu", "--out", str(out)]
+    main(argv[:-2] + ["--methods", "fp32", "--out", str(out)])  # one record exists before the workers start
+    main(argv + ["--workers", "2"])
+    records = json.loads(out.read_text())
+    keys = [(r["bits"], r["method"]) for r in records]
+    assert sorted(keys) == sorted([("W4A8", "fp32"), ("W4A8", "baseline"), ("W2A8", "baseline"),
+                                   ("W4A8", "fast@fp32"), ("W2A8", "fast@fp32")])
+    assert all(r["precision"] == "fp32" for r in records if r["method"] == "fast@fp32")
+    # the core comparison is scheduled before the variants
+    order = [t["method"] for t in tasks(__import__("argparse").Namespace(
+        imagenet=None, models=["m"], seeds=[0, 1], placements=["e2e"], bits=["W4A8"],
+        methods=["histogram+default", "fast", "default", "baseline"]))]
+    assert order == ["default", "baseline", "default", "baseline", "fast", "fast", "histogram+default",
+                     "histogram+default"]
+
+
 def test_accuracy_benchmark_takes_an_imagenet_layout_folder(tmp_path):
     from PIL import Image
 

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One device call of the accuracy benchmark: install carried wheels (.whl/, for ModelOpt), start CUDA MPS where
+# the machine allows it (kernels of the worker processes then run side by side), run the matrix with workers.
+#   bash benchmarks/gpu_session.sh OUT_DIR SECONDS WORKERS [benchmarks.accuracy arguments...]
+set -u
+out=$1; seconds=$2; workers=$3; shift 3
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 CPTV_FASHION_MNIST_DIR=${CPTV_FASHION_MNIST_DIR:-$PWD/.fmnist}
+if nvidia-cuda-mps-control -d 2>/dev/null && python3 -c "import torch; torch.ones(1, device='cuda')"; then
+  echo "MPS on"
+else
+  echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "MPS off"
+fi
+# ModelOpt builds its CUDA extension on first use: once, here, not in every worker at the same time
+python3 -c "from modelopt.torch.quantization.extensions import get_cuda_ext; print('modelopt ext', get_cuda_ext() is not None)" &
+cp benchmarks/results/accuracy.json "$out/accuracy.json"
+timeout -s INT "$seconds" python3 -m benchmarks.accuracy --workers "$workers" --deadline $((seconds - 250)) \
+  --out "$out/accuracy.json" "$@" 2>&1 | grep -v -i "warn" | tee "$out/log"
+wait

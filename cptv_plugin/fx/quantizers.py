@@ -113,6 +113,10 @@ class SimulatedWeightModule(nn.Module):
     def _quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight, recomputed only when the weight or its scale changed."""
         leader, quantizer = self._leader, self.weight_quantizer
+        if torch.compiler.is_compiling():
+            # inside torch.compile: no Python-side cache (reading versions/pointers would break the graph, and each
+            # break recompiles per weight shape until dynamo's recompile limit sends the model back to eager)
+            return quantizer(leader.weight.detach())
         key = (leader.weight._version, quantizer.scale._version, quantizer.enabled, leader.weight.data_ptr(),
                quantizer.scale.data_ptr())
         cached = self.__dict__.get("_cache")

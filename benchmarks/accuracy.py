@@ -45,7 +45,11 @@ MODELS = ["fmnist_deit_tiny", "fmnist_swin_tiny", "fmnist_levit"]
 BITS = ["W8A8", "W4A8", "W3A8", "W4A4", "W3A4", "W2A8"]
 STARTS = {"e2e": ["baseline", "histogram"], "linear": ["baseline", "modelopt-mse", "modelopt-local_hessian"],
           "pt2e": ["baseline"]}
-PRESETS = ["default", "paper", "fast", "paper-mse"]
+PRESETS = ["default", "paper", "fast", "paper-mse", "default-noseed", "fast-noseed"]
+# ablations of a preset: name -> (preset, overrides); recorded like presets, run only when asked for
+VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
+            "default-noseed": ("default", {"seed_candidates": ()}),
+            "fast-noseed": ("fast", {"seed_candidates": ()})}
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "histogram", "histogram+default"],
     "linear": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "modelopt-mse", "modelopt-local_hessian",
@@ -65,10 +69,8 @@ def search_config(name: str, seed: int, device: torch.device):
     from cptv_plugin import SearchConfig
 
     name, _, precision = name.partition("@")
-    if name == "paper-mse":
-        config = SearchConfig.paper(fitness="mse", seed=seed, progress=False, name="paper-mse")
-    else:
-        config = SearchConfig.preset(name, seed=seed, progress=False)
+    preset, overrides = VARIANTS.get(name, (name, {}))
+    config = SearchConfig.preset(preset, seed=seed, progress=False, **overrides).replace(name=name)
     return config.replace(precision=precision) if precision else config
 
 

@@ -50,6 +50,10 @@ class SearchConfig:
             exactly the scales of an uninterrupted run. The file is removed when the search finishes.
         on_interrupt: what Ctrl-C leaves in the model: ``"keep_best"`` (the best scales found so far) or
             ``"restore"`` (the scales it was given).
+        seed_candidates: data-free scale vectors put into each group's first population in place of mutated
+            members (``"weight_mse"``: every weight's per-channel scale clipped to minimize its own quantization
+            error; see :mod:`cptv_plugin.starts`). Judged by the same fitness, so adopted only where they beat the
+            user's calibration. ``()``: none (the paper preset).
         validation_fraction: hold out this share of the calibration images (drawn by ``seed``); the search
             never sees them, and if the refined scales are worse than the initial ones on them, the initial
             scales are restored (``RefineResult.validation`` says so). 0 disables the guard.
@@ -80,6 +84,7 @@ class SearchConfig:
     checkpoint_path: str | None = None
     on_interrupt: Literal["keep_best", "restore"] = "keep_best"
     validation_fraction: float = 0.0
+    seed_candidates: tuple[str, ...] = ("weight_mse",)
     name: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:
@@ -115,6 +120,12 @@ class SearchConfig:
             problems.append(f"on_interrupt must be 'keep_best' or 'restore' (got {self.on_interrupt!r})")
         if not 0.0 <= self.validation_fraction < 1.0:
             problems.append(f"validation_fraction must be in [0, 1) (got {self.validation_fraction})")
+        from .starts import SEEDS
+
+        unknown = [name for name in self.seed_candidates if name not in SEEDS]
+        if isinstance(self.seed_candidates, str) or unknown:
+            problems.append(f"seed_candidates must be a tuple of registered seeds {sorted(SEEDS)} "
+                            f"(got {self.seed_candidates!r})")
         bad_roles = set(self.roles) - {"weight", "activation"}
         if bad_roles or not self.roles:
             problems.append(f"roles must be a non-empty subset of ('weight', 'activation') (got {self.roles})")
@@ -156,7 +167,7 @@ class SearchConfig:
         settings = dict(passes=10, population=15, cycles=3, samples=10, mutation=None, mutation_kind="absolute",
                         mutation_8bit=1e-3, mutation_low_bit=1e-4, fitness="infonce", temperature=3.0,
                         normalize=True, batch_size=100, block_order="reverse", search_outside_blocks=False,
-                        roles=("weight", "activation"), name="paper")
+                        roles=("weight", "activation"), seed_candidates=(), name="paper")
         settings.update(overrides)
         return cls(**settings)
 

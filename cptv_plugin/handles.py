@@ -22,6 +22,7 @@ class ScaleHandle(ABC):
     role: str  # "weight" or "activation"
     quant_min: int
     quant_max: int
+    weight: torch.Tensor | None = None  # for weight scales: the tensor quantized, where the framework shows it
     axis: int | None  # None for per-tensor
 
     @property
@@ -39,6 +40,10 @@ class ScaleHandle(ABC):
     @abstractmethod
     def commit(self) -> None:
         """Write the scale in use into the framework's own state (called once, after the search)."""
+
+    def zero_points(self) -> torch.Tensor:
+        """Zero point(s) of the quantizer in use (0 for the symmetric quantizers of amax-based frameworks)."""
+        return torch.zeros(1, dtype=torch.int32)
 
     def describe(self) -> str:
         grain = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"

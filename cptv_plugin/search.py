@@ -14,6 +14,7 @@ from ._io import atomic_path
 from .config import SearchConfig
 from .engine import Evaluator
 from .handles import Group
+from .starts import seed_vectors
 
 __all__ = ["RefineResult", "evolutionary_search", "mutate", "CheckpointMismatchError"]
 
@@ -163,7 +164,13 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                 segment = group.segment if config.engine == "fast" else None
                 if segment is not None:
                     evaluator.advance(segment)
-                for _ in range(config.population - 1):
+                # first pass: data-free seeds (e.g. MSE-clipped weights) take the place of mutated members
+                seeds = seed_vectors(group, config.seed_candidates) if pass_index == 0 else []
+                for seed in seeds[:config.population - 1]:
+                    seed = seed.to(current.device, current.dtype)
+                    group.set(seed)
+                    population.append((seed, evaluator(segment)))
+                for _ in range(config.population - len(population)):
                     candidate = mutate(current, gamma, config.mutation_kind, generator)
                     group.set(candidate)
                     population.append((candidate, evaluator(segment)))

@@ -123,7 +123,11 @@ class AmaxSession:
                 raise NotCalibratedError(f"{path} has no amax: calibrate the model before refining it")
             role = "weight" if path.endswith("weight_quantizer") else "activation"
             if role in roles:
-                handles.append(AmaxHandle(path, quantizer, role, kind))
+                handle = AmaxHandle(path, quantizer, role, kind)
+                if role == "weight":
+                    owner = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+                    handle.weight = getattr(owner, "weight", None)
+                handles.append(handle)
         if not handles:
             from ..fx.refine import NoQuantizersError
 

@@ -98,6 +98,9 @@ class ObserverHandle(_QuantizerInfo, ScaleHandle):
     def read(self) -> torch.Tensor:
         return self.quantizer.scale.clone()
 
+    def zero_points(self) -> torch.Tensor:
+        return self.quantizer.zero_point
+
     def set(self, scale: torch.Tensor) -> None:
         self.quantizer.scale.copy_(scale)
 
@@ -131,6 +134,9 @@ class WeightObserverHandle(_QuantizerInfo, ScaleHandle):
 
     def read(self) -> torch.Tensor:
         return self.quantizer.scale.clone()
+
+    def zero_points(self) -> torch.Tensor:
+        return self.quantizer.zero_point
 
     def set(self, scale: torch.Tensor) -> None:
         self.quantizer.scale.copy_(scale)
@@ -168,6 +174,9 @@ class FakeQuantizeHandle(_QuantizerInfo, ScaleHandle):
 
     def read(self) -> torch.Tensor:
         return self.fake_quant.scale.detach().clone()
+
+    def zero_points(self) -> torch.Tensor:
+        return self.fake_quant.zero_point
 
     def set(self, scale: torch.Tensor) -> None:
         with torch.no_grad():

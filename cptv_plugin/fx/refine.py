@@ -160,6 +160,8 @@ class FxSession:
                     if handle is None:
                         handle = ObserverHandle(prepared, node.target, module, clamp_to_dtype=target == "convert_fx",
                                                 role=role, refined_cls=refined_cls)
+                        if role == "weight":  # PT2E: the weight is the constant the observer reads
+                            handle.weight = _get_attr(prepared, node.all_input_nodes[0].target)
                         by_module[id(module)] = handle
                     elif node.target not in handle.paths:
                         handle.paths.append(node.target)

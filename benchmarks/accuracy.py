@@ -45,11 +45,11 @@ MODELS = ["fmnist_deit_tiny", "fmnist_swin_tiny", "fmnist_levit"]
 BITS = ["W8A8", "W4A8", "W3A8", "W4A4", "W3A4", "W2A8"]
 STARTS = {"e2e": ["baseline", "histogram"], "linear": ["baseline", "modelopt-mse", "modelopt-local_hessian"],
           "pt2e": ["baseline"]}
-PRESETS = ["default", "paper", "fast", "paper-mse", "default-noseed", "fast-noseed"]
+PRESETS = ["default", "paper", "fast", "paper-mse", "default-seeded", "fast-seeded"]
 # ablations of a preset: name -> (preset, overrides); recorded like presets, run only when asked for
 VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
-            "default-noseed": ("default", {"seed_candidates": ()}),
-            "fast-noseed": ("fast", {"seed_candidates": ()})}
+            "default-seeded": ("default", {"seed_candidates": ("weight_mse",)}),
+            "fast-seeded": ("fast", {"seed_candidates": ("weight_mse",)})}
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "histogram", "histogram+default"],
     "linear": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "modelopt-mse", "modelopt-local_hessian",
@@ -155,13 +155,27 @@ def quantize_pt2e(model, calib, bits: str, start: str):
     return prepared
 
 
-def evaluation_model(quantized, placement: str):
+def fx_target(placement: str, bits: str) -> str | None:
+    """How FX activations below 8 bits are simulated. torch.ao's convert_fx lowers every activation to quint8 with
+    the full 0–255 range whatever the observer's narrowed range, so a "4-bit" activation there only has a coarser
+    scale and 240 levels of headroom; the benchmark measures real 4-bit activations (``"fake_quant"``: the
+    narrowed range, as FakeQuantize and QAT export compute it) and keeps ``"convert_fx"`` for 8 bits."""
+    from cptv_plugin.qconfigs import parse_bits
+
+    if placement != "e2e":
+        return None
+    return "fake_quant" if parse_bits(bits)[1] < 8 else "convert_fx"
+
+
+def evaluation_model(quantized, placement: str, bits: str):
     """What to measure: ModelOpt models directly; FX models as the simulated quantized model."""
     if placement == "linear":
         return quantized.eval()
     from cptv_plugin.fx.refine import FxSession
 
-    return FxSession(quantized, flavor="pt2e" if placement == "pt2e" else "fx").eval_module
+    if placement == "pt2e":
+        return FxSession(quantized, flavor="pt2e").eval_module
+    return FxSession(quantized, target=fx_target(placement, bits)).eval_module
 
 
 # ------------------------------------------------------------------------------------------ one run
@@ -185,9 +199,13 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
     quantized = quantize(model, calib, bits, start)
     calibrated = time.time() - start_time
     result = None
+    target = fx_target(placement, bits)
+    if target is not None:
+        record["activation_range"] = "narrowed" if target == "fake_quant" else "dtype"
     if search is not None:
-        result = cptv_plugin.refine(quantized, calib, config=search_config(search, seed, device))
-    top1 = evaluate_top1(evaluation_model(quantized, placement), test_x, test_y)
+        options = {"target": target} if target is not None else {}
+        result = cptv_plugin.refine(quantized, calib, config=search_config(search, seed, device), **options)
+    top1 = evaluate_top1(evaluation_model(quantized, placement, bits), test_x, test_y)
     record.update(top1=top1, seconds=round(result.seconds if result else calibrated, 2),
                   evaluations=result.evaluations if result else 0)
     if result is not None:

@@ -53,7 +53,8 @@ class SearchConfig:
         seed_candidates: data-free scale vectors put into each group's first population in place of mutated
             members (``"weight_mse"``: every weight's per-channel scale clipped to minimize its own quantization
             error; see :mod:`cptv_plugin.starts`). Judged by the same fitness, so adopted only where they beat the
-            user's calibration. ``()``: none (the paper preset).
+            user's calibration. Default ``()``: none (measured: +1.3 points at W2A8 e2e, −2.6 at W2A8 linear;
+            benchmarks/FINDINGS.md).
         validation_fraction: hold out this share of the calibration images (drawn by ``seed``); the search
             never sees them, and if the refined scales are worse than the initial ones on them, the initial
             scales are restored (``RefineResult.validation`` says so). 0 disables the guard.
@@ -84,7 +85,7 @@ class SearchConfig:
     checkpoint_path: str | None = None
     on_interrupt: Literal["keep_best", "restore"] = "keep_best"
     validation_fraction: float = 0.0
-    seed_candidates: tuple[str, ...] = ("weight_mse",)
+    seed_candidates: tuple[str, ...] = ()
     name: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:
@@ -167,7 +168,7 @@ class SearchConfig:
         settings = dict(passes=10, population=15, cycles=3, samples=10, mutation=None, mutation_kind="absolute",
                         mutation_8bit=1e-3, mutation_low_bit=1e-4, fitness="infonce", temperature=3.0,
                         normalize=True, batch_size=100, block_order="reverse", search_outside_blocks=False,
-                        roles=("weight", "activation"), seed_candidates=(), name="paper")
+                        roles=("weight", "activation"), name="paper")
         settings.update(overrides)
         return cls(**settings)
 

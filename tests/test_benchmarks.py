@@ -55,6 +55,20 @@ def test_accuracy_benchmark_workers_share_the_tasks_once_each(tmp_path):
                      "histogram+default"]
 
 
+def test_accuracy_benchmark_simulates_low_bit_fx_activations_with_their_narrowed_range(tmp_path):
+    """convert_fx would run "4-bit" activations as quint8 with 0-255: the benchmark measures real 4-bit ones."""
+    from benchmarks.accuracy import fx_target, main
+
+    assert fx_target("e2e", "W4A4") == "fake_quant" and fx_target("e2e", "W4A8") == "convert_fx"
+    assert fx_target("linear", "W4A4") is None
+    out = tmp_path / "accuracy.json"
+    main(["--models", "fmnist_vit_tiny", "--bits", "W8A4", "W8A8", "--placements", "e2e", "--methods", "baseline",
+          "--seeds", "0", "--calibration", "100", "--test-images", "300", "--device", "cpu", "--out", str(out)])
+    records = {r["bits"]: r for r in json.loads(out.read_text())}
+    assert records["W8A4"]["activation_range"] == "narrowed" and records["W8A8"]["activation_range"] == "dtype"
+    assert records["W8A4"]["top1"] < records["W8A8"]["top1"] - 5  # 16 real levels cost far more than 256
+
+
 def test_accuracy_benchmark_takes_an_imagenet_layout_folder(tmp_path):
     from PIL import Image
 

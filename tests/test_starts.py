@@ -12,7 +12,7 @@ from cptv_plugin.starts import seed_vectors, weight_mse_scale
 from conftest import prepare_and_calibrate
 
 ONE_VISIT_SEEDED = SearchConfig(passes=1, population=2, cycles=0, samples=1, batch_size=50, progress=False,
-                                search_outside_blocks=False)
+                                search_outside_blocks=False, seed_candidates=("weight_mse",))
 
 
 def quantization_error(handle, scale):
@@ -108,9 +108,9 @@ def test_search_adopts_the_seed_only_through_the_fitness(tiny_vit, fmnist):
     assert not any(torch.allclose(v, seeds[name], rtol=1e-6) for name, v in block_vectors(unseeded).items())
 
 
-def test_paper_preset_has_no_seed_and_unknown_seeds_are_refused():
-    assert SearchConfig.paper().seed_candidates == ()
-    assert SearchConfig().seed_candidates == ("weight_mse",)
+def test_presets_have_no_seed_and_unknown_seeds_are_refused():
+    assert SearchConfig.paper().seed_candidates == SearchConfig().seed_candidates == SearchConfig.fast().seed_candidates == ()
+    assert SearchConfig(seed_candidates=("weight_mse",)).seed_candidates == ("weight_mse",)
     with pytest.raises(ValueError, match="seed_candidates"):
         SearchConfig(seed_candidates=("nope",))
     with pytest.raises(ValueError, match="seed_candidates"):

@@ -55,6 +55,8 @@ class SearchConfig:
             error; see :mod:`cptv_plugin.starts`). Judged by the same fitness, so adopted only where they beat the
             user's calibration. Default ``()``: none (measured: +1.3 points at W2A8 e2e, −2.6 at W2A8 linear;
             benchmarks/FINDINGS.md).
+        step_adaptation: ``"none"`` (a fixed γ, the paper) or ``"one_fifth"``: each group's γ grows when more than
+            a fifth of a visit's candidates beat its starting scales and shrinks otherwise (Rechenberg's rule).
         validation_fraction: hold out this share of the calibration images (drawn by ``seed``); the search
             never sees them, and if the refined scales are worse than the initial ones on them, the initial
             scales are restored (``RefineResult.validation`` says so). 0 disables the guard.
@@ -86,6 +88,7 @@ class SearchConfig:
     on_interrupt: Literal["keep_best", "restore"] = "keep_best"
     validation_fraction: float = 0.0
     seed_candidates: tuple[str, ...] = ()
+    step_adaptation: Literal["none", "one_fifth"] = "none"
     name: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:
@@ -121,6 +124,8 @@ class SearchConfig:
             problems.append(f"on_interrupt must be 'keep_best' or 'restore' (got {self.on_interrupt!r})")
         if not 0.0 <= self.validation_fraction < 1.0:
             problems.append(f"validation_fraction must be in [0, 1) (got {self.validation_fraction})")
+        if self.step_adaptation not in ("none", "one_fifth"):
+            problems.append(f"step_adaptation must be 'none' or 'one_fifth' (got {self.step_adaptation!r})")
         from .starts import SEEDS
 
         unknown = [name for name in self.seed_candidates if name not in SEEDS]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -120,6 +121,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     if config.block_order == "reverse":
         order.reverse()
     initial_vectors = [g.read() for g in groups]
+    gammas = [gamma] * len(groups)  # per group; moved only by config.step_adaptation
     checkpoint_path = Path(config.checkpoint_path) if config.checkpoint_path else None
     saved = _load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
     if saved is not None:
@@ -131,6 +133,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
         rng.setstate(_as_random_state(saved["py_rng"]))
         best_fitness = saved["best_fitness"]
         initial_fitness = saved["initial_fitness"]
+        gammas = list(saved.get("gammas", gammas))
         resume_at = saved["next_visit"]
         logger.info("resuming the search from %s at visit %d (fitness %.5f)", checkpoint_path, resume_at,
                     best_fitness)
@@ -157,6 +160,8 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                 continue
             group = groups[group_index]
             population: list[tuple[torch.Tensor, float]] = []
+            step = gammas[group_index]
+            fitness_at_start = best_fitness
             try:
                 current = group.read()
                 population.append((current, best_fitness))
@@ -171,13 +176,13 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                     group.set(seed)
                     population.append((seed, evaluator(segment)))
                 for _ in range(config.population - len(population)):
-                    candidate = mutate(current, gamma, config.mutation_kind, generator)
+                    candidate = mutate(current, step, config.mutation_kind, generator)
                     group.set(candidate)
                     population.append((candidate, evaluator(segment)))
                 for _ in range(config.cycles):
                     drawn = rng.sample(range(len(population)), min(config.samples, len(population)))
                     parent = min(drawn, key=lambda i: population[i][1])
-                    child = mutate(population[parent][0], gamma, config.mutation_kind, generator)
+                    child = mutate(population[parent][0], step, config.mutation_kind, generator)
                     group.set(child)
                     population.append((child, evaluator(segment)))
                     worst = max(range(len(population)), key=lambda i: population[i][1])
@@ -187,14 +192,17 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                 if population:
                     best_vector, best_fitness = min(population, key=lambda member: member[1])
                     group.set(best_vector)
+                    if config.step_adaptation == "one_fifth":
+                        gammas[group_index] = adapt_step(step, gamma, [f for _, f in population[1:]],
+                                                         fitness_at_start, config.population - 1 + config.cycles)
             result.history.append({"pass": pass_index, "group": group.name, "fitness": best_fitness,
-                                   "evaluations": evaluator.evaluations})
+                                   "evaluations": evaluator.evaluations, "step": step})
             if checkpoint_path is not None:
                 _save_checkpoint(checkpoint_path, {
                     "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "next_visit": visit + 1,
                     "vectors": [g.read().cpu() for g in groups], "best_fitness": best_fitness,
                     "initial_fitness": initial_fitness, "history": result.history,
-                    "evaluations": evaluator.evaluations, "torch_rng": generator.get_state(),
+                    "evaluations": evaluator.evaluations, "torch_rng": generator.get_state(), "gammas": gammas,
                     "py_rng": rng.getstate()})
             if progress is not None:
                 progress.update(1)
@@ -219,6 +227,17 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     logger.info("search done: fitness %.5f -> %.5f in %.1f s (%d evaluations)", result.initial_fitness,
                 result.final_fitness, result.seconds, result.evaluations)
     return result
+
+
+def adapt_step(step: float, initial: float, fitnesses: list[float], reference: float, trials: int) -> float:
+    """Rechenberg's 1/5th success rule per group visit: the step grows when more than a fifth of the
+    candidates beat the scales the visit started from, shrinks otherwise; kept within [γ/100, 20·γ]
+    (and ≤ 1 for relative moves). ``fitnesses``: the surviving candidates (a dropped one was no success)."""
+    if trials <= 0:
+        return step
+    rate = sum(1 for f in fitnesses if f < reference) / trials
+    moved = step * math.exp(trials * (rate - 0.2) / 4.0)
+    return min(max(moved, initial / 100.0), initial * 20.0)
 
 
 def _as_random_state(state):

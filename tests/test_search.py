@@ -39,6 +39,9 @@ class QuadraticEvaluator:
     def advance(self, segment):
         self.advanced.append(segment)
 
+    def invalidate(self):
+        pass
+
     def __call__(self, segment=None):
         self.evaluations += 1
         self.calls.append(segment)
@@ -181,3 +184,69 @@ def test_forward_passes_group_fitness_batches_without_changing_the_fitness(tiny_
         result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH.replace(compute_batch_size=compute))
         values.append(result.initial_fitness)
     assert values[0] == pytest.approx(values[1], rel=1e-5)
+
+
+def test_one_fifth_rule_grows_and_shrinks_the_step_within_bounds():
+    from cptv_plugin.search import adapt_step
+
+    assert adapt_step(0.05, 0.05, [0.0] * 8, reference=1.0, trials=10) > 0.05  # 80 % successes
+    assert adapt_step(0.05, 0.05, [2.0] * 8, reference=1.0, trials=10) < 0.05  # none
+    assert adapt_step(0.05, 0.05, [0.0, 0.0, 2.0], reference=1.0, trials=10) == pytest.approx(0.05)  # exactly 1/5
+    assert adapt_step(0.05, 0.05, [0.0] * 100, reference=1.0, trials=100) == pytest.approx(1.0)  # 20·γ at most
+    assert adapt_step(0.05, 0.05, [2.0] * 100, reference=1.0, trials=100) == pytest.approx(5e-4)  # γ/100 at least
+
+
+def test_step_adaptation_moves_each_groups_step_and_still_never_worsens():
+    """Far from the optimum (every mutation wins) the step grows; at the optimum (none wins) it shrinks."""
+    config = SearchConfig(passes=4, population=6, cycles=2, samples=3, mutation=0.01, progress=False,
+                          step_adaptation="one_fifth")
+    groups, evaluator = make_problem()
+    evaluator.targets = [torch.full((5,), 3.0) for _ in groups]
+    result = evolutionary_search(groups, evaluator, config)
+    steps = [h["step"] for h in result.history if h["group"] == "block0"]
+    assert steps[0] == 0.01 and steps[-1] > 0.01
+    fitness = [result.initial_fitness] + [h["fitness"] for h in result.history]
+    assert all(b <= a for a, b in zip(fitness, fitness[1:]))
+
+    groups, evaluator = make_problem()
+    evaluator.targets = [torch.ones(5) for _ in groups]
+    result = evolutionary_search(groups, evaluator, config)
+    assert [h["step"] for h in result.history if h["group"] == "block0"][-1] < 0.01
+    plain = evolutionary_search(*make_problem(), SearchConfig(passes=2, population=6, cycles=2, samples=3,
+                                                               mutation=0.01, progress=False))
+    assert {h["step"] for h in plain.history} == {0.01}
+
+
+def test_adapted_steps_survive_a_resume(tmp_path, monkeypatch):
+    """The per-group steps are part of the checkpoint: an interrupted and resumed adaptive search ends with
+    exactly the scales of an uninterrupted one."""
+    from cptv_plugin import search
+
+    config = SearchConfig(passes=3, population=5, cycles=2, samples=3, mutation=0.01, progress=False,
+                          step_adaptation="one_fifth", checkpoint_path=str(tmp_path / "a.ckpt"))
+    groups, evaluator = make_problem()
+    evaluator.targets = [torch.full((5,), 3.0) for _ in groups]
+    evolutionary_search(groups, evaluator, config, fingerprint="toy")
+    uninterrupted = [g.read() for g in groups]
+
+    original, saves = search._save_checkpoint, []
+
+    def save_then_interrupt(path, state):
+        original(path, state)
+        saves.append(state["gammas"])
+        if len(saves) == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "_save_checkpoint", save_then_interrupt)
+    config = config.replace(checkpoint_path=str(tmp_path / "b.ckpt"))
+    groups, evaluator = make_problem()
+    evaluator.targets = [torch.full((5,), 3.0) for _ in groups]
+    assert evolutionary_search(groups, evaluator, config, fingerprint="toy").interrupted
+    assert saves[-1] != [0.01] * 3  # steps had moved when it stopped
+    monkeypatch.setattr(search, "_save_checkpoint", original)
+    groups, evaluator = make_problem()
+    evaluator.targets = [torch.full((5,), 3.0) for _ in groups]
+    resumed = evolutionary_search(groups, evaluator, config, fingerprint="toy")
+    assert resumed.resumed_from == 4
+    for got, expected in zip([g.read() for g in groups], uninterrupted):
+        assert torch.equal(got, expected)

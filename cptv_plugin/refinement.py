@@ -83,7 +83,11 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
         session.begin()
         reference = _reference(session, fp_model, batches)
         if config.compile and config.engine == "fast":
-            session.chain.compile()
+            reason = getattr(session, "compile_obstacle", None)
+            if reason:
+                logger.warning("compile=True ignored: %s; the search runs eagerly", reason)
+            else:
+                session.chain.compile()
         precision = config.resolved_precision(device.type)
         if config.engine == "literal":
             precision = "fp32"  # the reference implementation: full forward, fp32, one fitness batch at a time

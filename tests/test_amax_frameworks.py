@@ -165,3 +165,19 @@ def test_floating_point_modelopt_formats_are_refused_untouched(tiny_vit, fmnist)
     with pytest.raises(UnsupportedQuantizerError, match="integer per-tensor and per-channel"):
         cptv_plugin.refine_modelopt(model, calib, config=TINY_SEARCH)
     assert all(torch.equal(before[k], v) for k, v in amax_of(model).items())
+
+
+def test_compile_is_skipped_with_a_warning_for_amax_frameworks(tiny_vit, fmnist, monkeypatch, caplog):
+    """Their quantizers break torch.compile's graph at every quantizer: compiling would only cost."""
+    from cptv_plugin.engine import SegmentedModel
+
+    def refuse(self, **options):
+        raise AssertionError("compiled an amax session")
+
+    monkeypatch.setattr(SegmentedModel, "compile", refuse)
+    calib = fmnist[0][:100]
+    model = modelopt_quantize(tiny_vit, calib)
+    with caplog.at_level("WARNING", logger="cptv_plugin.refinement"):
+        result = cptv_plugin.refine(model, calib, config=TINY_SEARCH.replace(compile=True))
+    assert result.final_fitness <= result.initial_fitness
+    assert any("compile=True ignored" in r.message and "ModelOpt" in r.message for r in caplog.records)

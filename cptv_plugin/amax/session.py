@@ -99,6 +99,12 @@ def _owner_node(path: str, nodes: dict[str, fx.Node]) -> fx.Node | None:
 class AmaxSession:
     """The handles, groups and segmented evaluation model of an eager model with amax quantizers."""
 
+    # measured with dynamo (torch 2.14): ModelOpt's fake quant branches on a tensor value (``if min_amax < 0``),
+    # pytorch-quantization's calls logging; either breaks the graph at every quantizer (57-59 graphs for a
+    # 6-segment ViT), so compiling would cost time and recompiles and fuse nothing
+    compile_obstacle = ("the framework's quantizers break torch.compile's graph at every quantizer (ModelOpt: a "
+                        "branch on a tensor value; pytorch-quantization: logging calls)")
+
     def __init__(self, model: nn.Module, kind: QuantizerKind, *, blocks: list[str] | None = None,
                  roles=("weight", "activation"), search_outside_blocks: bool = True):
         self.module, self.kind = model, kind

@@ -162,6 +162,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
             population: list[tuple[torch.Tensor, float]] = []
             step = gammas[group_index]
             fitness_at_start = best_fitness
+            tried: list[float] = []  # fitness of every candidate of this visit, for the step adaptation
             try:
                 current = group.read()
                 population.append((current, best_fitness))
@@ -175,16 +176,19 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                     seed = seed.to(current.device, current.dtype)
                     group.set(seed)
                     population.append((seed, evaluator(segment)))
+                    tried.append(population[-1][1])
                 for _ in range(config.population - len(population)):
                     candidate = mutate(current, step, config.mutation_kind, generator)
                     group.set(candidate)
                     population.append((candidate, evaluator(segment)))
+                    tried.append(population[-1][1])
                 for _ in range(config.cycles):
                     drawn = rng.sample(range(len(population)), min(config.samples, len(population)))
                     parent = min(drawn, key=lambda i: population[i][1])
                     child = mutate(population[parent][0], step, config.mutation_kind, generator)
                     group.set(child)
                     population.append((child, evaluator(segment)))
+                    tried.append(population[-1][1])
                     worst = max(range(len(population)), key=lambda i: population[i][1])
                     population.pop(worst)
             finally:
@@ -193,8 +197,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                     best_vector, best_fitness = min(population, key=lambda member: member[1])
                     group.set(best_vector)
                     if config.step_adaptation == "one_fifth":
-                        gammas[group_index] = adapt_step(step, gamma, [f for _, f in population[1:]],
-                                                         fitness_at_start, config.population - 1 + config.cycles)
+                        gammas[group_index] = adapt_step(step, gamma, tried, fitness_at_start)
             result.history.append({"pass": pass_index, "group": group.name, "fitness": best_fitness,
                                    "evaluations": evaluator.evaluations, "step": step})
             if checkpoint_path is not None:
@@ -229,14 +232,14 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     return result
 
 
-def adapt_step(step: float, initial: float, fitnesses: list[float], reference: float, trials: int) -> float:
-    """Rechenberg's 1/5th success rule per group visit: the step grows when more than a fifth of the
-    candidates beat the scales the visit started from, shrinks otherwise; kept within [γ/100, 20·γ]
-    (and ≤ 1 for relative moves). ``fitnesses``: the surviving candidates (a dropped one was no success)."""
-    if trials <= 0:
+def adapt_step(step: float, initial: float, fitnesses: list[float], reference: float) -> float:
+    """Rechenberg's 1/5th success rule per group visit: the step grows when more than a fifth of the visit's
+    candidates (``fitnesses``) beat the scales it started from (``reference``), shrinks otherwise; kept within
+    [γ/100, 20·γ]."""
+    if not fitnesses:
         return step
-    rate = sum(1 for f in fitnesses if f < reference) / trials
-    moved = step * math.exp(trials * (rate - 0.2) / 4.0)
+    successes = sum(1 for f in fitnesses if f < reference)
+    moved = step * math.exp((successes - 0.2 * len(fitnesses)) / 4.0)
     return min(max(moved, initial / 100.0), initial * 20.0)
 
 

@@ -189,11 +189,12 @@ def test_forward_passes_group_fitness_batches_without_changing_the_fitness(tiny_
 def test_one_fifth_rule_grows_and_shrinks_the_step_within_bounds():
     from cptv_plugin.search import adapt_step
 
-    assert adapt_step(0.05, 0.05, [0.0] * 8, reference=1.0, trials=10) > 0.05  # 80 % successes
-    assert adapt_step(0.05, 0.05, [2.0] * 8, reference=1.0, trials=10) < 0.05  # none
-    assert adapt_step(0.05, 0.05, [0.0, 0.0, 2.0], reference=1.0, trials=10) == pytest.approx(0.05)  # exactly 1/5
-    assert adapt_step(0.05, 0.05, [0.0] * 100, reference=1.0, trials=100) == pytest.approx(1.0)  # 20·γ at most
-    assert adapt_step(0.05, 0.05, [2.0] * 100, reference=1.0, trials=100) == pytest.approx(5e-4)  # γ/100 at least
+    assert adapt_step(0.05, 0.05, [0.0] * 8 + [2.0] * 2, reference=1.0) > 0.05  # 80 % successes
+    assert adapt_step(0.05, 0.05, [2.0] * 10, reference=1.0) < 0.05  # none
+    assert adapt_step(0.05, 0.05, [0.0] * 2 + [2.0] * 8, reference=1.0) == pytest.approx(0.05)  # exactly 1/5
+    assert adapt_step(0.05, 0.05, [0.0] * 100, reference=1.0) == pytest.approx(1.0)  # 20·γ at most
+    assert adapt_step(0.05, 0.05, [2.0] * 100, reference=1.0) == pytest.approx(5e-4)  # γ/100 at least
+    assert adapt_step(0.05, 0.05, [], reference=1.0) == 0.05
 
 
 def test_step_adaptation_moves_each_groups_step_and_still_never_worsens():

@@ -32,6 +32,7 @@ class RefinementSession(Protocol):
     module: nn.Module  # the user's model
     groups: list[Group]
     chain: SegmentedModel
+    compile_obstacle: str | None  # why compile=True cannot help this framework's model (None: it can)
 
     def set_quantization(self, enabled: bool) -> None: ...
     def snapshot(self) -> dict: ...
@@ -83,9 +84,8 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
         session.begin()
         reference = _reference(session, fp_model, batches)
         if config.compile and config.engine == "fast":
-            reason = getattr(session, "compile_obstacle", None)
-            if reason:
-                logger.warning("compile=True ignored: %s; the search runs eagerly", reason)
+            if session.compile_obstacle:
+                logger.warning("compile=True ignored: %s; the search runs eagerly", session.compile_obstacle)
             else:
                 session.chain.compile()
         precision = config.resolved_precision(device.type)

@@ -95,6 +95,8 @@ class FxSession:
     """Everything refine_fx builds around the user's GraphModule: the handles, an evaluation copy of the
     graph in which observers simulate quantization, its segments and the search groups."""
 
+    compile_obstacle = None  # the simulated quantizers compile as one graph per segment (tested)
+
     def __init__(self, prepared: fx.GraphModule, *, blocks: list[str] | None = None,
                  target: Target = "convert_fx", clamp_weights: bool = True, roles=("weight", "activation"),
                  search_outside_blocks: bool = True, flavor: Literal["fx", "pt2e"] = "fx"):

@@ -45,8 +45,6 @@ MODELS = ["fmnist_deit_tiny", "fmnist_swin_tiny", "fmnist_levit"]
 BITS = ["W8A8", "W4A8", "W3A8", "W4A4", "W3A4", "W2A8"]
 STARTS = {"e2e": ["baseline", "histogram"], "linear": ["baseline", "modelopt-mse", "modelopt-local_hessian"],
           "pt2e": ["baseline"]}
-PRESETS = ["default", "paper", "fast", "paper-mse", "default-seeded", "fast-seeded", "default-adaptive",
-           "fast-adaptive", "fast-kl"]
 # ablations of a preset: name -> (preset, overrides); recorded like presets, run only when asked for
 VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
             "default-seeded": ("default", {"seed_candidates": ("weight_mse",)}),
@@ -54,6 +52,7 @@ VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
             "default-adaptive": ("default", {"step_adaptation": "one_fifth"}),
             "fast-adaptive": ("fast", {"step_adaptation": "one_fifth"}),
             "fast-kl": ("fast", {"fitness": "kl"})}
+PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "histogram", "histogram+default"],
     "linear": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "modelopt-mse", "modelopt-local_hessian",

@@ -1,15 +1,15 @@
 """Seed candidates: scale vectors built without data that the search puts into its first population.
 
 The user's own calibration stays the starting point: a seed is only one more member of a group's first
-population, judged by the same global fitness, and adopted only if it beats every other member. Seeds help
-where the calibration is known to be poor, e.g. MinMax ranges of 2- and 3-bit weights, whose MSE-optimal
+population, judged by the same global fitness, and adopted only if it beats every other member. Seeds are
+meant for calibrations known to be poor, e.g. MinMax ranges of 2- and 3-bit weights, whose MSE-optimal
 clipping lies far inside the weight's range: a random walk over thousands of per-channel scales finds it
-slowly, a per-channel grid search over the weight itself finds it at once.
+slowly, a per-channel grid search over the weight itself at once. Measured, the gain is mixed (+1.3 points at
+W2A8 with every op quantized, −2.6 with Linear inputs only; benchmarks/FINDINGS.md), so no preset uses them.
 """
 
 from __future__ import annotations
 
-import logging
 from typing import Callable
 
 import torch
@@ -17,8 +17,6 @@ import torch
 from .handles import Group, ScaleHandle
 
 __all__ = ["SEEDS", "register_seed", "weight_mse_scale", "seed_vectors"]
-
-logger = logging.getLogger(__name__)
 
 # name -> fn(handle) returning the seeded scale of one handle (same shape as ``handle.read()``), or None
 SEEDS: dict[str, Callable[[ScaleHandle], torch.Tensor | None]] = {}

@@ -8,6 +8,7 @@ every calibration batch, then evaluates each candidate by running only segments 
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -68,11 +69,47 @@ class SegmentedModel:
     def forward(self, images: torch.Tensor) -> Any:
         return self.run(self.initial_env(images))
 
-    def compile(self, **options) -> None:
-        """Compile every segment with ``torch.compile`` (fake quantization fuses into its neighbours' kernels).
-        Worth it on a GPU for long searches; each segment compiles on its first call."""
+    def compile(self, **options) -> int:
+        """Compile the segments with ``torch.compile`` (fake quantization fuses into its neighbours' kernels).
+        Worth it on a GPU for long searches; each graph compiles on its first call.
+
+        Segments with the same structure (the blocks of a ViT) share one compiled copy, whose tensors are refreshed
+        from the calling segment's own before each call: tracing is paid once per distinct block, not per block.
+        Returns the number of distinct compiled graphs."""
+        from torch import fx
+
+        from .fx.structure import segment_structure
+
+        shared: dict[str, tuple[list[torch.Tensor], Callable[..., Any]]] = {}
         for segment in self.segments:
-            segment.fn = torch.compile(segment.fn, dynamic=False, **options)
+            structure = segment_structure(segment.fn) if isinstance(segment.fn, fx.GraphModule) else None
+            if structure is None:
+                segment.fn = torch.compile(segment.fn, dynamic=False, **options)
+                continue
+            key, tensors = structure
+            if key not in shared:
+                template = copy.deepcopy(segment.fn)
+                shared[key] = (segment_structure(template)[1], torch.compile(template, dynamic=False, **options))
+            template_tensors, compiled = shared[key]
+            segment.fn = _SharedCompiled(compiled, template_tensors, tensors)
+        distinct = len(shared) + sum(not isinstance(s.fn, _SharedCompiled) for s in self.segments)
+        logger.info("compiling %d segments as %d distinct graphs", len(self.segments), distinct)
+        return distinct
+
+
+class _SharedCompiled:
+    """One segment run through a compiled copy of a structurally identical segment (see ``compile``)."""
+
+    def __init__(self, compiled: Callable[..., Any], template_tensors: list[torch.Tensor],
+                 tensors: list[torch.Tensor]):
+        self.compiled = compiled
+        self.template_tensors = template_tensors
+        self.tensors = tensors
+
+    def __call__(self, *args: Any) -> Any:
+        with torch.no_grad():  # the current scales and weights of this segment (one multi-tensor copy kernel)
+            torch._foreach_copy_(self.template_tensors, self.tensors)
+        return self.compiled(*args)
 
 
 def _as_output_tensor(output: Any) -> torch.Tensor:

@@ -56,31 +56,40 @@ def test_every_quantizer_in_exactly_one_group_and_suffix_equals_full_forward(fam
     assert_suffix_matches_full(session.chain, session.groups, images)
 
 
-def test_compiled_segments_trace_whole_and_match_eager(family, fmnist):
+def test_compiled_segments_trace_whole_share_identical_blocks_and_match_eager(family, fmnist):
     """torch.compile of the segments (dynamo only: the ``eager`` backend) sees each segment as one graph: a graph
     break inside a quantized layer recompiles per weight shape, and past dynamo's recompile limit (8) the model
-    silently runs eagerly again (Swin-T at 224² did, on the H100)."""
+    silently runs eagerly again (Swin-T at 224² did, on the H100). Identical blocks share one compiled graph, and
+    each still computes with its own scales."""
     from torch._dynamo.utils import counters
 
     name, _, prepared = family
     session = FxSession(prepared)
     images = fmnist[0][:8]
+    middle = session.groups[len(session.groups) // 2]  # a block whose graph is shared with its neighbours
+
+    def scale_middle(factor):
+        for handle in middle.handles:
+            handle.set(handle.read() * factor)
+
     with torch.no_grad():
         expected = session.chain.forward(images)
-        session.chain.compile(backend="eager")
+        scale_middle(2.0)
+        expected_scaled = session.chain.forward(images)
+        scale_middle(0.5)
         torch._dynamo.reset()
         counters.clear()
-        for scale in (1.0, 2.0):  # a changed weight scale is seen by the compiled code (no stale cache)
-            for handle in session.groups[1].handles:
-                handle.set(handle.read() * scale)
-            got = session.chain.forward(images)
-        for handle in session.groups[1].handles:
-            handle.set(handle.read() / 2.0)
+        distinct = session.chain.compile(backend="eager")
+        got = session.chain.forward(images)
+        scale_middle(2.0)  # a changed scale is seen by the compiled code (no stale cache, no stale shared copy)
+        got_scaled = session.chain.forward(images)
+        scale_middle(0.5)
         again = session.chain.forward(images)
     assert dict(counters["graph_break"]) == {}
-    assert counters["stats"]["unique_graphs"] == len(session.chain.segments)
-    assert not torch.equal(got, expected)
-    torch.testing.assert_close(again, expected, rtol=0, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == distinct < len(session.chain.segments)
+    assert not torch.equal(expected_scaled, expected)
+    for compiled, eager in ((got, expected), (got_scaled, expected_scaled), (again, expected)):
+        torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-5)
 
 
 def test_refinement_lowers_the_fitness(family, fmnist):

@@ -31,7 +31,8 @@ class RefineResult:
     Attributes:
         initial_fitness: fitness of the scales the user gave us (calibration set, lower is better).
         final_fitness: fitness of the refined scales; never above ``initial_fitness``.
-        history: one record per group visit: ``{"pass", "group", "fitness", "evaluations"}``.
+        history: one record per group visit: ``{"pass", "group", "fitness", "evaluations", "step", "seconds"}``
+            (``seconds`` since the start of this run: a resumed search counts again from 0).
         evaluations: number of fitness evaluations (each over the whole calibration set).
         seconds: wall time of the search.
         groups: names of the searched groups, in model order, with their number of scales.
@@ -199,7 +200,8 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                     if config.step_adaptation == "one_fifth":
                         gammas[group_index] = adapt_step(step, gamma, tried, fitness_at_start)
             result.history.append({"pass": pass_index, "group": group.name, "fitness": best_fitness,
-                                   "evaluations": evaluator.evaluations, "step": step})
+                                   "evaluations": evaluator.evaluations, "step": step,
+                                   "seconds": round(time.time() - start_time, 3)})
             if checkpoint_path is not None:
                 _save_checkpoint(checkpoint_path, {
                     "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "next_visit": visit + 1,

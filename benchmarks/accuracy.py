@@ -185,7 +185,7 @@ def evaluation_model(quantized, placement: str, bits: str):
 
 
 def run_one(model_name: str, model, bits: str, placement: str, method: str, seed: int, calib, test_x, test_y,
-            device: torch.device) -> dict:
+            device: torch.device, compile: bool = False) -> dict:
     import cptv_plugin
     from cptv_plugin.refinement import _device_name
     from cptv_plugin.train import evaluate_top1
@@ -207,7 +207,10 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
         record["activation_range"] = "narrowed" if target == "fake_quant" else "dtype"
     if search is not None:
         options = {"target": target} if target is not None else {}
-        result = cptv_plugin.refine(quantized, calib, config=search_config(search, seed, device), **options)
+        config = search_config(search, seed, device).replace(compile=compile)
+        result = cptv_plugin.refine(quantized, calib, config=config, **options)
+        # ModelOpt's quantizers cannot be compiled (refine warns and runs eagerly)
+        record["compiled"] = compile and FRAMEWORK[placement] != "modelopt"
     top1 = evaluate_top1(evaluation_model(quantized, placement, bits), test_x, test_y)
     record.update(top1=top1, seconds=round(result.seconds if result else calibrated, 2),
                   evaluations=result.evaluations if result else 0)
@@ -316,7 +319,7 @@ def run(args) -> list[dict]:
         torch.manual_seed(seed)
         try:
             record = run_one(model_name, model, task["bits"], task["placement"], task["method"], seed, calib, test_x,
-                             test_y, device)
+                             test_y, device, compile=args.compile)
         except Exception:  # one broken run must not cost the rest of a device session; reported, not recorded
             logger.exception("run failed: %s", probe)
             failures.append(probe)
@@ -474,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--imagenet-model", default="timm:deit_tiny_patch16_224")
     parser.add_argument("--imagenet-model-kwargs", default="{}", help="constructor kwargs as JSON")
     parser.add_argument("--out", default=str(OUT))
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the searches' evaluation segments (GPU; FX and PT2E models)")
     parser.add_argument("--report", action="store_true", help="only write accuracy.md and the plots")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes sharing the device (claim tasks in priority order; merged at the end)")

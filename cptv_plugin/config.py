@@ -60,6 +60,12 @@ class SearchConfig:
         validation_fraction: hold out this share of the calibration images (drawn by ``seed``); the search
             never sees them, and if the refined scales are worse than the initial ones on them, the initial
             scales are restored (``RefineResult.validation`` says so). 0 disables the guard.
+        agreement_guard: measure, on the calibration images, how often the quantized model's top-1 agrees with
+            the full-precision model's, before and after the search; restore the initial scales if the search
+            lowered it (``RefineResult.agreement`` says so). Label-free, two extra forward passes. It catches
+            what a lower fitness can hide: a collapsed model whose InfoNCE falls towards ln(batch) as its
+            outputs become constant (benchmarks/FINDINGS.md, section 8). Off by default (not yet measured
+            with the default preset on every reference model).
     """
 
     passes: int = 10
@@ -89,6 +95,7 @@ class SearchConfig:
     validation_fraction: float = 0.0
     seed_candidates: tuple[str, ...] = ()
     step_adaptation: Literal["none", "one_fifth"] = "none"
+    agreement_guard: bool = False
     name: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:

@@ -207,6 +207,25 @@ class Evaluator:
         return fitness
 
 
+    @torch.no_grad()
+    def agreement(self) -> float:
+        """Share of the calibration images on which the current model's top-1 class (argmax of the output)
+        equals the full-precision model's. A full forward; not counted as a fitness evaluation."""
+        agreeing, count = 0, 0
+        for index, members in enumerate(self.passes):
+            with self._context():
+                output = _as_output_tensor(self.model.run(self.model.initial_env(self._inputs[index])))
+            predicted = output.float().flatten(1).argmax(1)
+            offset = 0
+            for member in members:
+                size = self.sizes[member]
+                reference = self.reference[member].flatten(1).argmax(1)
+                agreeing += int((predicted[offset:offset + size] == reference).sum())
+                count += size
+                offset += size
+        return agreeing / count
+
+
 def _group_batches(sizes: list[int], limit: int | None) -> list[list[int]]:
     """Consecutive fitness batches packed into forward passes of at most ``limit`` images (at least one each)."""
     passes: list[list[int]] = []

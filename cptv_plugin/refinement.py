@@ -104,7 +104,18 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
             initial_vectors = [g.read() for g in session.groups]
             # hashing the calibration images costs a device-to-host copy: only for checkpointed searches
             key = fingerprint(session, config, batches) if config.checkpoint_path else ""
+            initial_agreement = evaluator.agreement() if config.agreement_guard else None
             result = evolutionary_search(session.groups, evaluator, config, fingerprint=key)
+            if initial_agreement is not None:
+                final_agreement = evaluator.agreement()
+                restored = final_agreement < initial_agreement
+                if restored:
+                    logger.warning("the refined scales agree less often with the full-precision model's top-1 "
+                                   "(%.4f < %.4f): keeping the initial scales", final_agreement, initial_agreement)
+                    for group, vector in zip(session.groups, initial_vectors):
+                        group.set(vector)
+                    result.final_fitness = result.initial_fitness
+                result.agreement = {"initial": initial_agreement, "final": final_agreement, "restored": restored}
             if validator is not None:
                 final_validation = validator(None)
                 restored = final_validation > initial_validation
@@ -148,7 +159,7 @@ def fingerprint(session: RefinementSession, config: SearchConfig, batches: list[
         for handle in group.handles:
             digest.update(f"{handle.name}:{handle.role}:{handle.quant_min}:{handle.quant_max}".encode())
             digest.update(handle.read().detach().cpu().float().numpy().tobytes())
-    ignored = {"progress", "checkpoint_path", "device", "compile", "name", "on_interrupt"}
+    ignored = {"progress", "checkpoint_path", "device", "compile", "name", "on_interrupt", "agreement_guard"}
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
     digest.update(repr(sorted(settings.items())).encode())
     for batch in batches:

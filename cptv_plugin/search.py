@@ -41,6 +41,8 @@ class RefineResult:
         resumed_from: the group visit a resumed search started from (``None``: not resumed).
         validation: with ``validation_fraction``: held-out fitness before and after, and whether the initial
             scales were restored because the refined ones were worse there.
+        agreement: with ``agreement_guard``: top-1 agreement with the full-precision model on the calibration
+            images before and after, and whether the initial scales were restored because it fell.
     """
 
     initial_fitness: float
@@ -55,6 +57,7 @@ class RefineResult:
     precision: str = "fp32"
     resumed_from: int | None = None
     validation: dict | None = None
+    agreement: dict | None = None
 
     @property
     def improvement(self) -> float:

@@ -150,6 +150,49 @@ def test_worse_on_held_out_images_restores_the_initial_scales(tiny_vit, fmnist, 
     assert all(torch.equal(a, b) for a, b in zip(initial, [h.read() for h in FxSession(prepared).all_handles]))
 
 
+def test_agreement_guard_restores_scales_that_make_the_model_disagree(tiny_vit, fmnist, monkeypatch):
+    """A search that reports a lower fitness but drives the outputs to nonsense (what the default did to a
+    collapsed LeViT at e2e W3A4) is undone by the label-free top-1 agreement check."""
+    import cptv_plugin.refinement as refinement
+    from cptv_plugin.fx.refine import FxSession
+
+    def collapsing_search(groups, evaluator, config, fingerprint=""):
+        initial = evaluator(None)
+        for group in groups:
+            group.set(group.read() * 50)  # coarse steps everywhere: the predictions stop matching
+        return cptv_plugin.RefineResult(initial_fitness=initial, final_fitness=initial - 1.0)
+
+    monkeypatch.setattr(refinement, "evolutionary_search", collapsing_search)
+    calib = fmnist[0][:200]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W4A8")
+    initial = [h.read() for h in FxSession(prepare_and_calibrate(tiny_vit, calib, "W4A8")).all_handles]
+    unguarded = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W4A8"), calib, config=TINY_SEARCH)
+    assert unguarded.agreement is None
+    result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH.replace(agreement_guard=True))
+    check = result.agreement
+    assert check["restored"] and check["final"] < check["initial"] and check["initial"] > 0.5
+    assert result.final_fitness == result.initial_fitness
+    assert all(torch.equal(a, b) for a, b in zip(initial, [h.read() for h in FxSession(prepared).all_handles]))
+
+
+def test_agreement_guard_reports_before_and_after_on_a_real_search(tiny_vit, fmnist):
+    from cptv_plugin.fx.refine import FxSession
+
+    calib = fmnist[0][:200]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W2A8")
+    before = [h.read() for h in FxSession(prepared).all_handles]
+    result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH.replace(agreement_guard=True))
+    check = result.agreement
+    after = [h.read() for h in FxSession(prepared).all_handles]
+    assert check["restored"] == (check["final"] < check["initial"])
+    assert 0.0 <= check["initial"] <= 1.0 and 0.0 <= check["final"] <= 1.0
+    if check["restored"]:
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+    else:  # the search found better scales on this W2A8 model and they agree at least as often
+        assert result.final_fitness < result.initial_fitness and check["final"] >= check["initial"]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
 def test_calibration_set_smaller_than_a_batch_is_refused(tiny_vit, fmnist):
     prepared = prepare_and_calibrate(tiny_vit, fmnist[0][:100], "W4A8")
     with pytest.raises(CalibrationError, match="batch_size=50"):

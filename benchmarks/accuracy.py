@@ -51,7 +51,8 @@ VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
             "fast-seeded": ("fast", {"seed_candidates": ("weight_mse",)}),
             "default-adaptive": ("default", {"step_adaptation": "one_fifth"}),
             "fast-adaptive": ("fast", {"step_adaptation": "one_fifth"}),
-            "fast-kl": ("fast", {"fitness": "kl"})}
+            "fast-kl": ("fast", {"fitness": "kl"}),
+            "default-guarded": ("default", {"agreement_guard": True})}
 PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "histogram", "histogram+default"],
@@ -218,6 +219,8 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
         record.update(fitness=[result.initial_fitness, result.final_fitness], precision=result.precision,
                       history=[round(h["fitness"], 6) for h in result.history],
                       passes=result.config.passes)
+        if result.agreement is not None:
+            record["agreement"] = result.agreement
     return record
 
 

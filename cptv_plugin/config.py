@@ -32,7 +32,8 @@ class SearchConfig:
         search_outside_blocks: also search the scales before the first block (patch embedding) and after the
             last (final norm, head) as two extra groups.
         roles: which scales move: ``("weight",)`` or ``("weight", "activation")``.
-        seed: seeds every random choice; same seed, data and config give the same scales.
+        seed: seeds every random choice; same seed, data and config give the same scales on the CPU. On a GPU
+            the kernels' reduction order varies from run to run, and the search can amplify it into other choices.
         device: where the search runs (``None``: where the model's parameters are).
         progress: show a progress bar.
         engine: ``"fast"`` (default: block inputs cached once per group visit, candidates re-run only the

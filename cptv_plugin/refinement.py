@@ -108,23 +108,15 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
             result = evolutionary_search(session.groups, evaluator, config, fingerprint=key)
             if initial_agreement is not None:
                 final_agreement = evaluator.agreement()
-                restored = final_agreement < initial_agreement
-                if restored:
-                    logger.warning("the refined scales agree less often with the full-precision model's top-1 "
-                                   "(%.4f < %.4f): keeping the initial scales", final_agreement, initial_agreement)
-                    for group, vector in zip(session.groups, initial_vectors):
-                        group.set(vector)
-                    result.final_fitness = result.initial_fitness
+                restored = _guard(session, initial_vectors, result, final_agreement < initial_agreement,
+                                  "the refined scales agree less often with the full-precision model's top-1 "
+                                  f"({final_agreement:.4f} < {initial_agreement:.4f})")
                 result.agreement = {"initial": initial_agreement, "final": final_agreement, "restored": restored}
             if validator is not None:
                 final_validation = validator(None)
-                restored = final_validation > initial_validation
-                if restored:
-                    logger.warning("the refined scales are worse on the held-out images (%.5f > %.5f): keeping the "
-                                   "initial scales", final_validation, initial_validation)
-                    for group, vector in zip(session.groups, initial_vectors):
-                        group.set(vector)
-                    result.final_fitness = result.initial_fitness
+                restored = _guard(session, initial_vectors, result, final_validation > initial_validation,
+                                  "the refined scales are worse on the held-out images "
+                                  f"({final_validation:.5f} > {initial_validation:.5f})")
                 result.validation = {"initial": initial_validation, "final": final_validation,
                                      "restored": restored, "images": len(held_out)}
         result.device = _device_name(device)
@@ -134,6 +126,17 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
         session.restore(state)
         raise
     return result
+
+
+def _guard(session: RefinementSession, initial_vectors: list[torch.Tensor], result: RefineResult, failed: bool,
+           reason: str) -> bool:
+    """A guard's verdict: when ``failed``, put the initial scales back (and say why); returns ``failed``."""
+    if failed:
+        logger.warning("%s: keeping the initial scales", reason)
+        for group, vector in zip(session.groups, initial_vectors):
+            group.set(vector)
+        result.final_fitness = result.initial_fitness
+    return failed
 
 
 def _reference(session: RefinementSession, fp_model: nn.Module | None, batches: list[torch.Tensor]):

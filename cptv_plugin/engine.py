@@ -183,11 +183,34 @@ class Evaluator:
     @torch.no_grad()
     def __call__(self, segment: int | None = None) -> float:
         """Fitness of the current scales, re-running segments ``segment…`` from the cache (``None``: all)."""
-        start = 0 if segment is None else segment
         if segment is not None:
             self.advance(segment)
         total = torch.zeros((), dtype=torch.float64, device=self._inputs[0].device)
         count = 0
+        for output, reference in self._outputs(segment):
+            value = self.fitness_fn(output, reference, **self.fitness_kwargs)
+            total += value.double() * len(output)
+            count += len(output)
+        self.evaluations += 1
+        fitness = float(total) / count  # one device sync per evaluation
+        if fitness != fitness or fitness in (float("inf"), float("-inf")):
+            raise ModelOutputError("the fitness is NaN or infinite: the quantized model's outputs are not finite")
+        return fitness
+
+    @torch.no_grad()
+    def agreement(self) -> float:
+        """Share of the calibration images on which the current model's top-1 class (argmax of the output)
+        equals the full-precision model's. A full forward; not counted as a fitness evaluation."""
+        agreeing, count = 0, 0
+        for output, reference in self._outputs(None):
+            agreeing += int((output.flatten(1).argmax(1) == reference.flatten(1).argmax(1)).sum())
+            count += len(output)
+        return agreeing / count
+
+    def _outputs(self, segment: int | None):
+        """``(output, reference)`` per fitness batch: the model run from ``segment``'s cached inputs (``None``:
+        from the images), one forward pass per group of batches, split back into its batches (fp32)."""
+        start = 0 if segment is None else segment
         for index, members in enumerate(self.passes):
             env = self._cache[index] if segment is not None else self.model.initial_env(self._inputs[index])
             with self._context():
@@ -196,34 +219,8 @@ class Evaluator:
             offset = 0
             for member in members:
                 size = self.sizes[member]
-                value = self.fitness_fn(output[offset:offset + size], self.reference[member], **self.fitness_kwargs)
-                total += value.double() * size
-                count += size
+                yield output[offset:offset + size], self.reference[member]
                 offset += size
-        self.evaluations += 1
-        fitness = float(total) / count  # one device sync per evaluation
-        if fitness != fitness or fitness in (float("inf"), float("-inf")):
-            raise ModelOutputError("the fitness is NaN or infinite: the quantized model's outputs are not finite")
-        return fitness
-
-
-    @torch.no_grad()
-    def agreement(self) -> float:
-        """Share of the calibration images on which the current model's top-1 class (argmax of the output)
-        equals the full-precision model's. A full forward; not counted as a fitness evaluation."""
-        agreeing, count = 0, 0
-        for index, members in enumerate(self.passes):
-            with self._context():
-                output = _as_output_tensor(self.model.run(self.model.initial_env(self._inputs[index])))
-            predicted = output.float().flatten(1).argmax(1)
-            offset = 0
-            for member in members:
-                size = self.sizes[member]
-                reference = self.reference[member].flatten(1).argmax(1)
-                agreeing += int((predicted[offset:offset + size] == reference).sum())
-                count += size
-                offset += size
-        return agreeing / count
 
 
 def _group_batches(sizes: list[int], limit: int | None) -> list[list[int]]:

@@ -12,7 +12,8 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 from ..handles import ScaleHandle
 from .quantizers import DTYPE_RANGES, RefinedObserver, SimulatedQuantizer
 
-__all__ = ["ObserverHandle", "FakeQuantizeHandle", "WeightObserverHandle", "clamp_weight_to_grid", "set_submodule"]
+__all__ = ["ObserverHandle", "FakeQuantizeHandle", "WeightObserverHandle", "clamp_weight_to_grid", "get_attribute",
+           "set_submodule"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +21,14 @@ logger = logging.getLogger(__name__)
 def _axis(qscheme: torch.qscheme, ch_axis: int) -> int | None:
     return ch_axis if qscheme in (torch.per_channel_affine, torch.per_channel_symmetric,
                                   torch.per_channel_affine_float_qparams) else None
+
+
+def get_attribute(root: nn.Module, path: str):
+    """The module, tensor or value at dotted ``path`` under ``root`` (an FX ``get_attr``/``call_module`` target)."""
+    value = root
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value
 
 
 def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:

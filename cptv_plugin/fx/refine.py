@@ -16,7 +16,7 @@ from ..handles import Group
 from ..refinement import run_refinement
 from ..search import RefineResult
 from .graph import GraphSplitError, assign_groups, split_graph
-from .handles import FakeQuantizeHandle, ObserverHandle, WeightObserverHandle
+from .handles import FakeQuantizeHandle, ObserverHandle, WeightObserverHandle, get_attribute
 from .quantizers import (DTYPE_RANGES, FakeQuantizeView, RefinedObserver, SimulatedQuantizer, SimulatedWeightModule,
                          _pt2e_refined_observer, is_fused_fake_quantize)
 
@@ -134,7 +134,7 @@ class FxSession:
         narrowed_activations = []
         for original, node in mapping.items():
             if node.op == "get_attr":
-                root[node.target] = _get_attr(prepared, node.target)
+                root[node.target] = get_attribute(prepared, node.target)
             if node.op != "call_module":
                 continue
             module = prepared.get_submodule(node.target)
@@ -163,7 +163,7 @@ class FxSession:
                         handle = ObserverHandle(prepared, node.target, module, clamp_to_dtype=target == "convert_fx",
                                                 role=role, refined_cls=refined_cls)
                         if role == "weight":  # PT2E: the weight is the constant the observer reads
-                            handle.weight = _get_attr(prepared, node.all_input_nodes[0].target)
+                            handle.weight = get_attribute(prepared, node.all_input_nodes[0].target)
                         by_module[id(module)] = handle
                     elif node.target not in handle.paths:
                         handle.paths.append(node.target)
@@ -308,13 +308,6 @@ class FxSession:
         self._unswap()
         for handle in self.all_handles:
             handle.commit()
-
-
-def _get_attr(root: nn.Module, target: str):
-    obj = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | None = None,

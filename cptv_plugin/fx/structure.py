@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from .handles import get_attribute
+
 __all__ = ["segment_structure"]
 
 _SIMPLE = (int, float, bool, str, type(None), torch.dtype, torch.qscheme, torch.device, torch.memory_format)
@@ -63,13 +65,6 @@ def _module_key(module: nn.Module) -> tuple:
     return tuple(modules), tensors
 
 
-def _resolve(root: nn.Module, target: str) -> Any:
-    value: Any = root
-    for part in target.split("."):
-        value = getattr(value, part)
-    return value
-
-
 def segment_structure(segment: fx.GraphModule) -> tuple[str, list[torch.Tensor]] | None:
     """``(key, tensors)``: segments with equal keys compute the same function of (inputs, tensors), with
     ``tensors`` in corresponding order. ``None`` when the segment holds something this cannot compare."""
@@ -93,7 +88,7 @@ def segment_structure(segment: fx.GraphModule) -> tuple[str, list[torch.Tensor]]
         nodes.append((node.op, target, repr(arguments)))
     keys, tensors = [], []
     for target in attributes:
-        value = _resolve(segment, target)
+        value = get_attribute(segment, target)
         if isinstance(value, nn.Module):
             keys.append(_module_key(value))
             tensors.extend(t for _, t in _named_tensors(value))

@@ -210,8 +210,7 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
         options = {"target": target} if target is not None else {}
         config = search_config(search, seed, device).replace(compile=compile)
         result = cptv_plugin.refine(quantized, calib, config=config, **options)
-        # ModelOpt's quantizers cannot be compiled (refine warns and runs eagerly)
-        record["compiled"] = compile and FRAMEWORK[placement] != "modelopt"
+        record["compiled"] = result.compiled
     top1 = evaluate_top1(evaluation_model(quantized, placement, bits), test_x, test_y)
     record.update(top1=top1, seconds=round(result.seconds if result else calibrated, 2),
                   evaluations=result.evaluations if result else 0)
@@ -481,7 +480,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--imagenet-model-kwargs", default="{}", help="constructor kwargs as JSON")
     parser.add_argument("--out", default=str(OUT))
     parser.add_argument("--compile", action="store_true",
-                        help="torch.compile the searches' evaluation segments (GPU; FX and PT2E models)")
+                        help="torch.compile the searches' evaluation segments (GPU)")
     parser.add_argument("--report", action="store_true", help="only write accuracy.md and the plots")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes sharing the device (claim tasks in priority order; merged at the end)")

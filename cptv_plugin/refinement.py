@@ -32,13 +32,14 @@ class RefinementSession(Protocol):
     module: nn.Module  # the user's model
     groups: list[Group]
     chain: SegmentedModel
-    compile_obstacle: str | None  # why compile=True cannot help this framework's model (None: it can)
 
     def set_quantization(self, enabled: bool) -> None: ...
     def snapshot(self) -> dict: ...
     def restore(self, state: dict) -> None: ...
     def begin(self) -> None: ...
     def commit(self) -> None: ...
+    def compilable(self) -> contextlib.AbstractContextManager[str | None]:
+        """While it lasts, the model can be compiled usefully; yields why not (``None``: it can)."""
 
 
 def device_of(module: nn.Module) -> torch.device:
@@ -60,6 +61,7 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
         raise ValueError(f"the model is on {model_device} but config.device is {device}: move the model first "
                          f"(model.to('{device}')) or leave config.device unset")
     state = session.snapshot()
+    compiling = contextlib.ExitStack()  # what compiling switched in the model, undone before commit or restore
     try:
         min_batch = 2 if needs_negatives(config.fitness) else 1
         if config.batch_size < min_batch:
@@ -83,11 +85,14 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                 f"pass at least {config.batch_size} images or set SearchConfig(batch_size={len(images)})")
         session.begin()
         reference = _reference(session, fp_model, batches)
+        compiled = False
         if config.compile and config.engine == "fast":
-            if session.compile_obstacle:
-                logger.warning("compile=True ignored: %s; the search runs eagerly", session.compile_obstacle)
+            obstacle = compiling.enter_context(session.compilable())
+            if obstacle:
+                logger.warning("compile=True ignored: %s; the search runs eagerly", obstacle)
             else:
                 session.chain.compile()
+                compiled = True
         precision = config.resolved_precision(device.type)
         if config.engine == "literal":
             precision = "fp32"  # the reference implementation: full forward, fp32, one fitness batch at a time
@@ -99,7 +104,7 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
             held_batches = [b.to(device) for b in split_batches(held_out, config.batch_size, min_batch)]
             validator = Evaluator(session.chain, held_batches, _reference(session, fp_model, held_batches),
                                   config.fitness, config.temperature, config.normalize, precision=precision)
-        with _matmul_precision(precision):
+        with compiling, _matmul_precision(precision):
             initial_validation = validator(None) if validator is not None else None
             initial_vectors = [g.read() for g in session.groups]
             # hashing the calibration images costs a device-to-host copy: only for checkpointed searches
@@ -121,8 +126,10 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                                      "restored": restored, "images": len(held_out)}
         result.device = _device_name(device)
         result.precision = precision
+        result.compiled = compiled
         session.commit()
     except BaseException:
+        compiling.close()
         session.restore(state)
         raise
     return result

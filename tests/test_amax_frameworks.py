@@ -167,17 +167,61 @@ def test_floating_point_modelopt_formats_are_refused_untouched(tiny_vit, fmnist)
     assert all(torch.equal(before[k], v) for k, v in amax_of(model).items())
 
 
-def test_compile_is_skipped_with_a_warning_for_amax_frameworks(tiny_vit, fmnist, monkeypatch, caplog):
-    """Their quantizers break torch.compile's graph at every quantizer: compiling would only cost."""
+def test_compile_is_skipped_with_a_warning_for_pytorch_quantization(tiny_vit, fmnist, monkeypatch, caplog):
+    """Its quantizers break torch.compile's graph at every quantizer: compiling would only cost."""
     from cptv_plugin.engine import SegmentedModel
 
     def refuse(self, **options):
-        raise AssertionError("compiled an amax session")
+        raise AssertionError("compiled a pytorch-quantization session")
 
     monkeypatch.setattr(SegmentedModel, "compile", refuse)
     calib = fmnist[0][:100]
-    model = modelopt_quantize(tiny_vit, calib)
+    model = cptv_plugin.quantize_pytorch_quantization(copy.deepcopy(tiny_vit), "W4A8", calib)
     with caplog.at_level("WARNING", logger="cptv_plugin.refinement"):
         result = cptv_plugin.refine(model, calib, config=TINY_SEARCH.replace(compile=True))
     assert result.final_fitness <= result.initial_fitness
-    assert any("compile=True ignored" in r.message and "ModelOpt" in r.message for r in caplog.records)
+    assert any("compile=True ignored" in r.message and "pytorch-quantization" in r.message for r in caplog.records)
+
+
+def test_modelopt_compiles_whole_through_a_registered_backend(tiny_vit, fmnist):
+    """During a compiled search ModelOpt's quantizers run cptv_plugin's registered fake-quant backend: each segment
+    is one graph (identical blocks share one), bit for bit ModelOpt's own fake quantization, and afterwards the
+    quantizers are back on ModelOpt's own kernels."""
+    from torch._dynamo.utils import counters
+
+    model = modelopt_quantize(tiny_vit, fmnist[0][:100])
+    session = AmaxSession(model, cptv_plugin.amax.modelopt.modelopt_kind())
+    images = fmnist[0][:8]
+    with torch.no_grad():
+        expected = model(images)
+        with session.compilable() as obstacle:
+            assert obstacle is None
+            assert {q.backend for q in session.quantizers.values() if q.is_enabled} == {
+                cptv_plugin.amax.modelopt.COMPILABLE_BACKEND}
+            torch._dynamo.reset()
+            counters.clear()
+            distinct = session.chain.compile(backend="eager")
+            got = session.chain.forward(images)
+    assert dict(counters["graph_break"]) == {}
+    assert counters["stats"]["unique_graphs"] == distinct < len(session.chain.segments)
+    assert torch.equal(got, expected)
+    assert all(q.backend is None for q in session.quantizers.values())
+
+
+def test_compiled_modelopt_refinement_equals_the_eager_one(tiny_vit, fmnist, monkeypatch):
+    from cptv_plugin.engine import SegmentedModel
+
+    compile_eagerly = SegmentedModel.compile
+    compiled = []
+    monkeypatch.setattr(SegmentedModel, "compile",
+                        lambda self, **options: compiled.append(compile_eagerly(self, backend="eager")))
+    calib = fmnist[0][:100]
+    results, amax = {}, {}
+    for compile in (False, True):
+        model = modelopt_quantize(tiny_vit, calib)
+        results[compile] = cptv_plugin.refine_modelopt(model, calib, config=TINY_SEARCH.replace(compile=compile))
+        amax[compile] = amax_of(model)
+        assert all(q.backend is None for q in model.modules() if type(q).__name__ == "TensorQuantizer")
+    assert len(compiled) == 1 and results[True].compiled and not results[False].compiled
+    assert results[True].final_fitness == results[False].final_fitness < results[True].initial_fitness
+    assert all(torch.equal(amax[True][k], v) for k, v in amax[False].items())

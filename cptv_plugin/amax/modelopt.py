@@ -7,11 +7,13 @@ export carry it unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
+import torch
 from torch import nn
 
 from .._io import atomic_path
@@ -20,11 +22,57 @@ from ..refinement import run_refinement
 from ..search import RefineResult
 from .session import AmaxSession, QuantizerKind
 
-__all__ = ["refine_modelopt", "refine_modelopt_checkpoint", "is_modelopt_model", "modelopt_kind"]
+__all__ = ["refine_modelopt", "refine_modelopt_checkpoint", "is_modelopt_model", "modelopt_kind",
+           "COMPILABLE_BACKEND"]
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'cptv_plugin[modelopt]' (nvidia-modelopt 0.47 and requests)"
+
+
+# the name under which cptv_plugin registers its compilable fake quantization with ModelOpt (``backend``)
+COMPILABLE_BACKEND = "cptv_plugin_integer_fake_quant"
+
+
+def _integer_fake_quant(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
+    """ModelOpt's integer fake quantization in plain torch ops, so that ``torch.compile`` traces it whole and fuses
+    it into its neighbours' kernels. The arithmetic of ModelOpt's CUDA kernel and CPU fallback: in fp32,
+    ``scale = maxbound / amax``, round half to even, clamp to the integer range, divide by ``scale``; the result
+    in the input's dtype. Used only during a compiled search, for quantizers that ``_compilable`` accepted."""
+    bits, unsigned = int(quantizer.num_bits), bool(quantizer.unsigned)
+    maxbound = float(2 ** (bits - 1 + int(unsigned)) - 1)
+    minbound = 0.0 if unsigned else (-maxbound if quantizer.narrow_range else -maxbound - 1.0)
+    amax = quantizer._amax.float()
+    scale = torch.full_like(amax, maxbound) / amax  # a true division: ``float / tensor`` multiplies by a reciprocal
+    return (torch.clamp(torch.round(inputs.float() * scale), minbound, maxbound) / scale).to(inputs.dtype)
+
+
+def _accepts_integer_fake_quant(quantizer: nn.Module) -> bool:
+    """Quantizers whose fake quantization ``_integer_fake_quant`` reproduces (the ones cptv_plugin refines)."""
+    return (getattr(quantizer, "backend", None) is None and getattr(quantizer, "bias_calibrator", None) is None
+            and quantizer.block_sizes is None and isinstance(quantizer.num_bits, int)
+            and getattr(quantizer, "_amax", None) is not None and bool(quantizer.fake_quant))
+
+
+@contextlib.contextmanager
+def _compilable(quantizers: list[nn.Module]) -> Iterator[bool]:
+    """Route ``quantizers`` through ``_integer_fake_quant`` (ModelOpt's ``register_quant_backend`` hook) while the
+    context lasts; yields whether all of them could be routed (otherwise none is, and compiling would not pay)."""
+    from modelopt.torch.quantization.nn.modules.tensor_quantizer import (is_registered_quant_backend,
+                                                                          register_quant_backend)
+
+    if not all(_accepts_integer_fake_quant(q) for q in quantizers):
+        yield False
+        return
+    if not is_registered_quant_backend(COMPILABLE_BACKEND):
+        register_quant_backend(COMPILABLE_BACKEND, _integer_fake_quant)
+    for quantizer in quantizers:
+        quantizer.backend = COMPILABLE_BACKEND
+    try:
+        yield True
+    finally:
+        for quantizer in quantizers:
+            quantizer.backend = None
 
 
 def modelopt_kind() -> QuantizerKind:
@@ -39,6 +87,7 @@ def modelopt_kind() -> QuantizerKind:
         enable=lambda q: q.enable(),
         disable=lambda q: q.disable(),
         is_calibrating=lambda q: bool(getattr(q, "_if_calib", False)),
+        compilable=_compilable,
     )
 
 

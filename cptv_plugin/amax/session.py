@@ -7,9 +7,10 @@ boundaries for suffix-only evaluation; a model that does not trace is evaluated 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import fx, nn
@@ -42,6 +43,8 @@ class QuantizerKind:
         is_enabled / enable / disable: read and switch a quantizer's fake quantization.
         is_calibrating: whether the quantizer still collects statistics instead of quantizing.
         set_amax: write a new ``amax`` of the quantizer's own shape and dtype.
+        compilable: a context manager factory that makes the given quantizers traceable by ``torch.compile``
+            while it lasts and yields whether it could; ``None`` when the framework has no such route.
     """
 
     framework: str
@@ -51,6 +54,7 @@ class QuantizerKind:
     disable: Callable[[nn.Module], None]
     is_calibrating: Callable[[nn.Module], bool]
     set_amax: Callable[[nn.Module, torch.Tensor], None] = lambda q, amax: setattr(q, "amax", amax)
+    compilable: Callable[[list[nn.Module]], ContextManager[bool]] | None = None
 
 
 class AmaxHandle(ScaleHandle):
@@ -99,11 +103,24 @@ def _owner_node(path: str, nodes: dict[str, fx.Node]) -> fx.Node | None:
 class AmaxSession:
     """The handles, groups and segmented evaluation model of an eager model with amax quantizers."""
 
-    # measured with dynamo (torch 2.14): ModelOpt's fake quant branches on a tensor value (``if min_amax < 0``),
-    # pytorch-quantization's calls logging; either breaks the graph at every quantizer (57-59 graphs for a
-    # 6-segment ViT), so compiling would cost time and recompiles and fuse nothing
-    compile_obstacle = ("the framework's quantizers break torch.compile's graph at every quantizer (ModelOpt: a "
-                        "branch on a tensor value; pytorch-quantization: logging calls)")
+    # measured with dynamo (torch 2.14): pytorch-quantization's fake quant calls logging, ModelOpt's own branches on
+    # a tensor value (``if min_amax < 0``); either breaks the graph at every quantizer (57-59 graphs for a
+    # 6-segment ViT), so compiling would cost time and recompiles and fuse nothing. ModelOpt lets a registered
+    # backend replace its fake quant (``QuantizerKind.compilable``), which compiles whole.
+    graph_breaking = ("the framework's quantizers break torch.compile's graph at every quantizer "
+                      "(pytorch-quantization: logging calls)")
+
+    @contextlib.contextmanager
+    def compilable(self) -> Iterator[str | None]:
+        """While it lasts, the enabled quantizers run a fake quant that ``torch.compile`` traces whole; yields
+        ``None`` when that holds for all of them, else why compiling would not help."""
+        if self.kind.compilable is None:
+            yield self.graph_breaking
+            return
+        enabled = [q for path, q in self.quantizers.items() if self.initially_enabled[path]]
+        with self.kind.compilable(enabled) as possible:
+            yield None if possible else (f"some {self.kind.framework} quantizers use a custom backend, a bias or "
+                                         "a non-integer format, whose fake quant breaks torch.compile's graph")
 
     def __init__(self, model: nn.Module, kind: QuantizerKind, *, blocks: list[str] | None = None,
                  roles=("weight", "activation"), search_outside_blocks: bool = True):

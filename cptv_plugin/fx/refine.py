@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Literal
+from typing import Iterator, Literal
 
 import torch
 from torch import fx, nn
@@ -95,7 +96,11 @@ class FxSession:
     """Everything refine_fx builds around the user's GraphModule: the handles, an evaluation copy of the
     graph in which observers simulate quantization, its segments and the search groups."""
 
-    compile_obstacle = None  # the simulated quantizers compile as one graph per segment (tested)
+    @contextlib.contextmanager
+    def compilable(self) -> Iterator[str | None]:
+        """The simulated quantizers compile as one graph per segment (tested): nothing to switch."""
+        yield None
+
 
     def __init__(self, prepared: fx.GraphModule, *, blocks: list[str] | None = None,
                  target: Target = "convert_fx", clamp_weights: bool = True, roles=("weight", "activation"),

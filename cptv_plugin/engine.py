@@ -69,6 +69,12 @@ class SegmentedModel:
     def forward(self, images: torch.Tensor) -> Any:
         return self.run(self.initial_env(images))
 
+    @property
+    def compiled_fraction(self) -> float:
+        """Share of the segments that run compiled (0 before ``compile``; lower when compiling one failed)."""
+        compiled = [s for s in self.segments if isinstance(s.fn, _CompiledOrEager) and not s.fn.failed]
+        return len(compiled) / len(self.segments)
+
     def compile(self, **options) -> int:
         """Compile the segments with ``torch.compile`` (fake quantization fuses into its neighbours' kernels).
         Worth it on a GPU for long searches; each graph compiles on its first call.
@@ -82,19 +88,39 @@ class SegmentedModel:
 
         shared: dict[str, tuple[list[torch.Tensor], Callable[..., Any]]] = {}
         for segment in self.segments:
-            structure = segment_structure(segment.fn) if isinstance(segment.fn, fx.GraphModule) else None
+            eager = segment.fn
+            structure = segment_structure(eager) if isinstance(eager, fx.GraphModule) else None
             if structure is None:
-                segment.fn = torch.compile(segment.fn, dynamic=False, **options)
+                segment.fn = _CompiledOrEager(torch.compile(eager, dynamic=False, **options), eager)
                 continue
             key, tensors = structure
             if key not in shared:
-                template = copy.deepcopy(segment.fn)
+                template = copy.deepcopy(eager)
                 shared[key] = (segment_structure(template)[1], torch.compile(template, dynamic=False, **options))
             template_tensors, compiled = shared[key]
-            segment.fn = _SharedCompiled(compiled, template_tensors, tensors)
-        distinct = len(shared) + sum(not isinstance(s.fn, _SharedCompiled) for s in self.segments)
+            segment.fn = _CompiledOrEager(_SharedCompiled(compiled, template_tensors, tensors), eager)
+        distinct = len(shared) + sum(not isinstance(s.fn.compiled, _SharedCompiled) for s in self.segments)
         logger.info("compiling %d segments as %d distinct graphs", len(self.segments), distinct)
         return distinct
+
+
+class _CompiledOrEager:
+    """A compiled segment that falls back to its eager self when torch.compile fails on it (an internal dynamo
+    error on some torch/framework combinations: torch 2.11 on ModelOpt's dynamic modules): slower, still right."""
+
+    def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any]):
+        self.compiled, self.eager, self.failed = compiled, eager, False
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except torch._dynamo.exc.TorchDynamoException as error:
+                self.failed = True
+                reason = " ".join(line.strip() for line in str(error).splitlines()[:3] if line.strip())
+                logger.warning("torch.compile failed on a segment (torch %s: %s: %s); it runs eagerly",
+                               torch.__version__, type(error).__name__, reason[:300])
+        return self.eager(*args)
 
 
 class _SharedCompiled:

@@ -85,14 +85,12 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                 f"pass at least {config.batch_size} images or set SearchConfig(batch_size={len(images)})")
         session.begin()
         reference = _reference(session, fp_model, batches)
-        compiled = False
         if config.compile and config.engine == "fast":
             obstacle = compiling.enter_context(session.compilable())
             if obstacle:
                 logger.warning("compile=True ignored: %s; the search runs eagerly", obstacle)
             else:
                 session.chain.compile()
-                compiled = True
         precision = config.resolved_precision(device.type)
         if config.engine == "literal":
             precision = "fp32"  # the reference implementation: full forward, fp32, one fitness batch at a time
@@ -126,7 +124,7 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                                      "restored": restored, "images": len(held_out)}
         result.device = _device_name(device)
         result.precision = precision
-        result.compiled = compiled
+        result.compiled = session.chain.compiled_fraction
         session.commit()
     except BaseException:
         compiling.close()

@@ -38,7 +38,8 @@ class RefineResult:
         groups: names of the searched groups, in model order, with their number of scales.
         interrupted: the search was stopped early (Ctrl-C); the best scales found so far were kept.
         device: where the search ran (GPU name or "cpu"); precision: the arithmetic of candidate evaluations.
-        compiled: the candidates ran through ``torch.compile`` (``compile=True`` and the framework allowed it).
+        compiled: share of the model's segments whose candidates ran through ``torch.compile`` (0: eager; 1: all,
+            with ``compile=True`` where the framework and torch allowed it).
         resumed_from: the group visit a resumed search started from (``None``: not resumed).
         validation: with ``validation_fraction``: held-out fitness before and after, and whether the initial
             scales were restored because the refined ones were worse there.
@@ -56,7 +57,7 @@ class RefineResult:
     interrupted: bool = False
     device: str = "cpu"
     precision: str = "fp32"
-    compiled: bool = False
+    compiled: float = 0.0
     resumed_from: int | None = None
     validation: dict | None = None
     agreement: dict | None = None

@@ -279,3 +279,24 @@ def test_non_finite_scales_in_the_given_model_are_refused_untouched(tiny_vit, fm
         cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH)
     after = prepared.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_segment_that_fails_to_compile_runs_eagerly(tiny_vit, fmnist, caplog):
+    """torch.compile can fail inside dynamo on some torch/framework pairs (torch 2.11 on ModelOpt's dynamic
+    modules did on the GPU): the segment falls back to its eager self, says so, and computes the same outputs."""
+    from cptv_plugin.fx.refine import FxSession
+
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("backend broke")
+
+    session = FxSession(prepare_and_calibrate(tiny_vit, fmnist[0][:100], "W4A8"))
+    images = fmnist[0][:8]
+    with torch.no_grad():
+        expected = session.chain.forward(images)
+        session.chain.compile(backend=failing_backend)
+        assert session.chain.compiled_fraction == 1.0  # nothing has been compiled yet: graphs compile on first use
+        with caplog.at_level("WARNING", logger="cptv_plugin.engine"):
+            got = session.chain.forward(images)
+    assert torch.equal(got, expected)
+    assert session.chain.compiled_fraction == 0.0
+    assert any("runs eagerly" in r.message and "backend broke" in r.message for r in caplog.records)

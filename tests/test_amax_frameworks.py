@@ -184,16 +184,22 @@ def test_compile_is_skipped_with_a_warning_for_pytorch_quantization(tiny_vit, fm
 
 
 def test_modelopt_compiles_whole_through_a_registered_backend(tiny_vit, fmnist):
-    """During a compiled search ModelOpt's quantizers run cptv_plugin's registered fake-quant backend: each segment
-    is one graph (identical blocks share one), bit for bit ModelOpt's own fake quantization, and afterwards the
-    quantizers are back on ModelOpt's own kernels."""
+    """During a compiled search ModelOpt's quantizers run cptv_plugin's registered fake-quant backend and its
+    layers a plain forward: each segment is one graph (identical blocks share one), bit for bit ModelOpt's own
+    fake quantization, a changed amax is seen, a block of other bit widths gets its own graph, and
+    afterwards the model is back on ModelOpt's own code."""
     from torch._dynamo.utils import counters
 
     model = modelopt_quantize(tiny_vit, fmnist[0][:100])
+    model.blocks[3].mlp.fc2.input_quantizer.num_bits = 6  # mixed precision: this block must not share a graph
     session = AmaxSession(model, cptv_plugin.amax.modelopt.modelopt_kind())
     images = fmnist[0][:8]
+    middle = model.blocks[1].attn.qkv.weight_quantizer
     with torch.no_grad():
         expected = model(images)
+        middle.amax = middle.amax * 0.5
+        expected_scaled = model(images)
+        middle.amax = middle.amax * 2.0
         with session.compilable() as obstacle:
             assert obstacle is None
             assert {q.backend for q in session.quantizers.values() if q.is_enabled} == {
@@ -202,10 +208,15 @@ def test_modelopt_compiles_whole_through_a_registered_backend(tiny_vit, fmnist):
             counters.clear()
             distinct = session.chain.compile(backend="eager")
             got = session.chain.forward(images)
+            middle.amax = middle.amax * 0.5
+            got_scaled = session.chain.forward(images)
+            middle.amax = middle.amax * 2.0
     assert dict(counters["graph_break"]) == {}
-    assert counters["stats"]["unique_graphs"] == distinct < len(session.chain.segments)
-    assert torch.equal(got, expected)
+    assert counters["stats"]["unique_graphs"] == distinct == 4 < len(session.chain.segments)  # prefix, 2 blocks, head
+    assert not torch.equal(expected_scaled, expected)
+    assert torch.equal(got, expected) and torch.equal(got_scaled, expected_scaled)
     assert all(q.backend is None for q in session.quantizers.values())
+    assert not any("forward" in vars(m) for m in model.modules())
 
 
 def test_compiled_modelopt_refinement_equals_the_eager_one(tiny_vit, fmnist, monkeypatch):

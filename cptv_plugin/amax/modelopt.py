@@ -54,10 +54,50 @@ def _accepts_integer_fake_quant(quantizer: nn.Module) -> bool:
             and getattr(quantizer, "_amax", None) is not None and bool(quantizer.fake_quant))
 
 
+_CONVOLUTIONS = {nn.Conv1d: torch.nn.functional.conv1d, nn.Conv2d: torch.nn.functional.conv2d,
+                 nn.Conv3d: torch.nn.functional.conv3d}
+
+
+class _PlainForward:
+    """The forward of a ModelOpt ``QuantLinear``/``QuantConv`` that holds its quantizers, weight and bias directly
+    instead of reaching them through ModelOpt's dynamic-attribute machinery, which dynamo in torch 2.11 cannot
+    trace (``'_FoldedCallback' object has no attribute '_callbacks'``). The computation of ModelOpt's own forward:
+    input quantizer, weight quantizer, the layer's functional op, output quantizer. An object, not a closure, so
+    that a deep copy of the layer (a shared compiled block) computes with the copy's own tensors."""
+
+    def __init__(self, module: nn.Module, functional: Callable, options: tuple):
+        self.input_quantizer, self.weight_quantizer = module.input_quantizer, module.weight_quantizer
+        self.output_quantizer = module.output_quantizer
+        self.weight, self.bias = module._parameters["weight"], module._parameters.get("bias")
+        self.functional, self.options = functional, options
+
+    def __call__(self, input: torch.Tensor) -> torch.Tensor:
+        weight = self.weight_quantizer(self.weight)
+        output = self.functional(self.input_quantizer(input), weight, self.bias, *self.options)
+        return self.output_quantizer(output)
+
+    @classmethod
+    def of(cls, module: nn.Module) -> _PlainForward | None:
+        """For a quantized Linear/Conv with plain TensorQuantizers and an unpatched forward; else ``None``."""
+        from modelopt.torch.quantization.nn import TensorQuantizer
+
+        names = ("input_quantizer", "weight_quantizer", "output_quantizer")
+        if not all(type(getattr(module, n, None)) is TensorQuantizer for n in names) or "forward" in vars(module):
+            return None
+        if isinstance(module, nn.Linear):
+            return cls(module, torch.nn.functional.linear, ())
+        for convolution, functional in _CONVOLUTIONS.items():
+            if isinstance(module, convolution) and module.padding_mode == "zeros":
+                return cls(module, functional, (module.stride, module.padding, module.dilation, module.groups))
+        return None
+
+
 @contextlib.contextmanager
-def _compilable(quantizers: list[nn.Module]) -> Iterator[bool]:
-    """Route ``quantizers`` through ``_integer_fake_quant`` (ModelOpt's ``register_quant_backend`` hook) while the
-    context lasts; yields whether all of them could be routed (otherwise none is, and compiling would not pay)."""
+def _compilable(model: nn.Module, quantizers: list[nn.Module]) -> Iterator[bool]:
+    """While the context lasts, make ``model`` traceable whole by ``torch.compile``: its enabled ``quantizers`` run
+    ``_integer_fake_quant`` (registered through ModelOpt's own ``register_quant_backend`` hook) and its quantized
+    Linear/Conv layers a plain forward (``_PlainForward``). Yields whether every quantizer could be routed
+    (otherwise nothing is changed, and compiling would not pay). Everything is put back on exit."""
     from modelopt.torch.quantization.nn.modules.tensor_quantizer import (is_registered_quant_backend,
                                                                           register_quant_backend)
 
@@ -66,13 +106,18 @@ def _compilable(quantizers: list[nn.Module]) -> Iterator[bool]:
         return
     if not is_registered_quant_backend(COMPILABLE_BACKEND):
         register_quant_backend(COMPILABLE_BACKEND, _integer_fake_quant)
+    forwards = {module: forward for module in model.modules() if (forward := _PlainForward.of(module)) is not None}
     for quantizer in quantizers:
         quantizer.backend = COMPILABLE_BACKEND
+    for module, forward in forwards.items():
+        vars(module)["forward"] = forward  # an instance attribute, past ModelOpt's own __setattr__
     try:
         yield True
     finally:
         for quantizer in quantizers:
             quantizer.backend = None
+        for module in forwards:
+            del vars(module)["forward"]
 
 
 def modelopt_kind() -> QuantizerKind:

@@ -43,8 +43,9 @@ class QuantizerKind:
         is_enabled / enable / disable: read and switch a quantizer's fake quantization.
         is_calibrating: whether the quantizer still collects statistics instead of quantizing.
         set_amax: write a new ``amax`` of the quantizer's own shape and dtype.
-        compilable: a context manager factory that makes the given quantizers traceable by ``torch.compile``
-            while it lasts and yields whether it could; ``None`` when the framework has no such route.
+        compilable: a context manager factory ``(model, enabled quantizers)`` that makes the model traceable by
+            ``torch.compile`` while it lasts and yields whether it could; ``None`` when the framework has no such
+            route.
     """
 
     framework: str
@@ -54,7 +55,7 @@ class QuantizerKind:
     disable: Callable[[nn.Module], None]
     is_calibrating: Callable[[nn.Module], bool]
     set_amax: Callable[[nn.Module, torch.Tensor], None] = lambda q, amax: setattr(q, "amax", amax)
-    compilable: Callable[[list[nn.Module]], ContextManager[bool]] | None = None
+    compilable: Callable[[nn.Module, list[nn.Module]], ContextManager[bool]] | None = None
 
 
 class AmaxHandle(ScaleHandle):
@@ -118,7 +119,7 @@ class AmaxSession:
             yield self.graph_breaking
             return
         enabled = [q for path, q in self.quantizers.items() if self.initially_enabled[path]]
-        with self.kind.compilable(enabled) as possible:
+        with self.kind.compilable(self.module, enabled) as possible:
             yield None if possible else (f"some {self.kind.framework} quantizers use a custom backend, a bias or "
                                          "a non-integer format, whose fake quant breaks torch.compile's graph")
 

@@ -57,8 +57,8 @@ def _module_key(module: nn.Module) -> tuple:
     device of every tensor: what the compiled code may have baked in as constants or guards."""
     modules = []
     for path, sub in module.named_modules(remove_duplicate=False):
-        constants = tuple(sorted((k, repr(v)) for k, v in vars(sub).items()
-                                 if not k.startswith("_") and _is_simple(v)))
+        # private ones too: ModelOpt keeps bit widths, axes and enabled flags as ``_num_bits``, ``_disabled``, ...
+        constants = tuple(sorted((k, repr(v)) for k, v in vars(sub).items() if _is_simple(v)))
         modules.append((path, type(sub).__qualname__, type(sub).__module__, constants))
     tensors = tuple((name, tuple(t.shape), t.dtype, t.device.type, t.requires_grad)
                     for name, t in _named_tensors(module))

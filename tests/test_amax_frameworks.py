@@ -167,59 +167,84 @@ def test_floating_point_modelopt_formats_are_refused_untouched(tiny_vit, fmnist)
     assert all(torch.equal(before[k], v) for k, v in amax_of(model).items())
 
 
-def test_compile_is_skipped_with_a_warning_for_pytorch_quantization(tiny_vit, fmnist, monkeypatch, caplog):
-    """Its quantizers break torch.compile's graph at every quantizer: compiling would only cost."""
+def quantize_with(framework, model, calib):
+    if framework == "modelopt":
+        return modelopt_quantize(model, calib)
+    return cptv_plugin.quantize_pytorch_quantization(copy.deepcopy(model), "W4A8", calib)
+
+
+def kind_of(framework):
+    if framework == "modelopt":
+        return cptv_plugin.amax.modelopt.modelopt_kind()
+    return cptv_plugin.amax.pytorch_quantization.pytorch_quantization_kind()
+
+
+def test_compile_is_skipped_with_a_warning_where_the_fake_quant_cannot_be_routed(tiny_vit, fmnist, monkeypatch,
+                                                                                 caplog):
+    """pytorch-quantization's ONNX-export fake quant (``use_fb_fake_quant``) has other arithmetic: left alone."""
+    from pytorch_quantization.nn import TensorQuantizer
+
     from cptv_plugin.engine import SegmentedModel
 
     def refuse(self, **options):
-        raise AssertionError("compiled a pytorch-quantization session")
+        raise AssertionError("compiled a session whose quantizers cannot be routed")
 
     monkeypatch.setattr(SegmentedModel, "compile", refuse)
     calib = fmnist[0][:100]
-    model = cptv_plugin.quantize_pytorch_quantization(copy.deepcopy(tiny_vit), "W4A8", calib)
+    model = quantize_with("pytorch-quantization", tiny_vit, calib)
+    monkeypatch.setattr(TensorQuantizer, "use_fb_fake_quant", True)
     with caplog.at_level("WARNING", logger="cptv_plugin.refinement"):
         result = cptv_plugin.refine(model, calib, config=TINY_SEARCH.replace(compile=True))
-    assert result.final_fitness <= result.initial_fitness
+    assert result.final_fitness <= result.initial_fitness and result.compiled == 0.0
     assert any("compile=True ignored" in r.message and "pytorch-quantization" in r.message for r in caplog.records)
 
 
-def test_modelopt_compiles_whole_through_a_registered_backend(tiny_vit, fmnist):
-    """During a compiled search ModelOpt's quantizers run cptv_plugin's registered fake-quant backend and its
-    layers a plain forward: each segment is one graph (identical blocks share one), bit for bit ModelOpt's own
-    fake quantization, a changed amax is seen, a block of other bit widths gets its own graph, and
-    afterwards the model is back on ModelOpt's own code."""
+@pytest.mark.parametrize("framework", ["modelopt", "pytorch-quantization"])
+def test_amax_models_compile_whole(tiny_vit, fmnist, framework):
+    """During a compiled search the quantizers run cptv_plugin's fake quant (ModelOpt: through its registered
+    backend hook, its layers a plain forward; pytorch-quantization: an instance forward): each segment is one graph
+    (identical blocks share one), bit for bit the framework's own fake quantization, a changed amax is seen, a block
+    of other bit widths gets its own graph, and afterwards the model is back on the framework's own code."""
     from torch._dynamo.utils import counters
 
-    model = modelopt_quantize(tiny_vit, fmnist[0][:100])
-    model.blocks[3].mlp.fc2.input_quantizer.num_bits = 6  # mixed precision: this block must not share a graph
-    session = AmaxSession(model, cptv_plugin.amax.modelopt.modelopt_kind())
+    model = quantize_with(framework, tiny_vit, fmnist[0][:100])
+    session = AmaxSession(model, kind_of(framework))
+    fc2_input = session.quantizers["blocks.3.mlp.fc2." + ("input_quantizer" if framework == "modelopt"
+                                                          else "_input_quantizer")]
+    fc2_input.num_bits = 6  # mixed precision: this block must not share a graph
     images = fmnist[0][:8]
-    middle = model.blocks[1].attn.qkv.weight_quantizer
+    middle = next(q for path, q in session.quantizers.items() if path.startswith("blocks.1.attn.qkv.")
+                  and "weight" in path)
+
+    handle = cptv_plugin.amax.session.AmaxHandle("middle", middle, "weight", session.kind)
+
+    def scale_middle(factor):
+        handle.set(handle.read() * factor)
+
     with torch.no_grad():
         expected = model(images)
-        middle.amax = middle.amax * 0.5
+        scale_middle(0.5)
         expected_scaled = model(images)
-        middle.amax = middle.amax * 2.0
+        scale_middle(2.0)
         with session.compilable() as obstacle:
             assert obstacle is None
-            assert {q.backend for q in session.quantizers.values() if q.is_enabled} == {
-                cptv_plugin.amax.modelopt.COMPILABLE_BACKEND}
             torch._dynamo.reset()
             counters.clear()
             distinct = session.chain.compile(backend="eager")
             got = session.chain.forward(images)
-            middle.amax = middle.amax * 0.5
+            scale_middle(0.5)
             got_scaled = session.chain.forward(images)
-            middle.amax = middle.amax * 2.0
+            scale_middle(2.0)
     assert dict(counters["graph_break"]) == {}
     assert counters["stats"]["unique_graphs"] == distinct == 4 < len(session.chain.segments)  # prefix, 2 blocks, head
     assert not torch.equal(expected_scaled, expected)
     assert torch.equal(got, expected) and torch.equal(got_scaled, expected_scaled)
-    assert all(q.backend is None for q in session.quantizers.values())
+    assert all(getattr(q, "backend", None) is None for q in session.quantizers.values())
     assert not any("forward" in vars(m) for m in model.modules())
 
 
-def test_compiled_modelopt_refinement_equals_the_eager_one(tiny_vit, fmnist, monkeypatch):
+@pytest.mark.parametrize("framework", ["modelopt", "pytorch-quantization"])
+def test_compiled_amax_refinement_equals_the_eager_one(tiny_vit, fmnist, monkeypatch, framework):
     from cptv_plugin.engine import SegmentedModel
 
     compile_eagerly = SegmentedModel.compile
@@ -229,10 +254,10 @@ def test_compiled_modelopt_refinement_equals_the_eager_one(tiny_vit, fmnist, mon
     calib = fmnist[0][:100]
     results, amax = {}, {}
     for compile in (False, True):
-        model = modelopt_quantize(tiny_vit, calib)
-        results[compile] = cptv_plugin.refine_modelopt(model, calib, config=TINY_SEARCH.replace(compile=compile))
+        model = quantize_with(framework, tiny_vit, calib)
+        results[compile] = cptv_plugin.refine(model, calib, config=TINY_SEARCH.replace(compile=compile))
         amax[compile] = amax_of(model)
-        assert all(q.backend is None for q in model.modules() if type(q).__name__ == "TensorQuantizer")
+        assert not any("forward" in vars(m) for m in model.modules())
     assert len(compiled) == 1 and results[True].compiled == 1.0 and results[False].compiled == 0.0
     assert results[True].final_fitness == results[False].final_fitness < results[True].initial_fitness
     assert all(torch.equal(amax[True][k], v) for k, v in amax[False].items())

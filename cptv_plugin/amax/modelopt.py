@@ -20,7 +20,7 @@ from .._io import atomic_path
 from ..config import SearchConfig
 from ..refinement import run_refinement
 from ..search import RefineResult
-from .session import AmaxSession, QuantizerKind
+from .session import AmaxSession, QuantizerKind, integer_fake_quant
 
 __all__ = ["refine_modelopt", "refine_modelopt_checkpoint", "is_modelopt_model", "modelopt_kind",
            "COMPILABLE_BACKEND"]
@@ -34,21 +34,8 @@ INSTALL_HINT = "pip install 'cptv_plugin[modelopt]' (nvidia-modelopt 0.47 and re
 COMPILABLE_BACKEND = "cptv_plugin_integer_fake_quant"
 
 
-def _integer_fake_quant(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
-    """ModelOpt's integer fake quantization in plain torch ops, so that ``torch.compile`` traces it whole and fuses
-    it into its neighbours' kernels. The arithmetic of ModelOpt's CUDA kernel and CPU fallback: in fp32,
-    ``scale = maxbound / amax``, round half to even, clamp to the integer range, divide by ``scale``; the result
-    in the input's dtype. Used only during a compiled search, for quantizers that ``_compilable`` accepted."""
-    bits, unsigned = int(quantizer.num_bits), bool(quantizer.unsigned)
-    maxbound = float(2 ** (bits - 1 + int(unsigned)) - 1)
-    minbound = 0.0 if unsigned else (-maxbound if quantizer.narrow_range else -maxbound - 1.0)
-    amax = quantizer._amax.float()
-    scale = torch.full_like(amax, maxbound) / amax  # a true division: ``float / tensor`` multiplies by a reciprocal
-    return (torch.clamp(torch.round(inputs.float() * scale), minbound, maxbound) / scale).to(inputs.dtype)
-
-
 def _accepts_integer_fake_quant(quantizer: nn.Module) -> bool:
-    """Quantizers whose fake quantization ``_integer_fake_quant`` reproduces (the ones cptv_plugin refines)."""
+    """Quantizers whose fake quantization ``integer_fake_quant`` reproduces (the ones cptv_plugin refines)."""
     return (getattr(quantizer, "backend", None) is None and getattr(quantizer, "bias_calibrator", None) is None
             and quantizer.block_sizes is None and isinstance(quantizer.num_bits, int)
             and getattr(quantizer, "_amax", None) is not None and bool(quantizer.fake_quant))
@@ -95,7 +82,7 @@ class _PlainForward:
 @contextlib.contextmanager
 def _compilable(model: nn.Module, quantizers: list[nn.Module]) -> Iterator[bool]:
     """While the context lasts, make ``model`` traceable whole by ``torch.compile``: its enabled ``quantizers`` run
-    ``_integer_fake_quant`` (registered through ModelOpt's own ``register_quant_backend`` hook) and its quantized
+    ``integer_fake_quant`` (registered through ModelOpt's own ``register_quant_backend`` hook) and its quantized
     Linear/Conv layers a plain forward (``_PlainForward``). Yields whether every quantizer could be routed
     (otherwise nothing is changed, and compiling would not pay). Everything is put back on exit."""
     from modelopt.torch.quantization.nn.modules.tensor_quantizer import (is_registered_quant_backend,
@@ -105,7 +92,7 @@ def _compilable(model: nn.Module, quantizers: list[nn.Module]) -> Iterator[bool]
         yield False
         return
     if not is_registered_quant_backend(COMPILABLE_BACKEND):
-        register_quant_backend(COMPILABLE_BACKEND, _integer_fake_quant)
+        register_quant_backend(COMPILABLE_BACKEND, integer_fake_quant)
     forwards = {module: forward for module in model.modules() if (forward := _PlainForward.of(module)) is not None}
     for quantizer in quantizers:
         quantizer.backend = COMPILABLE_BACKEND

@@ -8,7 +8,9 @@ pytorch-quantization's own ``MaxCalibrator``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -18,7 +20,7 @@ from ..data import calibration_batches
 from ..qconfigs import parse_bits
 from ..refinement import run_refinement
 from ..search import RefineResult
-from .session import AmaxSession, QuantizerKind
+from .session import AmaxSession, QuantizerKind, integer_fake_quant
 
 __all__ = ["refine_pytorch_quantization", "quantize_pytorch_quantization", "is_pytorch_quantization_model",
            "pytorch_quantization_kind"]
@@ -45,7 +47,39 @@ def pytorch_quantization_kind() -> QuantizerKind:
         disable=lambda q: q.disable(),
         is_calibrating=lambda q: bool(q._if_calib) or not bool(q._if_quant),
         set_amax=_set_amax,
+        compilable=_compilable,
     )
+
+
+class _QuantizerForward:
+    """A pytorch-quantization quantizer's fake quantization as ``integer_fake_quant`` (its own forward logs on every
+    call, which breaks torch.compile's graph). An object, not a closure, so that a deep copy of the quantizer
+    (a shared compiled block) quantizes with the copy's own ``amax``."""
+
+    def __init__(self, quantizer: nn.Module):
+        self.quantizer = quantizer
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        return integer_fake_quant(inputs, self.quantizer)
+
+
+@contextlib.contextmanager
+def _compilable(model: nn.Module, quantizers: list[nn.Module]) -> Iterator[bool]:
+    """While the context lasts, the enabled ``quantizers`` run ``integer_fake_quant`` (the same arithmetic as their
+    ``fake_tensor_quant``); yields whether all of them could (not with ONNX-export fake quant, learned or clipped
+    ranges, or real quantization), otherwise nothing is changed. Put back on exit."""
+    quantizer_type = _tensor_quantizer_type()
+    if quantizer_type.use_fb_fake_quant or not all(
+            q._fake_quant and not q._learn_amax and not q._if_clip and hasattr(q, "_amax") for q in quantizers):
+        yield False
+        return
+    for quantizer in quantizers:
+        vars(quantizer)["forward"] = _QuantizerForward(quantizer)
+    try:
+        yield True
+    finally:
+        for quantizer in quantizers:
+            del vars(quantizer)["forward"]
 
 
 def _set_amax(quantizer: nn.Module, amax: torch.Tensor) -> None:

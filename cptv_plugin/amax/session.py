@@ -20,7 +20,8 @@ from ..engine import Segment, SegmentedModel
 from ..fx.graph import GraphSplitError, assign_groups, split_graph
 from ..handles import Group, ScaleHandle
 
-__all__ = ["AmaxHandle", "AmaxSession", "QuantizerKind", "NotCalibratedError", "UnsupportedQuantizerError"]
+__all__ = ["AmaxHandle", "AmaxSession", "QuantizerKind", "NotCalibratedError", "UnsupportedQuantizerError",
+           "integer_fake_quant"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +94,19 @@ class AmaxHandle(ScaleHandle):
         """``amax`` is the framework's own state: what ``set`` wrote is what save/export carry."""
 
 
+def integer_fake_quant(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
+    """The integer fake quantization of an amax quantizer (ModelOpt's and pytorch-quantization's arithmetic) in
+    plain torch ops, so that ``torch.compile`` traces it whole and fuses it into its neighbours' kernels: in fp32,
+    ``scale = maxbound / amax``, round half to even, clamp to the integer range, divide by ``scale``; the result in
+    the input's dtype. Used only during a compiled search, for quantizers the framework's route accepted."""
+    bits, unsigned = int(quantizer.num_bits), bool(quantizer.unsigned)
+    maxbound = float(2 ** (bits - 1 + int(unsigned)) - 1)
+    minbound = 0.0 if unsigned else (-maxbound if quantizer.narrow_range else -maxbound - 1.0)
+    amax = quantizer._amax.float()
+    scale = torch.full_like(amax, maxbound) / amax  # a true division: ``float / tensor`` multiplies by a reciprocal
+    return (torch.clamp(torch.round(inputs.float() * scale), minbound, maxbound) / scale).to(inputs.dtype)
+
+
 def _owner_node(path: str, nodes: dict[str, fx.Node]) -> fx.Node | None:
     while path:
         if path in nodes:
@@ -106,10 +120,9 @@ class AmaxSession:
 
     # measured with dynamo (torch 2.14): pytorch-quantization's fake quant calls logging, ModelOpt's own branches on
     # a tensor value (``if min_amax < 0``); either breaks the graph at every quantizer (57-59 graphs for a
-    # 6-segment ViT), so compiling would cost time and recompiles and fuse nothing. ModelOpt lets a registered
-    # backend replace its fake quant (``QuantizerKind.compilable``), which compiles whole.
-    graph_breaking = ("the framework's quantizers break torch.compile's graph at every quantizer "
-                      "(pytorch-quantization: logging calls)")
+    # 6-segment ViT), so compiling would cost time and recompiles and fuse nothing. Each framework's
+    # ``QuantizerKind.compilable`` routes its quantizers through ``integer_fake_quant`` instead, which compiles whole.
+    graph_breaking = "the framework's quantizers break torch.compile's graph at every quantizer"
 
     @contextlib.contextmanager
     def compilable(self) -> Iterator[str | None]:
@@ -120,8 +133,9 @@ class AmaxSession:
             return
         enabled = [q for path, q in self.quantizers.items() if self.initially_enabled[path]]
         with self.kind.compilable(self.module, enabled) as possible:
-            yield None if possible else (f"some {self.kind.framework} quantizers use a custom backend, a bias or "
-                                         "a non-integer format, whose fake quant breaks torch.compile's graph")
+            yield None if possible else (
+                f"some {self.kind.framework} quantizers use a fake quantization cptv_plugin cannot compile (a custom "
+                "backend, a bias, learned or clipped ranges, ONNX-export mode, a non-integer format)")
 
     def __init__(self, model: nn.Module, kind: QuantizerKind, *, blocks: list[str] | None = None,
                  roles=("weight", "activation"), search_outside_blocks: bool = True):

@@ -261,3 +261,19 @@ def test_compiled_amax_refinement_equals_the_eager_one(tiny_vit, fmnist, monkeyp
     assert len(compiled) == 1 and results[True].compiled == 1.0 and results[False].compiled == 0.0
     assert results[True].final_fitness == results[False].final_fitness < results[True].initial_fitness
     assert all(torch.equal(amax[True][k], v) for k, v in amax[False].items())
+
+
+def test_modelopt_layers_with_a_patched_forward_keep_it():
+    """ModelOpt calls a forward patched before quantization (``_forward_pre_dm``): the plain forward of a compiled
+    search must not replace it."""
+    from cptv_plugin.amax.modelopt import _PlainForward
+    from cptv_plugin.qconfigs import modelopt_config as config
+
+    images = torch.randn(8, 4)
+    plain, patched = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    patched.forward = lambda x: torch.nn.functional.linear(x, patched.weight, patched.bias) * 2
+    for layer in (plain, patched):
+        mtq.quantize(layer, config("W4A8"), lambda m: m(images))
+    assert _PlainForward.of(plain) is not None and _PlainForward.of(patched) is None
+    with torch.no_grad():
+        torch.testing.assert_close(_PlainForward.of(plain)(images), plain(images), rtol=0, atol=0)

@@ -65,11 +65,13 @@ class _PlainForward:
 
     @classmethod
     def of(cls, module: nn.Module) -> _PlainForward | None:
-        """For a quantized Linear/Conv with plain TensorQuantizers and an unpatched forward; else ``None``."""
+        """For a quantized Linear/Conv with plain TensorQuantizers and its class's own forward (ModelOpt keeps a
+        forward patched before quantization as ``_forward_pre_dm`` and calls it); else ``None``."""
         from modelopt.torch.quantization.nn import TensorQuantizer
 
         names = ("input_quantizer", "weight_quantizer", "output_quantizer")
-        if not all(type(getattr(module, n, None)) is TensorQuantizer for n in names) or "forward" in vars(module):
+        patched = "forward" in vars(module) or hasattr(module, "_forward_pre_dm")
+        if patched or not all(type(getattr(module, n, None)) is TensorQuantizer for n in names):
             return None
         if isinstance(module, nn.Linear):
             return cls(module, torch.nn.functional.linear, ())

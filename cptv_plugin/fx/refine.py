@@ -101,7 +101,6 @@ class FxSession:
         """The simulated quantizers compile as one graph per segment (tested): nothing to switch."""
         yield None
 
-
     def __init__(self, prepared: fx.GraphModule, *, blocks: list[str] | None = None,
                  target: Target = "convert_fx", clamp_weights: bool = True, roles=("weight", "activation"),
                  search_outside_blocks: bool = True, flavor: Literal["fx", "pt2e"] = "fx"):

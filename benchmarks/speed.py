@@ -2,8 +2,9 @@
 
     python -m benchmarks.speed [--models vit_base_patch16_224 deit_tiny_patch16_224 ...] [--out FILE]
 
-For each timm model at 224² (random weights: only time is measured), torch.ao FX PTQ at W4A8 on 1,000 random
-calibration images, then the paper preset (K=10, P=15, C=3, S=10):
+For each timm model at 224² (random weights: only time is measured), PTQ at W4A8 on 1,000 random calibration
+images (``--framework fx``: torch.ao FX, every op; ``modelopt``: NVIDIA ModelOpt's default placement, Linear/Conv
+inputs and weights), then the paper preset (K=10, P=15, C=3, S=10):
 
 * ``fast``: our engine (block inputs cached once per visit, candidates run only the suffix, forward passes of
   1,000 images, the precision given by ``--precision``, default bf16 autocast on CUDA);
@@ -11,7 +12,7 @@ calibration images, then the paper preset (K=10, P=15, C=3, S=10):
   is constant, so it is timed on a measured number of evaluations and extrapolated to the fast run's count
   (``extrapolated_from`` says how many were timed).
 
-Records (``benchmarks/results/speed.json``): model, engine, seconds, evaluations, device, peak_memory_gb,
+Records (``benchmarks/results/speed.json``): model, framework, engine, seconds, evaluations, device, peak_memory_gb,
 precision, and for the fast engine the achieved fraction of the GPU's dense bf16 matmul peak
 (``matmul_tflops`` / ``bf16_peak_tflops``), counting the matmul FLOPs of every evaluated suffix.
 """
@@ -68,25 +69,51 @@ def _first_pass_excess(history: list[dict]) -> float | None:
     return round(durations[0] - sum(durations[1:]) / (len(durations) - 1), 2)
 
 
-def bench_model(name: str, device: torch.device, images: int, precision: str, literal_evaluations: int,
-                bits: str = "W4A8", passes: int = 10, compile: bool = False) -> list[dict]:
-    import timm
+def _quantized(model: torch.nn.Module, calib: torch.Tensor, framework: str, bits: str):
+    """(quantized model, its refine function, a session factory for an evaluation copy) for ``framework``."""
+    import cptv_plugin
+
+    if framework == "modelopt":
+        import modelopt.torch.quantization as mtq
+
+        from cptv_plugin.amax.modelopt import modelopt_kind
+        from cptv_plugin.amax.session import AmaxSession
+        from cptv_plugin.qconfigs import modelopt_config
+
+        def calibrate(module):
+            for batch in calib.split(100):
+                module(batch)
+
+        with torch.no_grad():
+            quantized = mtq.quantize(model, modelopt_config(bits), calibrate)
+        return quantized, cptv_plugin.refine_modelopt, lambda m: AmaxSession(m, modelopt_kind(),
+                                                                              search_outside_blocks=False)
     from torch.ao.quantization.quantize_fx import prepare_fx
 
-    import cptv_plugin
     from cptv_plugin.fx.refine import FxSession
-    from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx
-    from cptv_plugin.refinement import _device_name
+    from cptv_plugin.qconfigs import fx_qconfig_mapping
 
-    torch.manual_seed(0)
-    model = prepare_timm_for_fx(timm.create_model(name, pretrained=False)).eval().to(device)
-    calib = torch.randn(images, 3, 224, 224, device=device)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = prepare_fx(model, fx_qconfig_mapping(bits), example_inputs=(calib[:1],))
     with torch.no_grad():
         for batch in calib.split(100):
             prepared(batch)
+    return prepared, cptv_plugin.refine_fx, lambda m: FxSession(m, search_outside_blocks=False)
+
+
+def bench_model(name: str, device: torch.device, images: int, precision: str, literal_evaluations: int,
+                bits: str = "W4A8", passes: int = 10, compile: bool = False, framework: str = "fx") -> list[dict]:
+    import timm
+
+    import cptv_plugin
+    from cptv_plugin.qconfigs import prepare_timm_for_fx
+    from cptv_plugin.refinement import _device_name
+
+    torch.manual_seed(0)
+    model = prepare_timm_for_fx(timm.create_model(name, pretrained=False)).eval().to(device)
+    calib = torch.randn(images, 3, 224, 224, device=device)
+    prepared, refine, session_of = _quantized(model, calib, framework, bits)
     literal_model = copy.deepcopy(prepared)
     device_name = _device_name(device)
     records = []
@@ -98,13 +125,13 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     start = time.perf_counter()
-    result = cptv_plugin.refine_fx(prepared, calib, config=config)
+    result = refine(prepared, calib, config=config)
     _sync(device)
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
     # matmul FLOPs actually evaluated: every candidate of a visit re-runs the segments from its group's on
-    session = FxSession(copy.deepcopy(literal_model).requires_grad_(False), search_outside_blocks=False)
+    session = session_of(copy.deepcopy(literal_model).requires_grad_(False))
     flops = _segment_flops(session.chain, calib[:10])
     per_image = [f / 10 for f in flops]
     suffix = [sum(per_image[s:]) for s in range(len(per_image))]
@@ -114,7 +141,7 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     tflops = evaluated / seconds / 1e12
     peak_tflops = _peak_tflops(device_name)
     records.append({
-        "model": name, "engine": "fast", "compiled": compile, "bits": bits, "preset": "paper", "images": images,
+        "model": name, "framework": framework, "engine": "fast", "compiled": result.compiled, "bits": bits, "preset": "paper", "images": images,
         "seconds": round(seconds, 2), "evaluations": result.evaluations, "group_visits": visits,
         "device": device_name, "precision": result.precision, "peak_memory_gb": peak and round(peak, 2),
         "fitness": [round(result.initial_fitness, 5), round(result.final_fitness, 5)],
@@ -128,7 +155,7 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     # literal: full forward per candidate, fp32, batches of 100; time a measured number of evaluations
     from cptv_plugin.engine import Evaluator, reference_outputs
 
-    session = FxSession(literal_model, search_outside_blocks=False)
+    session = session_of(literal_model)
     batches = list(calib.split(config.batch_size))
     session.set_quantization(False)
     reference = reference_outputs(session.chain.forward, batches)
@@ -147,7 +174,7 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     literal_seconds = per_evaluation * result.evaluations
     records.append({
-        "model": name, "engine": "literal", "bits": bits, "preset": "paper", "images": images,
+        "model": name, "framework": framework, "engine": "literal", "bits": bits, "preset": "paper", "images": images,
         "seconds": round(literal_seconds, 2), "evaluations": result.evaluations, "device": device_name,
         "precision": "fp32", "peak_memory_gb": peak and round(peak, 2),
         "extrapolated_from": f"{literal_evaluations} full-forward evaluations timed, {per_evaluation:.4f} s each",
@@ -167,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--literal-evaluations", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="torch.compile the evaluation segments")
+    parser.add_argument("--framework", choices=["fx", "modelopt"], default="fx")
     parser.add_argument("--passes", type=int, default=10, help="K (the paper: 10; fewer only for a smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
@@ -177,8 +205,9 @@ def main(argv: list[str] | None = None) -> None:
     records = json.loads(out.read_text()) if out.exists() else []
     for name in args.models:
         fresh = bench_model(name, device, args.images, args.precision, args.literal_evaluations, passes=args.passes,
-                            compile=args.compile)
+                            compile=args.compile, framework=args.framework)
         records = [r for r in records if not (r["model"] == name and r["device"] == fresh[0]["device"]
+                                              and r.get("framework", "fx") == args.framework
                                               and r.get("precision") in (fresh[0]["precision"], "fp32")
                                               and r["engine"] in ("fast", "literal")
                                               and r.get("images") == args.images)] + fresh

@@ -92,12 +92,16 @@ def test_accuracy_benchmark_takes_an_imagenet_layout_folder(tmp_path):
     assert all(r["test_images"] == 6 and r["model"] == "timm:vit_tiny_patch16_224" for r in records)
 
 
-def test_speed_benchmark_runs_small_on_the_cpu(tmp_path):
+@pytest.mark.parametrize("framework", ["fx", "modelopt"])
+def test_speed_benchmark_runs_small_on_the_cpu(tmp_path, framework):
     from benchmarks.speed import main
 
+    if framework == "modelopt":
+        pytest.importorskip("modelopt.torch.quantization")
     out = tmp_path / "speed.json"
     main(["--models", "deit_tiny_patch16_224", "--images", "4", "--passes", "1", "--literal-evaluations", "1",
-          "--device", "cpu", "--out", str(out)])
+          "--device", "cpu", "--framework", framework, "--out", str(out)])
     fast, literal = json.loads(out.read_text())
     assert fast["engine"] == "fast" and literal["engine"] == "literal"
+    assert fast["framework"] == literal["framework"] == framework
     assert fast["evaluations"] == literal["evaluations"] > 0 and "extrapolated_from" in literal

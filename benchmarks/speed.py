@@ -73,32 +73,30 @@ def _quantized(model: torch.nn.Module, calib: torch.Tensor, framework: str, bits
     """(quantized model, its refine function, a session factory for an evaluation copy) for ``framework``."""
     import cptv_plugin
 
-    if framework == "modelopt":
+    @torch.no_grad()
+    def calibrate(module):
+        for batch in calib.split(100):
+            module(batch)
+
+    if framework == "modelopt":  # ModelOpt quantizes Linear inputs: timm's fused attention stays as the user has it
         import modelopt.torch.quantization as mtq
 
         from cptv_plugin.amax.modelopt import modelopt_kind
         from cptv_plugin.amax.session import AmaxSession
         from cptv_plugin.qconfigs import modelopt_config
 
-        def calibrate(module):
-            for batch in calib.split(100):
-                module(batch)
-
-        with torch.no_grad():
-            quantized = mtq.quantize(model, modelopt_config(bits), calibrate)
+        quantized = mtq.quantize(model, modelopt_config(bits), calibrate)
         return quantized, cptv_plugin.refine_modelopt, lambda m: AmaxSession(m, modelopt_kind(),
                                                                               search_outside_blocks=False)
     from torch.ao.quantization.quantize_fx import prepare_fx
 
     from cptv_plugin.fx.refine import FxSession
-    from cptv_plugin.qconfigs import fx_qconfig_mapping
+    from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(model, fx_qconfig_mapping(bits), example_inputs=(calib[:1],))
-    with torch.no_grad():
-        for batch in calib.split(100):
-            prepared(batch)
+        prepared = prepare_fx(prepare_timm_for_fx(model), fx_qconfig_mapping(bits), example_inputs=(calib[:1],))
+    calibrate(prepared)
     return prepared, cptv_plugin.refine_fx, lambda m: FxSession(m, search_outside_blocks=False)
 
 
@@ -107,11 +105,10 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     import timm
 
     import cptv_plugin
-    from cptv_plugin.qconfigs import prepare_timm_for_fx
     from cptv_plugin.refinement import _device_name
 
     torch.manual_seed(0)
-    model = prepare_timm_for_fx(timm.create_model(name, pretrained=False)).eval().to(device)
+    model = timm.create_model(name, pretrained=False).eval().to(device)
     calib = torch.randn(images, 3, 224, 224, device=device)
     prepared, refine, session_of = _quantized(model, calib, framework, bits)
     literal_model = copy.deepcopy(prepared)
@@ -141,7 +138,8 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     tflops = evaluated / seconds / 1e12
     peak_tflops = _peak_tflops(device_name)
     records.append({
-        "model": name, "framework": framework, "engine": "fast", "compiled": result.compiled, "bits": bits, "preset": "paper", "images": images,
+        "model": name, "framework": framework, "engine": "fast", "compiled": result.compiled, "bits": bits,
+        "preset": "paper", "images": images,
         "seconds": round(seconds, 2), "evaluations": result.evaluations, "group_visits": visits,
         "device": device_name, "precision": result.precision, "peak_memory_gb": peak and round(peak, 2),
         "fitness": [round(result.initial_fitness, 5), round(result.final_fitness, 5)],
@@ -174,7 +172,8 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     literal_seconds = per_evaluation * result.evaluations
     records.append({
-        "model": name, "framework": framework, "engine": "literal", "bits": bits, "preset": "paper", "images": images,
+        "model": name, "framework": framework, "engine": "literal", "bits": bits, "preset": "paper",
+        "images": images,
         "seconds": round(literal_seconds, 2), "evaluations": result.evaluations, "device": device_name,
         "precision": "fp32", "peak_memory_gb": peak and round(peak, 2),
         "extrapolated_from": f"{literal_evaluations} full-forward evaluations timed, {per_evaluation:.4f} s each",

@@ -21,7 +21,8 @@ Placements of activation quantizers:
 
 Methods: ``fp32``; ``baseline`` (MinMax/Max calibration); our presets ``default``, ``paper``, ``fast``;
 ``paper-mse`` (the paper's search with the MSE fitness, its Fig. 3); what users pick instead: ``histogram``
-(torch.ao HistogramObserver, e2e), ``modelopt-mse`` and ``modelopt-local_hessian`` (linear); and our refinement
+(torch.ao HistogramObserver, e2e), ``modelopt-mse``, ``modelopt-local_hessian`` and ``modelopt-gptq`` (linear: GPTQ
+updates the weights of every Linear with ModelOpt's Hessian-based rounding compensation); and our refinement
 on top of each (``histogram+default``, ``modelopt-mse+default``, ...).
 """
 
@@ -43,7 +44,8 @@ import torch
 
 MODELS = ["fmnist_deit_tiny", "fmnist_swin_tiny", "fmnist_levit"]
 BITS = ["W8A8", "W4A8", "W3A8", "W4A4", "W3A4", "W2A8"]
-STARTS = {"e2e": ["baseline", "histogram"], "linear": ["baseline", "modelopt-mse", "modelopt-local_hessian"],
+STARTS = {"e2e": ["baseline", "histogram"], "linear": ["baseline", "modelopt-mse", "modelopt-local_hessian",
+                                                     "modelopt-gptq"],
           "pt2e": ["baseline"]}
 # ablations of a preset: name -> (preset, overrides); recorded like presets, run only when asked for
 VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
@@ -57,7 +59,7 @@ PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "histogram", "histogram+default"],
     "linear": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "modelopt-mse", "modelopt-local_hessian",
-               "modelopt-mse+default", "modelopt-local_hessian+default"],
+               "modelopt-gptq", "modelopt-mse+default", "modelopt-local_hessian+default", "modelopt-gptq+default"],
     "pt2e": ["fp32", "baseline", "default", "paper"],
 }
 FRAMEWORK = {"e2e": "fx", "linear": "modelopt", "pt2e": "pt2e"}

@@ -49,16 +49,19 @@ STARTS = {"e2e": ["baseline", "histogram"], "linear": ["baseline", "modelopt-mse
           "pt2e": ["baseline"]}
 # ablations of a preset: name -> (preset, overrides); recorded like presets, run only when asked for
 VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
-            "default-seeded": ("default", {"seed_candidates": ("weight_mse",)}),
+            "default-unseeded": ("default", {"seed_candidates": ()}),
             "fast-seeded": ("fast", {"seed_candidates": ("weight_mse",)}),
             "default-adaptive": ("default", {"step_adaptation": "one_fifth"}),
             "fast-adaptive": ("fast", {"step_adaptation": "one_fifth"}),
             "fast-kl": ("fast", {"fitness": "kl"}),
-            "default-guarded": ("default", {"agreement_guard": True})}
+            "default-guarded": ("default", {"agreement_guard": True}),
+            "default-unseeded-guarded": ("default", {"seed_candidates": (), "agreement_guard": True})}
 PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
-    "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "histogram", "histogram+default"],
-    "linear": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "modelopt-mse", "modelopt-local_hessian",
+    "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "default-unseeded", "histogram",
+            "histogram+default"],
+    "linear": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "default-unseeded", "modelopt-mse",
+               "modelopt-local_hessian",
                "modelopt-gptq", "modelopt-mse+default", "modelopt-local_hessian+default", "modelopt-gptq+default"],
     "pt2e": ["fp32", "baseline", "default", "paper"],
 }

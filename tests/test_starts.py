@@ -108,9 +108,10 @@ def test_search_adopts_the_seed_only_through_the_fitness(tiny_vit, fmnist):
     assert not any(torch.allclose(v, seeds[name], rtol=1e-6) for name, v in block_vectors(unseeded).items())
 
 
-def test_presets_have_no_seed_and_unknown_seeds_are_refused():
-    assert SearchConfig.paper().seed_candidates == SearchConfig().seed_candidates == SearchConfig.fast().seed_candidates == ()
-    assert SearchConfig(seed_candidates=("weight_mse",)).seed_candidates == ("weight_mse",)
+def test_only_the_default_preset_seeds_and_unknown_seeds_are_refused():
+    assert SearchConfig().seed_candidates == SearchConfig.default().seed_candidates == ("weight_mse",)
+    assert SearchConfig.paper().seed_candidates == SearchConfig.fast().seed_candidates == ()
+    assert SearchConfig(seed_candidates=()).seed_candidates == ()
     with pytest.raises(ValueError, match="seed_candidates"):
         SearchConfig(seed_candidates=("nope",))
     with pytest.raises(ValueError, match="seed_candidates"):

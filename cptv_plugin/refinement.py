@@ -107,9 +107,11 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
             initial_vectors = [g.read() for g in session.groups]
             # hashing the calibration images costs a device-to-host copy: only for checkpointed searches
             key = fingerprint(session, config, batches) if config.checkpoint_path else ""
-            initial_agreement = evaluator.agreement() if config.agreement_guard else None
+            initial_agreement = evaluator.agreement()
+            _check_start(initial_agreement)
             result = evolutionary_search(session.groups, evaluator, config, fingerprint=key)
-            if initial_agreement is not None:
+            result.initial_agreement = initial_agreement
+            if config.agreement_guard:
                 final_agreement = evaluator.agreement()
                 restored = _guard(session, initial_vectors, result, final_agreement < initial_agreement,
                                   "the refined scales agree less often with the full-precision model's top-1 "
@@ -131,6 +133,20 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
         session.restore(state)
         raise
     return result
+
+
+# below this top-1 agreement with the full-precision model the start is too far off for a local search
+POOR_START_AGREEMENT = 0.5
+
+
+def _check_start(agreement: float) -> None:
+    """Warn when the calibration we were given is so far off that refining its scales seldom rescues it."""
+    if agreement < POOR_START_AGREEMENT:
+        logger.warning(
+            "the quantized model's top-1 agrees with the full-precision model's on only %.0f%% of the calibration "
+            "images: its calibration is far from usable, and refining its scales seldom recovers a model this far "
+            "off (benchmarks/FINDINGS.md, section 10). Refine a better start: torch.ao's HistogramObserver for "
+            "activations, ModelOpt's algorithm 'gptq' or 'mse' for 2-3-bit weights.", 100 * agreement)
 
 
 def _guard(session: RefinementSession, initial_vectors: list[torch.Tensor], result: RefineResult, failed: bool,

@@ -45,6 +45,8 @@ class RefineResult:
             scales were restored because the refined ones were worse there.
         agreement: with ``agreement_guard``: top-1 agreement with the full-precision model on the calibration
             images before and after, and whether the initial scales were restored because it fell.
+        initial_agreement: top-1 agreement with the full-precision model on the calibration images before the
+            search (always measured, one forward pass; below 0.5 a warning says the start is too far off).
     """
 
     initial_fitness: float
@@ -61,6 +63,7 @@ class RefineResult:
     resumed_from: int | None = None
     validation: dict | None = None
     agreement: dict | None = None
+    initial_agreement: float | None = None
 
     @property
     def improvement(self) -> float:

@@ -300,3 +300,17 @@ def test_a_segment_that_fails_to_compile_runs_eagerly(tiny_vit, fmnist, caplog):
     assert torch.equal(got, expected)
     assert session.chain.compiled_fraction == 0.0
     assert any("runs eagerly" in r.message and "backend broke" in r.message for r in caplog.records)
+
+
+def test_a_start_far_from_the_full_precision_model_is_reported(tiny_vit, fmnist, caplog):
+    """A calibration so far off that a local search seldom rescues it (4-bit activations on every op of the
+    CI ViT: ~10 % top-1) gets a warning that names better starts; a sound one (W8A8) does not."""
+    calib = fmnist[0][:200]
+    one_look = TINY_SEARCH.replace(population=2, cycles=0, samples=1)
+    with caplog.at_level("WARNING", logger="cptv_plugin.refinement"):
+        sound = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W8A8"), calib, config=one_look)
+    assert sound.initial_agreement > 0.9 and "HistogramObserver" not in caplog.text
+    with caplog.at_level("WARNING", logger="cptv_plugin.refinement"):
+        poor = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W4A4"), calib, config=one_look)
+    assert poor.initial_agreement < 0.5
+    assert "far from usable" in caplog.text and "HistogramObserver" in caplog.text and "gptq" in caplog.text

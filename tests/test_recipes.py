@@ -3,6 +3,8 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,20 +29,19 @@ def test_custom_adapter_example_finds_its_blocks():
     assert result.final_fitness <= result.initial_fitness
 
 
-def test_modelopt_recipe_refines_saves_and_exports(tmp_path):
-    import pytest
-
+@pytest.mark.parametrize("algorithm", ["max", "gptq"])
+def test_modelopt_recipe_refines_saves_and_exports(tmp_path, algorithm):
     pytest.importorskip("modelopt")
     recipe = load(ROOT / "integrations" / "modelopt_tensorrt.py")
-    report = recipe.run(bits="W4A8", preset="fast", calibration=100, test_images=500, out_dir=tmp_path)
+    report = recipe.run(bits="W4A8", preset="fast", calibration=100, test_images=500, out_dir=tmp_path,
+                        algorithm=algorithm)
+    assert report["algorithm"] == algorithm
     assert report["fitness"][1] < report["fitness"][0]
     assert report["tensorrt_violations"] == []
     assert (tmp_path / "refined.pth").exists() and (tmp_path / "model.onnx").exists()
 
 
 def test_pytorch_quantization_recipe_refines_and_exports(tmp_path):
-    import pytest
-
     pytest.importorskip("pytorch_quantization")
     recipe = load(ROOT / "integrations" / "pytorch_quantization_onnx.py")
     report = recipe.run(bits="W4A8", preset="fast", calibration=100, test_images=500, out=str(tmp_path / "m.onnx"))
@@ -49,8 +50,6 @@ def test_pytorch_quantization_recipe_refines_and_exports(tmp_path):
 
 
 def test_pt2e_recipe_improves_on_the_baseline_fitness():
-    import pytest
-
     pytest.importorskip("torchao")
     recipe = load(ROOT / "integrations" / "torchao_pt2e.py")
     report = recipe.run(bits="W3A8", preset="fast", calibration=100, test_images=500)

@@ -407,6 +407,8 @@ def report(records: list[dict], out_dir: Path) -> str:
         groups.setdefault(row, {}).setdefault(r["method"], []).append(r["top1"])
         if r["method"] not in methods:
             methods.append(r["method"])
+    listed = list(dict.fromkeys(METHODS["e2e"] + METHODS["linear"]))  # the matrix's own order, then the rest
+    methods.sort(key=lambda m: (listed.index(m), "") if m in listed else (len(listed), m))
     lines = ["| model | placement | bits | " + " | ".join(methods) + " |",
              "|---" * (3 + len(methods)) + "|"]
     for (model, placement, bits), values in sorted(groups.items()):
@@ -434,24 +436,27 @@ def report(records: list[dict], out_dir: Path) -> str:
         logger.warning("matplotlib is not installed: no plots")
         return table
     settings = sorted({(r["model"], r["placement"]) for r in records})
-    figure, axes = plt.subplots(len(settings), 1, figsize=(11, 3.2 * len(settings)), squeeze=False)
+    colors = plt.get_cmap("tab20")  # one colour per method across all panels
+    figure, axes = plt.subplots(len(settings), 1, figsize=(13, 3.2 * len(settings)), squeeze=False)
     for axis, (model, placement) in zip(axes[:, 0], settings):
-        bits = [b for b in BITS if any(r["bits"] == b and r["model"] == model for r in records)]
-        shown = [m for m in methods if m != "fp32"]
+        bits = [b for b in BITS if (model, placement, b) in groups]
+        present = {m for b in bits for m in groups.get((model, placement, b), {})}
+        shown = [m for m in methods if m != "fp32" and m in present]
         width = 0.8 / max(len(shown), 1)
         for index, method in enumerate(shown):
             means = []
             for b in bits:
                 v = groups.get((model, placement, b), {}).get(method, [])
                 means.append(statistics.mean(v) if v else float("nan"))
-            axis.bar([i + index * width for i in range(len(bits))], means, width, label=method)
+            axis.bar([i + index * width for i in range(len(bits))], means, width, label=method,
+                     color=colors(methods.index(method) % 20))
         fp32 = groups.get((model, placement, "FP32"), {}).get("fp32")
         if fp32:
             axis.axhline(statistics.mean(fp32), color="black", linestyle="--", linewidth=1, label="fp32")
         axis.set_xticks([i + 0.4 - width / 2 for i in range(len(bits))], bits)
         axis.set_ylabel("top-1 %")
         axis.set_title(f"{model}, {placement} placement")
-        axis.legend(fontsize=6, ncol=4)
+        axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
     figure.savefig(out_dir / "accuracy.png", dpi=110)
     figure, axis = plt.subplots(figsize=(8, 4))

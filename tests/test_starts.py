@@ -68,6 +68,18 @@ def test_weight_mse_seed_for_pt2e_and_modelopt_weights(tiny_vit, fmnist):
     assert_seed_lowers_every_weight_error(handles)
 
 
+def test_weight_mse_seed_for_pytorch_quantization_weights(tiny_vit, fmnist):
+    pytest.importorskip("pytorch_quantization")
+    from cptv_plugin.amax.pytorch_quantization import pytorch_quantization_kind
+    from cptv_plugin.amax.session import AmaxSession
+
+    calib = fmnist[0][:100]
+    model = cptv_plugin.quantize_pytorch_quantization(copy.deepcopy(tiny_vit), "W2A8", calib)
+    handles = weight_handles(AmaxSession(model, pytorch_quantization_kind()).all_handles)
+    assert len(handles) == 4 * 4 + 2
+    assert_seed_lowers_every_weight_error(handles)
+
+
 def test_activation_scales_have_no_weight_seed(tiny_vit, fmnist):
     prepared = prepare_and_calibrate(tiny_vit, fmnist[0][:100], "W2A8")
     session = FxSession(prepared)

@@ -55,8 +55,8 @@ class SearchConfig:
             members (``"weight_mse"``: every weight's per-channel scale clipped to minimize its own quantization
             error; see :mod:`cptv_plugin.starts`). Judged by the same fitness, so adopted only where they beat the
             user's calibration; the number of evaluations does not change. Default ``("weight_mse",)`` (measured
-            on the reference models: +13 to +28 points at W2A8, up to +2.8 at W3A8, noise elsewhere;
-            benchmarks/FINDINGS.md, section 10); the ``paper`` and ``fast`` presets use none.
+            on the reference models: +9 to +27 points at linear W2A8, +1.5 at W3A8 on the LeViT-like model, noise
+            elsewhere; benchmarks/FINDINGS.md, section 10); the ``paper`` and ``fast`` presets use none.
         step_adaptation: ``"none"`` (a fixed γ, the paper) or ``"one_fifth"``: each group's γ grows when more than
             a fifth of a visit's candidates beat its starting scales and shrinks otherwise (Rechenberg's rule).
         validation_fraction: hold out this share of the calibration images (drawn by ``seed``); the search

@@ -5,8 +5,8 @@ population, judged by the same global fitness, and adopted only if it beats ever
 meant for calibrations known to be poor, e.g. MinMax ranges of 2- and 3-bit weights, whose MSE-optimal
 clipping lies far inside the weight's range: a random walk over thousands of per-channel scales finds it
 slowly, a per-channel grid search over the weight itself at once. The default preset offers ``"weight_mse"``
-(+13 to +28 points at W2A8 on the reference models, noise at 4 and 8 bits; benchmarks/FINDINGS.md, section 10);
-``paper`` and ``fast`` offer none.
+(+9 to +27 points at linear W2A8 on the reference models, noise at 4 and 8 bits; benchmarks/FINDINGS.md,
+section 10); ``paper`` and ``fast`` offer none.
 """
 
 from __future__ import annotations

@@ -135,18 +135,19 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
     return result
 
 
-# below this top-1 agreement with the full-precision model the start is too far off for a local search
+# below this top-1 agreement with the full-precision model, the start is far off: a better calibration pays
 POOR_START_AGREEMENT = 0.5
 
 
 def _check_start(agreement: float) -> None:
-    """Warn when the calibration we were given is so far off that refining its scales seldom rescues it."""
+    """Warn when the calibration we were given is so far off that a better start would end much higher."""
     if agreement < POOR_START_AGREEMENT:
         logger.warning(
             "the quantized model's top-1 agrees with the full-precision model's on only %.0f%% of the calibration "
-            "images: its calibration is far from usable, and refining its scales seldom recovers a model this far "
-            "off (benchmarks/FINDINGS.md, section 10). Refine a better start: torch.ao's HistogramObserver for "
-            "activations, ModelOpt's algorithm 'gptq' or 'mse' for 2-3-bit weights.", 100 * agreement)
+            "images: its calibration is far off, and on the reference models the search ended 6 to 51 points "
+            "higher from a better start (benchmarks/FINDINGS.md, section 10). Consider refining a better "
+            "calibration: torch.ao's HistogramObserver for activations, ModelOpt's algorithm 'gptq' for 2-3-bit "
+            "weights.", 100 * agreement)
 
 
 def _guard(session: RefinementSession, initial_vectors: list[torch.Tensor], result: RefineResult, failed: bool,

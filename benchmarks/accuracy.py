@@ -55,6 +55,7 @@ VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
             "fast-adaptive": ("fast", {"step_adaptation": "one_fifth"}),
             "fast-kl": ("fast", {"fitness": "kl"}),
             "default-guarded": ("default", {"agreement_guard": True}),
+            "default-heldout": ("default", {"validation_fraction": 0.2}),
             "default-unseeded-guarded": ("default", {"seed_candidates": (), "agreement_guard": True})}
 PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
@@ -225,6 +226,8 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
                       passes=result.config.passes)
         if result.agreement is not None:
             record["agreement"] = result.agreement
+        if result.validation is not None:
+            record["validation"] = result.validation
     return record
 
 

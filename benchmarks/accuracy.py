@@ -216,6 +216,9 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
         options = {"target": target} if target is not None else {}
         config = search_config(search, seed, device).replace(compile=compile)
         result = cptv_plugin.refine(quantized, calib, config=config, **options)
+        if result.interrupted:  # the search keeps its best scales on Ctrl-C: a shortened run is no record
+            raise KeyboardInterrupt(f"{method} {bits} seed {seed} interrupted after {result.evaluations} "
+                                    "evaluations: not recorded")
         record["compiled"] = result.compiled
     top1 = evaluate_top1(evaluation_model(quantized, placement, bits), test_x, test_y)
     record.update(top1=top1, seconds=round(result.seconds if result else calibrated, 2),

@@ -55,6 +55,29 @@ def test_accuracy_benchmark_workers_share_the_tasks_once_each(tmp_path):
                      "histogram+default"]
 
 
+def test_accuracy_benchmark_does_not_record_an_interrupted_search(tmp_path, monkeypatch):
+    """SIGINT at a device call's time limit stops a search that keeps its best scales: recording that run as
+    finished put shortened searches in accuracy.json (found in session 7)."""
+    import cptv_plugin
+    from benchmarks.accuracy import main
+
+    real_refine = cptv_plugin.refine
+
+    def interrupted_refine(*args, **kwargs):
+        result = real_refine(*args, **kwargs)
+        result.interrupted = True
+        return result
+
+    monkeypatch.setattr(cptv_plugin, "refine", interrupted_refine)
+    out = tmp_path / "accuracy.json"
+    argv = ["--models", "fmnist_vit_tiny", "--bits", "W4A8", "--placements", "e2e", "--methods", "baseline",
+            "fast", "--seeds", "0", "--calibration", "100", "--test-images", "100", "--device", "cpu",
+            "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt, match="not recorded"):
+        main(argv)
+    assert [r["method"] for r in json.loads(out.read_text())] == ["baseline"]
+
+
 def test_accuracy_benchmark_simulates_low_bit_fx_activations_with_their_narrowed_range(tmp_path):
     """convert_fx would run "4-bit" activations as quint8 with 0-255: the benchmark measures real 4-bit ones."""
     from benchmarks.accuracy import fx_target, main

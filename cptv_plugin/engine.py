@@ -52,13 +52,15 @@ class SegmentedModel:
             needed = set().union(*(seg.inputs for seg in segments[s:]))
             self.live.append({name for name in needed if produced_by.get(name, -1) < s})
 
-    def run(self, env: dict[str, Any], start: int = 0, stop: int | None = None) -> Any:
-        """Run segments ``start…stop-1`` on ``env``; return the model output, or the live env at ``stop``."""
+    def run(self, env: dict[str, Any], start: int = 0, stop: int | None = None, eager: bool = False) -> Any:
+        """Run segments ``start…stop-1`` on ``env``; return the model output, or the live env at ``stop``.
+        ``eager``: bypass compiled segments (their shared copies do not follow switches such as quantization off)."""
         stop = len(self.segments) if stop is None else stop
         env = dict(env)
         for index in range(start, stop):
             segment = self.segments[index]
-            result = segment.fn(*[env[name] for name in segment.inputs])
+            fn = segment.fn.eager if eager and isinstance(segment.fn, _CompiledOrEager) else segment.fn
+            result = fn(*[env[name] for name in segment.inputs])
             if segment.outputs is None:
                 return result
             if len(segment.outputs) == 1 and not isinstance(result, tuple):
@@ -66,8 +68,8 @@ class SegmentedModel:
             env.update(zip(segment.outputs, result))
         return {name: env[name] for name in self.live[stop]} if stop < len(self.segments) else env
 
-    def forward(self, images: torch.Tensor) -> Any:
-        return self.run(self.initial_env(images))
+    def forward(self, images: torch.Tensor, eager: bool = False) -> Any:
+        return self.run(self.initial_env(images), eager=eager)
 
     @property
     def compiled_fraction(self) -> float:

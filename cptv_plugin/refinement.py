@@ -8,6 +8,7 @@ ModelOpt and pytorch-quantization, so a user does not notice which framework the
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Protocol
 
@@ -172,7 +173,7 @@ def _reference(session: RefinementSession, fp_model: nn.Module | None, batches: 
         return reference_outputs(fp_model.eval(), batches)
     session.set_quantization(False)
     try:
-        return reference_outputs(session.chain.forward, batches)
+        return reference_outputs(functools.partial(session.chain.forward, eager=True), batches)
     finally:
         session.set_quantization(True)
 
@@ -223,7 +224,7 @@ def _probe(session: RefinementSession, images: torch.Tensor) -> None:
     session.set_quantization(False)
     try:
         with torch.no_grad():
-            session.chain.forward(images)
+            session.chain.forward(images, eager=True)
     except (RuntimeError, ValueError, AssertionError) as error:
         raise CalibrationError(
             f"the model cannot run on calibration images of shape {tuple(images.shape[1:])}: {error}. "

@@ -86,12 +86,6 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                 f"pass at least {config.batch_size} images or set SearchConfig(batch_size={len(images)})")
         session.begin()
         reference = _reference(session, fp_model, batches)
-        # every full-precision reference before compiling: the compiled segments (shared copies of blocks) do
-        # not see quantization switched off, so a reference taken after would be the quantized model's own output
-        held_batches = held_reference = None
-        if held_out is not None:
-            held_batches = [b.to(device) for b in split_batches(held_out, config.batch_size, min_batch)]
-            held_reference = _reference(session, fp_model, held_batches)
         if config.compile and config.engine == "fast":
             obstacle = compiling.enter_context(session.compilable())
             if obstacle:
@@ -105,9 +99,10 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                               config.normalize, compute_batch_size=config.resolved_compute_batch_size(device.type)
                               if config.engine == "fast" else None, precision=precision)
         validator = None
-        if held_batches is not None:
-            validator = Evaluator(session.chain, held_batches, held_reference, config.fitness, config.temperature,
-                                  config.normalize, precision=precision)
+        if held_out is not None:
+            held_batches = [b.to(device) for b in split_batches(held_out, config.batch_size, min_batch)]
+            validator = Evaluator(session.chain, held_batches, _reference(session, fp_model, held_batches),
+                                  config.fitness, config.temperature, config.normalize, precision=precision)
         with compiling, _matmul_precision(precision):
             initial_validation = validator(None) if validator is not None else None
             initial_vectors = [g.read() for g in session.groups]
@@ -168,7 +163,8 @@ def _guard(session: RefinementSession, initial_vectors: list[torch.Tensor], resu
 
 
 def _reference(session: RefinementSession, fp_model: nn.Module | None, batches: list[torch.Tensor]):
-    """Full-precision outputs (fp32): of ``fp_model`` if given, else of the model with quantization off."""
+    """Full-precision outputs (fp32): of ``fp_model`` if given, else of the model with quantization off, run
+    eagerly: compiled segments share copies of blocks that do not follow quantization switched off."""
     if fp_model is not None:
         return reference_outputs(fp_model.eval(), batches)
     session.set_quantization(False)

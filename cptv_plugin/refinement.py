@@ -145,10 +145,10 @@ def _check_start(agreement: float) -> None:
     if agreement < POOR_START_AGREEMENT:
         logger.warning(
             "the quantized model's top-1 agrees with the full-precision model's on only %.0f%% of the calibration "
-            "images: its calibration is far off, and on the reference models the search ended 6 to 51 points "
-            "higher from a better start (benchmarks/FINDINGS.md, section 10). Consider refining a better "
-            "calibration: torch.ao's HistogramObserver for activations, ModelOpt's algorithm 'gptq' for 2-3-bit "
-            "weights.", 100 * agreement)
+            "images: its calibration is far off, and on the reference models the search ended 6 to 41 points "
+            "higher from a better start (means of 3 seeds, benchmarks/FINDINGS.md, section 11). Consider "
+            "refining a better calibration: torch.ao's HistogramObserver for activations, ModelOpt's algorithm "
+            "'gptq' for 2-3-bit weights.", 100 * agreement)
 
 
 def _guard(session: RefinementSession, initial_vectors: list[torch.Tensor], result: RefineResult, failed: bool,

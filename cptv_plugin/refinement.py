@@ -91,7 +91,8 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
             if obstacle:
                 logger.warning("compile=True ignored: %s; the search runs eagerly", obstacle)
             else:
-                session.chain.compile()
+                # segments before the first searched group only fill the cache, once per pass: left eager
+                session.chain.compile(start=min((g.segment for g in session.groups), default=0))
         precision = config.resolved_precision(device.type)
         if config.engine == "literal":
             precision = "fp32"  # the reference implementation: full forward, fp32, one fitness batch at a time

@@ -182,16 +182,12 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                     evaluator.advance(segment)
                 # first pass: data-free seeds (e.g. MSE-clipped weights) take the place of mutated members
                 seeds = seed_vectors(group, config.seed_candidates) if pass_index == 0 else []
-                for seed in seeds[:config.population - 1]:
-                    seed = seed.to(current.device, current.dtype)
-                    group.set(seed)
-                    population.append((seed, evaluator(segment)))
-                    tried.append(population[-1][1])
-                for _ in range(config.population - len(population)):
-                    candidate = mutate(current, step, config.mutation_kind, generator)
-                    group.set(candidate)
-                    population.append((candidate, evaluator(segment)))
-                    tried.append(population[-1][1])
+                members = [seed.to(current.device, current.dtype) for seed in seeds[:config.population - 1]]
+                members += [mutate(current, step, config.mutation_kind, generator)
+                            for _ in range(config.population - 1 - len(members))]
+                fitnesses = _evaluate_all(group, members, evaluator, segment)
+                population.extend(zip(members, fitnesses))
+                tried.extend(fitnesses)
                 for _ in range(config.cycles):
                     drawn = rng.sample(range(len(population)), min(config.samples, len(population)))
                     parent = min(drawn, key=lambda i: population[i][1])
@@ -241,6 +237,24 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     logger.info("search done: fitness %.5f -> %.5f in %.1f s (%d evaluations)", result.initial_fitness,
                 result.final_fitness, result.seconds, result.evaluations)
     return result
+
+
+def _evaluate_all(group: Group, vectors: list[torch.Tensor], evaluator: Evaluator,
+                  segment: int | None) -> list[float]:
+    """Fitness of ``group`` at each of ``vectors``: the evaluations are queued back to back and read with one
+    device sync, so the device does not wait for the host between them (they do not depend on each other).
+    An evaluator without ``queue`` (any callable giving a float) is called once per vector."""
+    if not hasattr(evaluator, "queue"):
+        values = []
+        for vector in vectors:
+            group.set(vector)
+            values.append(evaluator(segment))
+        return values
+    queued = []
+    for vector in vectors:
+        group.set(vector)
+        queued.append(evaluator.queue(segment))
+    return evaluator.collect(queued)
 
 
 def adapt_step(step: float, initial: float, fitnesses: list[float], reference: float) -> float:

@@ -174,6 +174,39 @@ def test_suffix_evaluation_equals_full_forward(tiny_vit, fmnist):
         assert torch.equal(session.chain.run(env, group.segment), full), group.name
 
 
+def test_grouped_passes_and_queued_evaluations_give_the_per_batch_infonce(tiny_vit, fmnist):
+    """Fitness batches grouped into one forward pass are scored all at once (batched InfoNCE) and queued
+    evaluations read later: the values equal the registered per-batch InfoNCE, averaged over the images."""
+    from cptv_plugin.engine import Evaluator, reference_outputs
+    from cptv_plugin.fitness import infonce
+
+    session = FxSession(prepare_and_calibrate(tiny_vit, fmnist[0][:200], "W4A8"))
+    batches = list(fmnist[0][:200].split(40))
+    reference = reference_outputs(tiny_vit, batches)
+    with torch.no_grad():
+        outputs = [session.chain.forward(b) for b in batches]
+    expected = sum(float(infonce(o, r, temperature=0.5)) * len(o) for o, r in zip(outputs, reference)) / 200
+    grouped = Evaluator(session.chain, batches, reference, "infonce", 0.5, True, compute_batch_size=120)
+    assert grouped.passes == [[0, 1, 2], [3, 4]]
+    assert grouped(None) == pytest.approx(expected, rel=1e-6)
+    group = session.groups[1]
+    start = group.read()
+    queued = []
+    for factor in (0.5, 1.0):
+        group.set(start * factor)
+        queued.append(grouped.queue(group.segment))
+    group.set(start)
+    halved, unchanged = grouped.collect(queued)
+    assert unchanged == pytest.approx(expected, rel=1e-6)  # queued with the scales it was queued with
+    assert halved > expected + 0.01
+    assert grouped.evaluations == 3
+    unequal = Evaluator(session.chain, [fmnist[0][:70], fmnist[0][70:200]],
+                        reference_outputs(tiny_vit, [fmnist[0][:70], fmnist[0][70:200]]), "infonce", 0.5, True,
+                        compute_batch_size=200)
+    assert unequal._stacked_reference(0) is None  # unequal batches: scored one by one
+    assert unequal(None) > 0
+
+
 def test_same_seed_gives_same_scales(tiny_vit, fmnist):
     calib = fmnist[0][:100]
     config = TINY_SEARCH.replace(population=3, cycles=1)

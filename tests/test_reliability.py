@@ -328,6 +328,33 @@ def test_a_segment_that_fails_to_compile_runs_eagerly(tiny_vit, fmnist, caplog):
     assert any("runs eagerly" in r.message and "backend broke" in r.message for r in caplog.records)
 
 
+def test_a_compiled_search_leaves_the_segments_before_its_first_group_eager(tiny_vit, fmnist, monkeypatch):
+    """Segments before the first searched group run only to fill the cache, once per pass: compiling them costs
+    seconds for nothing (ViT-B/16's patch embedding: 5.5 s on an H100), so a compiled search leaves them eager."""
+    from cptv_plugin.engine import SegmentedModel, _CompiledOrEager
+
+    calls = []
+    compile_eagerly = SegmentedModel.compile
+
+    def recording_compile(self, start=0, **options):
+        calls.append((self, start))
+        return compile_eagerly(self, start, backend="eager")
+
+    monkeypatch.setattr(SegmentedModel, "compile", recording_compile)
+    calib = fmnist[0][:100]
+    config = TINY_SEARCH.replace(population=2, cycles=1, search_outside_blocks=False, compile=True)
+    result = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W4A8"), calib, config=config)
+    (chain, start), = calls
+    assert start == 1  # the CI ViT: segment 0 is the patch embedding, the blocks start at 1
+    assert not isinstance(chain.segments[0].fn, _CompiledOrEager)
+    assert all(isinstance(s.fn, _CompiledOrEager) for s in chain.segments[1:])
+    assert result.compiled == 1.0  # every segment a candidate runs
+    calls.clear()
+    cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W4A8"), calib,
+                          config=config.replace(search_outside_blocks=True))
+    assert calls[0][1] == 0
+
+
 def test_a_start_far_from_the_full_precision_model_is_reported(tiny_vit, fmnist, caplog):
     """A calibration far off the full-precision model (4-bit activations on every op of the CI ViT: ~10 %
     top-1) gets a warning that names better starts; a sound one (W8A8) does not."""

@@ -65,6 +65,37 @@ def test_visits_every_group_in_order_for_k_passes_and_counts_evaluations():
     assert evaluator.calls[0] is None and set(evaluator.calls[1:]) == {0, 1, 2}
 
 
+class QueuingEvaluator(QuadraticEvaluator):
+    """Also queues evaluations (values stay pending until collected) and counts the reads."""
+
+    def __init__(self, groups, targets):
+        super().__init__(groups, targets)
+        self.reads = []
+
+    def queue(self, segment=None):
+        return torch.tensor(self(segment), dtype=torch.float64)
+
+    def collect(self, queued):
+        self.reads.append(len(queued))
+        return torch.stack(queued).tolist()
+
+
+def test_the_population_of_a_visit_is_read_at_once_and_the_search_is_unchanged():
+    """The P-1 new members of a visit do not depend on each other: they are queued and read with one device
+    sync; the children of the cycles one at a time. Same scales as evaluating one by one."""
+    config = SearchConfig(passes=2, population=5, cycles=3, samples=3, progress=False)
+    groups, plain = make_problem()
+    plain_result = evolutionary_search(groups, plain, config)
+    queued_groups, _ = make_problem()
+    queuing = QueuingEvaluator(queued_groups, [torch.full((5,), 1.2) for _ in range(3)])
+    result = evolutionary_search(queued_groups, queuing, config)
+    assert queuing.reads == [4] * (2 * 3)  # one read of 4 new members per visit (the children: __call__)
+    assert queuing.evaluations == plain.evaluations == result.evaluations
+    for a, b in zip(groups, queued_groups):
+        assert torch.equal(a.read(), b.read())
+    assert result.final_fitness == plain_result.final_fitness
+
+
 def test_reverse_order_visits_last_block_first():
     config = SearchConfig(passes=1, population=3, cycles=1, samples=2, block_order="reverse", progress=False)
     groups, evaluator = make_problem()

@@ -123,8 +123,14 @@ def test_speed_benchmark_runs_small_on_the_cpu(tmp_path, framework):
         pytest.importorskip("modelopt.torch.quantization")
     out = tmp_path / "speed.json"
     main(["--models", "deit_tiny_patch16_224", "--images", "4", "--passes", "1", "--literal-evaluations", "1",
-          "--device", "cpu", "--framework", framework, "--out", str(out)])
-    fast, literal = json.loads(out.read_text())
+          "--device", "cpu", "--framework", framework, "--out", str(out)] + (["--warm"] if framework == "fx" else []))
+    records = json.loads(out.read_text())
+    fast, literal = records[0], records[-1]
     assert fast["engine"] == "fast" and literal["engine"] == "literal"
     assert fast["framework"] == literal["framework"] == framework
     assert fast["evaluations"] == literal["evaluations"] > 0 and "extrapolated_from" in literal
+    assert 0 < fast["search_seconds"] <= fast["seconds"]
+    if framework == "fx":  # --warm: the same search timed again, same result
+        cold, warm = records[0], records[1]
+        assert (cold["inductor_cache"], warm["inductor_cache"], warm["engine"]) == ("cold", "warm", "fast")
+        assert warm["fitness"] == cold["fitness"] and warm["seconds"] != cold["seconds"]

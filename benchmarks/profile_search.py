@@ -64,7 +64,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--framework", choices=["fx", "modelopt"], default="modelopt")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--inductor", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="torch._inductor.config settings to try (values parsed as Python literals)")
     args = parser.parse_args(argv)
+    import ast
+
+    import torch._inductor.config as inductor_config
+
+    for setting in args.inductor:
+        key, _, value = setting.partition("=")
+        target, _, leaf = key.rpartition(".")
+        setattr(inductor_config if not target else getattr(inductor_config, target), leaf, ast.literal_eval(value))
+    print(f"inductor: compile_threads={inductor_config.compile_threads}, "
+          f"autotune_pointwise={inductor_config.triton.autotune_pointwise}, settings {args.inductor}", flush=True)
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = timm.create_model(args.model, pretrained=False).eval().to(device)

@@ -17,7 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from .fitness import get_fitness, infonce
+from .fitness import get_fitness, infonce, infonce_batches
 
 __all__ = ["Segment", "SegmentedModel", "Evaluator", "ModelOutputError"]
 
@@ -46,6 +46,7 @@ class SegmentedModel:
             raise ValueError("the last segment must return the model output (outputs=None)")
         self.segments = segments
         self.initial_env = initial_env
+        self._compile_start: int | None = None  # set by compile: the first segment it was asked to compile
         # live[s]: names produced before segment s (model inputs count as produced at -1) and read by
         # segment s or later: exactly what a cache of segment s's inputs must hold
         produced_by = {name: k for k, seg in enumerate(segments) for name in (seg.outputs or [])}
@@ -80,8 +81,6 @@ class SegmentedModel:
         wanted = self.segments[self._compile_start:] if self._compile_start is not None else self.segments
         compiled = [s for s in wanted if isinstance(s.fn, _CompiledOrEager) and not s.fn.failed]
         return len(compiled) / len(wanted)
-
-    _compile_start: int | None = None
 
     def compile(self, start: int = 0, **options) -> int:
         """Compile segments ``start…`` with ``torch.compile`` (fake quantization fuses into its neighbours'
@@ -252,14 +251,10 @@ class Evaluator:
         members = self.passes[index]
         stacked = self._stacked_reference(index)
         if stacked is not None:  # InfoNCE of equal batches: all at once, a handful of kernels per pass
-            count, size = len(members), self.sizes[members[0]]
-            quantized = output.reshape(count, size, -1)
-            if self.fitness_kwargs["normalize"]:
-                quantized = F.normalize(quantized, dim=-1)
-            logits = torch.bmm(quantized, stacked.transpose(1, 2)) / self.fitness_kwargs["temperature"]
-            targets = torch.arange(size, device=logits.device).repeat(count)
-            losses = F.cross_entropy(logits.reshape(count * size, size), targets, reduction="none")
-            return losses.reshape(count, size).mean(1).double().sum() * size
+            size = self.sizes[members[0]]
+            losses = infonce_batches(output.reshape(len(members), size, -1), stacked, reference_normalized=True,
+                                     **self.fitness_kwargs)
+            return losses.double().sum() * size
         total = torch.zeros((), dtype=torch.float64, device=output.device)
         offset = 0
         for member in members:

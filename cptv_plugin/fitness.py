@@ -10,7 +10,7 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-__all__ = ["register_fitness", "get_fitness", "list_fitness", "infonce", "mse", "cosine", "kl"]
+__all__ = ["register_fitness", "get_fitness", "list_fitness", "infonce", "infonce_batches", "mse", "cosine", "kl"]
 
 
 class Fitness(Protocol):
@@ -46,16 +46,27 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.float().reshape(len(x), -1)
 
 
+def infonce_batches(quantized: torch.Tensor, reference: torch.Tensor, *, temperature: float = 0.1,
+                    normalize: bool = True, reference_normalized: bool = False) -> torch.Tensor:
+    """InfoNCE of ``n`` batches at once: ``(n, B, ...)`` outputs → the ``n`` per-batch means. With
+    ``reference_normalized`` the references are already L2-normalized (computed once, reused per evaluation)."""
+    p, o = quantized.float().flatten(2), reference.float().flatten(2)
+    if normalize:
+        p = F.normalize(p, dim=-1)
+        o = o if reference_normalized else F.normalize(o, dim=-1)
+    logits = torch.bmm(p, o.transpose(1, 2)) / temperature
+    count, size = logits.shape[:2]
+    targets = torch.arange(size, device=logits.device).repeat(count)
+    losses = F.cross_entropy(logits.reshape(count * size, size), targets, reduction="none")
+    return losses.reshape(count, size).mean(1)
+
+
 @register_fitness
 def infonce(quantized: torch.Tensor, reference: torch.Tensor, *, temperature: float = 0.1,
             normalize: bool = True) -> torch.Tensor:
     """InfoNCE of the paper's Eq. 3: the full-precision output of the same image is the positive, those of
     the batch's other images are the negatives. Mean over the batch."""
-    p, o = _flat(quantized), _flat(reference)
-    if normalize:
-        p, o = F.normalize(p, dim=-1), F.normalize(o, dim=-1)
-    logits = p @ o.T / temperature
-    return F.cross_entropy(logits, torch.arange(len(p), device=p.device))
+    return infonce_batches(quantized[None], reference[None], temperature=temperature, normalize=normalize)[0]
 
 
 @register_fitness

@@ -244,17 +244,12 @@ def _evaluate_all(group: Group, vectors: list[torch.Tensor], evaluator: Evaluato
     """Fitness of ``group`` at each of ``vectors``: the evaluations are queued back to back and read with one
     device sync, so the device does not wait for the host between them (they do not depend on each other).
     An evaluator without ``queue`` (any callable giving a float) is called once per vector."""
-    if not hasattr(evaluator, "queue"):
-        values = []
-        for vector in vectors:
-            group.set(vector)
-            values.append(evaluator(segment))
-        return values
-    queued = []
+    queue = getattr(evaluator, "queue", None)
+    values = []
     for vector in vectors:
         group.set(vector)
-        queued.append(evaluator.queue(segment))
-    return evaluator.collect(queued)
+        values.append(queue(segment) if queue is not None else evaluator(segment))
+    return evaluator.collect(values) if queue is not None else values
 
 
 def adapt_step(step: float, initial: float, fitnesses: list[float], reference: float) -> float:

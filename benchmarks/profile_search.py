@@ -33,16 +33,15 @@ def busy_seconds(prof) -> float:
 
 
 def visit(group, evaluator, generator, rng, population=15, cycles=3, samples=10, step=1e-3):
-    """One group visit of the paper preset, as ``evolutionary_search`` makes it."""
-    from cptv_plugin.search import mutate
+    """One group visit of the paper preset, as ``evolutionary_search`` makes it (the population queued, the
+    children one at a time)."""
+    from cptv_plugin.search import _evaluate_all, mutate
 
     current = group.read()
     evaluator.advance(group.segment)
+    candidates = [mutate(current, step, "absolute", generator) for _ in range(population - 1)]
     members = [(current, evaluator(group.segment))]
-    for _ in range(population - 1):
-        candidate = mutate(current, step, "absolute", generator)
-        group.set(candidate)
-        members.append((candidate, evaluator(group.segment)))
+    members += zip(candidates, _evaluate_all(group, candidates, evaluator, group.segment))
     for _ in range(cycles):
         drawn = rng.sample(range(len(members)), min(samples, len(members)))
         parent = min(drawn, key=lambda i: members[i][1])

@@ -56,6 +56,7 @@ VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
             "fast-kl": ("fast", {"fitness": "kl"}),
             "default-guarded": ("default", {"agreement_guard": True}),
             "default-fine": ("default", {"mutation": 0.02}),
+            "default-f2c": ("default", {"granularity": "fine_to_coarse"}),
             "default-heldout": ("default", {"validation_fraction": 0.2}),
             "default-unseeded-guarded": ("default", {"seed_candidates": (), "agreement_guard": True})}
 PRESETS = ["default", "paper", "fast", *VARIANTS]

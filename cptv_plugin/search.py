@@ -14,6 +14,7 @@ import torch
 from ._io import atomic_path
 from .config import SearchConfig
 from .engine import Evaluator
+from .granularity import visit_plan
 from .handles import Group
 from .starts import seed_vectors
 
@@ -127,11 +128,10 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     rng = random.Random(config.seed)
     weight_bits = min((h.bits for g in groups for h in g.handles if h.role == "weight"), default=8)
     gamma = config.mutation_for_bits(weight_bits)
-    order = list(range(len(groups)))
-    if config.block_order == "reverse":
-        order.reverse()
+    # the units each visit moves (the groups themselves, or finer / coarser ones: config.granularity)
+    units, visits = visit_plan(groups, config.passes, config.granularity, reverse=config.block_order == "reverse")
     initial_vectors = [g.read() for g in groups]
-    gammas = [gamma] * len(groups)  # per group; moved only by config.step_adaptation
+    gammas = [gamma] * len(units)  # per unit; moved only by config.step_adaptation
     checkpoint_path = Path(config.checkpoint_path) if config.checkpoint_path else None
     saved = _load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
     if saved is not None:
@@ -159,18 +159,17 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                 len(groups), sum(result.groups.values()), config.passes, gamma, config.mutation_kind, best_fitness)
     try:
         from tqdm.auto import tqdm
-        progress = tqdm(total=config.passes * len(order), initial=resume_at, desc="cpt-v search",
+        progress = tqdm(total=len(visits), initial=resume_at, desc="cpt-v search",
                         disable=not config.progress, unit="group")
     except ImportError:  # pragma: no cover - tqdm is a dependency
         progress = None
-    visits = [(p, g) for p in range(config.passes) for g in order]
     try:
-        for visit, (pass_index, group_index) in enumerate(visits):
+        for visit, (pass_index, unit_index) in enumerate(visits):
             if visit < resume_at:
                 continue
-            group = groups[group_index]
+            group = units[unit_index]
             population: list[tuple[torch.Tensor, float]] = []
-            step = gammas[group_index]
+            step = gammas[unit_index]
             fitness_at_start = best_fitness
             tried: list[float] = []  # fitness of every candidate of this visit, for the step adaptation
             try:
@@ -203,7 +202,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                     best_vector, best_fitness = min(population, key=lambda member: member[1])
                     group.set(best_vector)
                     if config.step_adaptation == "one_fifth":
-                        gammas[group_index] = adapt_step(step, gamma, tried, fitness_at_start)
+                        gammas[unit_index] = adapt_step(step, gamma, tried, fitness_at_start)
             result.history.append({"pass": pass_index, "group": group.name, "fitness": best_fitness,
                                    "evaluations": evaluator.evaluations, "step": step,
                                    "seconds": round(time.time() - start_time, 3)})

@@ -57,6 +57,13 @@ class SearchConfig:
             user's calibration; the number of evaluations does not change. Default ``("weight_mse",)`` (measured
             on the reference models: +9 to +27 points at linear W2A8, +1.5 at W3A8 on the LeViT-like model, noise
             elsewhere; benchmarks/FINDINGS.md, section 10); the ``paper`` and ``fast`` presets use none.
+        start_candidates: whole-model alternatives to the user's scales, judged by the fitness once before the
+            first visit; the search starts from the fittest of them and the user's (``RefineResult.start`` says
+            which). ``"activation_mse"``: every per-tensor activation range clipped to minimize the quantization
+            error of the full-precision activations on up to 256 calibration images (one extra forward pass and
+            one evaluation; see :mod:`cptv_plugin.starts`). Default ``("activation_mse",)`` for ``default`` and
+            ``fast`` (measured on the reference models: +2 to +74 points at 4-bit activations, noise at 8 bits;
+            benchmarks/FINDINGS.md, section 13); the ``paper`` preset uses none.
         step_adaptation: ``"none"`` (a fixed γ, the paper) or ``"one_fifth"``: each group's γ grows when more than
             a fifth of a visit's candidates beat its starting scales and shrinks otherwise (Rechenberg's rule).
         granularity: which scales move together. ``"block"`` (the paper): each group. ``"fine_to_coarse"``
@@ -101,6 +108,7 @@ class SearchConfig:
     on_interrupt: Literal["keep_best", "restore"] = "keep_best"
     validation_fraction: float = 0.0
     seed_candidates: tuple[str, ...] = ("weight_mse",)
+    start_candidates: tuple[str, ...] = ("activation_mse",)
     step_adaptation: Literal["none", "one_fifth"] = "none"
     granularity: Literal["block", "fine_to_coarse"] = "block"
     agreement_guard: bool = False
@@ -143,12 +151,16 @@ class SearchConfig:
             problems.append(f"granularity must be 'block' or 'fine_to_coarse' (got {self.granularity!r})")
         if self.step_adaptation not in ("none", "one_fifth"):
             problems.append(f"step_adaptation must be 'none' or 'one_fifth' (got {self.step_adaptation!r})")
-        from .starts import SEEDS
+        from .starts import SEEDS, STARTS
 
         unknown = [name for name in self.seed_candidates if name not in SEEDS]
         if isinstance(self.seed_candidates, str) or unknown:
             problems.append(f"seed_candidates must be a tuple of registered seeds {sorted(SEEDS)} "
                             f"(got {self.seed_candidates!r})")
+        unknown = [name for name in self.start_candidates if name not in STARTS]
+        if isinstance(self.start_candidates, str) or unknown:
+            problems.append(f"start_candidates must be a tuple of registered starts {sorted(STARTS)} "
+                            f"(got {self.start_candidates!r})")
         bad_roles = set(self.roles) - {"weight", "activation"}
         if bad_roles or not self.roles:
             problems.append(f"roles must be a non-empty subset of ('weight', 'activation') (got {self.roles})")
@@ -179,8 +191,8 @@ class SearchConfig:
     @classmethod
     def default(cls, **overrides) -> "SearchConfig":
         """Our default: the paper's budget with scale-relative mutation, activation scales and the groups
-        outside the blocks searched too, a sharper InfoNCE temperature, and MSE-clipped weight scales offered
-        as one member of each group's first population."""
+        outside the blocks searched too, a sharper InfoNCE temperature, MSE-clipped activation ranges offered as
+        the start and MSE-clipped weight scales as one member of each group's first population."""
         return cls(**overrides)
 
     @classmethod
@@ -191,15 +203,16 @@ class SearchConfig:
         settings = dict(passes=10, population=15, cycles=3, samples=10, mutation=None, mutation_kind="absolute",
                         mutation_8bit=1e-3, mutation_low_bit=1e-4, fitness="infonce", temperature=3.0,
                         normalize=True, batch_size=100, block_order="reverse", search_outside_blocks=False,
-                        roles=("weight", "activation"), seed_candidates=(), name="paper")
+                        roles=("weight", "activation"), seed_candidates=(), start_candidates=(), name="paper")
         settings.update(overrides)
         return cls(**settings)
 
     @classmethod
     def fast(cls, **overrides) -> "SearchConfig":
-        """A quick preset for a first look: 3 passes, P=8, C=3, S=4 (about a sixth of the default's work), no
-        seed candidates (with this small population the seed measured −2.6 points on the CPU ViT at linear W2A8;
-        on the reference models it gained 11-27 points at linear W2A8, other rows not measured yet)."""
+        """A quick preset for a first look: 3 passes, P=8, C=3, S=4 (about a sixth of the default's work), the
+        default's activation start, no seed candidates (with this small population the weight seed measured −2.6
+        points on the CPU ViT at linear W2A8; on the reference models it gained 11-27 points at linear W2A8,
+        other rows not measured yet)."""
         settings = dict(passes=3, population=8, cycles=3, samples=4, seed_candidates=(), name="fast")
         settings.update(overrides)
         return cls(**settings)

@@ -45,6 +45,23 @@ class ScaleHandle(ABC):
         """Zero point(s) of the quantizer in use (0 for the symmetric quantizers of amax-based frameworks)."""
         return torch.zeros(1, dtype=torch.int32)
 
+    @property
+    def input_module(self) -> torch.nn.Module | None:
+        """For an activation scale: the module that is called with the tensor this scale quantizes, also while
+        quantization is switched off (data-driven starts hook it to see that tensor); ``None`` where there is none
+        or the tensor it sees is not the one quantized."""
+        return None
+
+    def fake_quantize(self, inputs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """``inputs`` quantized and dequantized with ``scale`` (shaped like :meth:`read`) and this quantizer's zero
+        point and integer range: the arithmetic of the evaluation forward, for judging a scale without running
+        the model."""
+        zero_point = self.zero_points().to(inputs.device, inputs.dtype).reshape(scale.shape if scale.numel() > 1
+                                                                                 else ())
+        scale = scale.to(inputs.device, inputs.dtype)
+        quantized = torch.clamp(torch.round(inputs / scale) + zero_point, self.quant_min, self.quant_max)
+        return (quantized - zero_point) * scale
+
     def describe(self) -> str:
         grain = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"
         return f"{self.name} [{self.role}, {self.bits}-bit {grain}]"

@@ -20,7 +20,8 @@ from .data import CalibrationError, calibration_images, split_batches
 from .engine import Evaluator, SegmentedModel, reference_outputs
 from .fitness import needs_negatives
 from .handles import Group
-from .search import RefineResult, evolutionary_search
+from .search import POOR_START_AGREEMENT, RefineResult, evolutionary_search
+from .starts import start_vectors
 
 __all__ = ["RefinementSession", "run_refinement", "device_of"]
 
@@ -86,6 +87,7 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                 f"pass at least {config.batch_size} images or set SearchConfig(batch_size={len(images)})")
         session.begin()
         reference = _reference(session, fp_model, batches)
+        starts = _starts(session, batches, config.start_candidates)
         if config.compile and config.engine == "fast":
             obstacle = compiling.enter_context(session.compilable())
             if obstacle:
@@ -110,8 +112,11 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
             # hashing the calibration images costs a device-to-host copy: only for checkpointed searches
             key = fingerprint(session, config, batches) if config.checkpoint_path else ""
             initial_agreement = evaluator.agreement()
-            _check_start(initial_agreement)
-            result = evolutionary_search(session.groups, evaluator, config, fingerprint=key)
+            if not starts:  # else only if the search keeps the given scales as its start (below)
+                _check_start(initial_agreement)
+            result = evolutionary_search(session.groups, evaluator, config, fingerprint=key, starts=starts)
+            if starts and (result.start or {}).get("chosen", "given") == "given":
+                _check_start(initial_agreement)
             result.initial_agreement = initial_agreement
             if config.agreement_guard:
                 final_agreement = evaluator.agreement()
@@ -137,8 +142,6 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
     return result
 
 
-# below this top-1 agreement with the full-precision model, the start is far off: a better calibration pays
-POOR_START_AGREEMENT = 0.5
 
 
 def _check_start(agreement: float) -> None:
@@ -173,6 +176,32 @@ def _reference(session: RefinementSession, fp_model: nn.Module | None, batches: 
         return reference_outputs(functools.partial(session.chain.forward, eager=True), batches)
     finally:
         session.set_quantization(True)
+
+
+# calibration images that data-driven start candidates see (their statistics settle well before)
+START_IMAGES = 256
+
+
+def _starts(session: RefinementSession, batches: list[torch.Tensor], names: tuple[str, ...]):
+    """The start candidates ``names`` (name -> one vector per group), computed from the full-precision model on up
+    to ``START_IMAGES`` calibration images, run eagerly (hooks do not fire in compiled copies)."""
+    if not names:
+        return {}
+
+    def run_full_precision() -> None:
+        session.set_quantization(False)
+        try:
+            with torch.no_grad():
+                seen = 0
+                for batch in batches:
+                    if seen >= START_IMAGES:
+                        break
+                    session.chain.forward(batch[:START_IMAGES - seen], eager=True)
+                    seen += len(batch)
+        finally:
+            session.set_quantization(True)
+
+    return start_vectors(session.groups, names, run_full_precision)
 
 
 def fingerprint(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor]) -> str:

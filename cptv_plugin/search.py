@@ -31,7 +31,8 @@ class RefineResult:
 
     Attributes:
         initial_fitness: fitness of the scales the user gave us (calibration set, lower is better).
-        final_fitness: fitness of the refined scales; never above ``initial_fitness``.
+        final_fitness: fitness of the refined scales; never above the fitness of the scales the search started
+            from (the given ones, or the start candidate ``start`` names).
         history: one record per group visit: ``{"pass", "group", "fitness", "evaluations", "step", "seconds"}``
             (``seconds`` since the start of this run: a resumed search counts again from 0).
         evaluations: number of fitness evaluations (each over the whole calibration set).
@@ -48,6 +49,9 @@ class RefineResult:
             images before and after, and whether the initial scales were restored because it fell.
         initial_agreement: top-1 agreement with the full-precision model on the calibration images before the
             search (always measured, one forward pass; below 0.5 a warning says the start is too far off).
+        start: with ``start_candidates``: the fitness of the user's scales (``"given"``) and of each candidate,
+            which one the search started from (``"chosen"``) and by what (``"judged_by"``: ``"fitness"``, or
+            ``"agreement"`` when the given scales were far off; then ``"agreement"`` holds each one's).
     """
 
     initial_fitness: float
@@ -65,6 +69,7 @@ class RefineResult:
     validation: dict | None = None
     agreement: dict | None = None
     initial_agreement: float | None = None
+    start: dict | None = None
 
     @property
     def improvement(self) -> float:
@@ -115,9 +120,12 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
 
 
 def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: SearchConfig,
-                        fingerprint: str = "") -> RefineResult:
+                        fingerprint: str = "", starts: dict[str, list[torch.Tensor]] | None = None) -> RefineResult:
     """Run K passes of the block-wise search over ``groups`` (in model order); scales are left at the best
     found. The current scales are always a member of the population, so the fitness never increases.
+
+    ``starts`` (name -> one vector per group, e.g. from :func:`cptv_plugin.starts.start_vectors`) are judged
+    before the first visit; the search starts from the fittest of them and the current scales.
 
     With ``config.checkpoint_path`` the state (scales of every group, RNG states, position, history) is saved
     atomically after every group visit; a run started again with the same model, config and calibration set
@@ -152,6 +160,8 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
         resume_at = 0
     result = RefineResult(initial_fitness=initial_fitness, final_fitness=best_fitness, config=config,
                           groups={g.name: len(g) for g in groups})
+    if saved is None and starts:
+        best_fitness, result.start = _choose_start(groups, evaluator, starts, initial_vectors, initial_fitness)
     if saved is not None:
         result.history = list(saved["history"])
         result.resumed_from = resume_at
@@ -236,6 +246,49 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     logger.info("search done: fitness %.5f -> %.5f in %.1f s (%d evaluations)", result.initial_fitness,
                 result.final_fitness, result.seconds, result.evaluations)
     return result
+
+
+# below this top-1 agreement with the full-precision model on the calibration images, a start is far off
+POOR_START_AGREEMENT = 0.5
+
+
+def _choose_start(groups: list[Group], evaluator: Evaluator, starts: dict[str, list[torch.Tensor]],
+                  given: list[torch.Tensor], given_fitness: float) -> tuple[float, dict]:
+    """Leave ``groups`` at the best of the ``given`` scales and each start; returns its fitness and a record of
+    the comparison (``{"given": f, name: f, ..., "chosen": name, "judged_by": ...}``).
+
+    The fittest wins, unless the given scales agree with the full-precision model's top-1 on fewer than half of
+    the images: then the start that agrees most often wins (ties: the fitter). A model whose outputs collapsed to a
+    constant scores InfoNCE = ln(batch) exactly, better than an informative model that is still poorly aligned
+    (DeiT-like e2e W4A4, benchmarks/FINDINGS.md, section 13), so the fitness alone keeps such a start.
+    """
+    agreement = getattr(evaluator, "agreement", None)
+    given_agreement = agreement() if agreement is not None else None
+    by_agreement = given_agreement is not None and given_agreement < POOR_START_AGREEMENT
+    record = {"given": given_fitness}
+    scores = {"given": (-given_agreement, given_fitness) if by_agreement else (given_fitness,)}
+    agreements = {"given": given_agreement}
+    for name, vectors in starts.items():
+        for group, vector in zip(groups, vectors):
+            group.set(vector.to(group.read().device))
+        evaluator.invalidate()
+        record[name] = fitness = evaluator(None)
+        if by_agreement:
+            agreements[name] = agreement()
+            scores[name] = (-agreements[name], fitness)
+        else:
+            scores[name] = (fitness,)
+    best_name = min(scores, key=lambda name: scores[name])  # the given scales first: a tie keeps them
+    chosen = given if best_name == "given" else starts[best_name]
+    for group, vector in zip(groups, chosen):
+        group.set(vector.to(group.read().device))
+    evaluator.invalidate()
+    record.update(chosen=best_name, judged_by="agreement" if by_agreement else "fitness")
+    if by_agreement:
+        record["agreement"] = agreements
+    logger.info("starting from %s (fitness %.5f; the given scales: %.5f; judged by %s)", best_name,
+                record[best_name], given_fitness, record["judged_by"])
+    return record[best_name], record
 
 
 def _evaluate_all(group: Group, vectors: list[torch.Tensor], evaluator: Evaluator,

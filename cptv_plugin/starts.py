@@ -1,4 +1,14 @@
-"""Seed candidates: scale vectors built without data that the search puts into its first population.
+"""Seed and start candidates: other scales the search offers its global fitness besides the user's own.
+
+*Start candidates* (``SearchConfig.start_candidates``) are whole-model alternatives judged once, before the first
+visit: the search starts from whichever of the user's scales and the candidates has the best fitness.
+``"activation_mse"`` clips every per-tensor activation range to the scale that minimizes the quantization error
+of the full-precision activations it sees on calibration images (MinMax ranges of 4-bit activations are 2-7×
+too wide on the reference models, further than the search's relative steps walk; benchmarks/FINDINGS.md,
+section 13).
+
+*Seed candidates* (``SearchConfig.seed_candidates``) are scale vectors built without data that the search puts
+into a group's first population.
 
 The user's own calibration stays the starting point: a seed is only one more member of a group's first
 population, judged by the same global fitness, and adopted only if it beats every other member. Seeds are
@@ -11,13 +21,14 @@ section 10); ``paper`` and ``fast`` offer none.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
 from .handles import Group, ScaleHandle
 
-__all__ = ["SEEDS", "register_seed", "weight_mse_scale", "seed_vectors"]
+__all__ = ["SEEDS", "STARTS", "register_seed", "register_start", "weight_mse_scale", "seed_vectors",
+           "activation_mse_scales", "start_vectors"]
 
 # name -> fn(handle) returning the seeded scale of one handle (same shape as ``handle.read()``), or None
 SEEDS: dict[str, Callable[[ScaleHandle], torch.Tensor | None]] = {}
@@ -91,3 +102,81 @@ def seed_vectors(group: Group, names: tuple[str, ...]) -> list[torch.Tensor]:
         if changed:
             vectors.append(torch.cat(parts))
     return vectors
+
+
+# name -> fn(handles, run_full_precision) returning {handle: scale} for the handles it changes; ``run_full_precision``
+# runs calibration images through the model with quantization off (hooks the function registered see the tensors)
+STARTS: dict[str, Callable[[list[ScaleHandle], Callable[[], None]], dict[ScaleHandle, torch.Tensor]]] = {}
+
+
+def register_start(name: str):
+    """Register ``fn(handles, run_full_precision) -> {handle: scale}`` as a start usable in
+    ``SearchConfig(start_candidates=(name,))``."""
+
+    def decorator(fn):
+        STARTS[name] = fn
+        return fn
+
+    return decorator
+
+
+# ratios of the current activation scale tried by ``activation_mse_scales``: 0.02 … 1.20 in steps of 0.02
+ACTIVATION_RATIOS = tuple(round(0.02 * k, 2) for k in range(1, 61))
+
+
+@torch.no_grad()
+def activation_mse_scales(handles: list[ScaleHandle], run_full_precision: Callable[[], None],
+                          ratios: Iterable[float] = ACTIVATION_RATIOS) -> dict[ScaleHandle, torch.Tensor]:
+    """For every per-tensor activation handle with an :attr:`~ScaleHandle.input_module`: the scale, among
+    ``ratio × current scale``, that minimizes ``‖fake_quant(x) − x‖²`` summed over the full-precision tensors
+    ``x`` the quantizer sees while ``run_full_precision`` runs. Each quantizer is judged on its own inputs, as
+    TensorRT's and ModelOpt's MSE calibrators do; the errors are accumulated on the fly, nothing is stored."""
+    ratios = torch.tensor(list(ratios), dtype=torch.float32)
+    chosen = [h for h in handles if h.role == "activation" and h.axis is None and h.input_module is not None]
+    errors: dict[ScaleHandle, torch.Tensor] = {}
+    hooks = []
+
+    def observe(handle: ScaleHandle):
+        candidates = float(handle.read().reshape(-1)[0]) * ratios  # on the CPU; moved to the inputs' device
+
+        def hook(module, args):
+            inputs = args[0].detach().float()
+            total = torch.stack([(handle.fake_quantize(inputs, scale.reshape(1)) - inputs).pow(2).sum()
+                                 for scale in candidates.to(inputs.device)])
+            errors[handle] = errors[handle] + total if handle in errors else total
+
+        return hook
+
+    try:
+        for handle in chosen:
+            hooks.append(handle.input_module.register_forward_pre_hook(observe(handle)))
+        run_full_precision()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    scales = {}
+    for handle, error in errors.items():
+        current = handle.read()
+        best = float(ratios[int(torch.argmin(error.cpu()))])
+        if best != 1.0:
+            scales[handle] = (current.float() * best).to(current.dtype)
+    return scales
+
+
+register_start("activation_mse")(activation_mse_scales)
+
+
+def start_vectors(groups: list[Group], names: tuple[str, ...],
+                  run_full_precision: Callable[[], None]) -> dict[str, list[torch.Tensor]]:
+    """For each start in ``names`` that changes at least one scale: one vector per group (the started scale where
+    the start gives one, the current scale elsewhere), in ``group.read()`` order."""
+    handles = [h for g in groups for h in g.handles]
+    starts = {}
+    for name in names:
+        if name not in STARTS:
+            raise ValueError(f"unknown start candidate {name!r}; registered: {sorted(STARTS)}")
+        scales = STARTS[name](handles, run_full_precision)
+        if scales:
+            starts[name] = [torch.cat([scales.get(h, h.read()).reshape(-1).float() for h in g.handles])
+                            if g.handles else torch.empty(0) for g in groups]
+    return starts

@@ -118,7 +118,9 @@ def test_default_fused_qat_fake_quantize_is_searched_and_carried_into_convert(ti
 def test_refinement_lowers_fitness_and_moves_scales(refined_w3a8):
     baseline, prepared, result = refined_w3a8
     assert result.final_fitness < result.initial_fitness
-    assert result.evaluations == 1 + len(result.groups) * (TINY_SEARCH.population - 1 + TINY_SEARCH.cycles)
+    # the given scales, the activation start (judged once, not adopted here), then P−1 members and C children
+    assert result.start is not None and result.start["chosen"] == "given"
+    assert result.evaluations == 2 + len(result.groups) * (TINY_SEARCH.population - 1 + TINY_SEARCH.cycles)
     assert result.seconds > 0 and len(result.history) == len(result.groups)
     assert list(result.groups) == ["prefix", "blocks.0", "blocks.1", "blocks.2", "blocks.3", "head"]
     before = quantized_scales(convert_fx(copy.deepcopy(baseline)))

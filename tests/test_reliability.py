@@ -141,7 +141,7 @@ def test_held_out_reference_is_full_precision_in_a_compiled_search(tiny_vit, fmn
     compile_eagerly = SegmentedModel.compile
     monkeypatch.setattr(SegmentedModel, "compile", lambda self, **options: compile_eagerly(self, backend="eager"))
 
-    def no_search(groups, evaluator, config, fingerprint=""):
+    def no_search(groups, evaluator, config, fingerprint="", starts=None):
         fitness = evaluator(None)
         return cptv_plugin.RefineResult(initial_fitness=fitness, final_fitness=fitness)
 
@@ -161,7 +161,7 @@ def test_worse_on_held_out_images_restores_the_initial_scales(tiny_vit, fmnist, 
     import cptv_plugin.refinement as refinement
     from cptv_plugin.fx.refine import FxSession
 
-    def harmful_search(groups, evaluator, config, fingerprint=""):
+    def harmful_search(groups, evaluator, config, fingerprint="", starts=None):
         initial = evaluator(None)
         for group in groups:
             group.set(group.read() * 4)  # much worse everywhere, the held-out images too
@@ -182,7 +182,7 @@ def test_agreement_guard_restores_scales_that_make_the_model_disagree(tiny_vit, 
     import cptv_plugin.refinement as refinement
     from cptv_plugin.fx.refine import FxSession
 
-    def collapsing_search(groups, evaluator, config, fingerprint=""):
+    def collapsing_search(groups, evaluator, config, fingerprint="", starts=None):
         initial = evaluator(None)
         for group in groups:
             group.set(group.read() * 50)  # coarse steps everywhere: the predictions stop matching
@@ -357,9 +357,10 @@ def test_a_compiled_search_leaves_the_segments_before_its_first_group_eager(tiny
 
 def test_a_start_far_from_the_full_precision_model_is_reported(tiny_vit, fmnist, caplog):
     """A calibration far off the full-precision model (4-bit activations on every op of the CI ViT: ~10 %
-    top-1) gets a warning that names better starts; a sound one (W8A8) does not."""
+    top-1) gets a warning that names better starts; a sound one (W8A8) does not; nor does a far-off one that the
+    search left for its activation start."""
     calib = fmnist[0][:200]
-    one_look = TINY_SEARCH.replace(population=2, cycles=0, samples=1)
+    one_look = TINY_SEARCH.replace(population=2, cycles=0, samples=1, start_candidates=())
     with caplog.at_level("WARNING", logger="cptv_plugin.refinement"):
         sound = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W8A8"), calib, config=one_look)
     assert sound.initial_agreement > 0.9 and "HistogramObserver" not in caplog.text
@@ -367,3 +368,9 @@ def test_a_start_far_from_the_full_precision_model_is_reported(tiny_vit, fmnist,
         poor = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W4A4"), calib, config=one_look)
     assert poor.initial_agreement < 0.5
     assert "far off" in caplog.text and "HistogramObserver" in caplog.text and "gptq" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="cptv_plugin.refinement"):
+        started = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W4A4"), calib, target="fake_quant",
+                                        config=one_look.replace(start_candidates=("activation_mse",)))
+    assert started.initial_agreement < 0.5 and started.start["chosen"] == "activation_mse"
+    assert "far off" not in caplog.text

@@ -1,6 +1,7 @@
-"""Seed candidates: MSE-clipped weight scales, for every framework, and how the search uses them."""
+"""Seed and start candidates: MSE-clipped weight scales and activation ranges, for every framework, and how the search uses them."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -8,11 +9,11 @@ import torch
 import cptv_plugin
 from cptv_plugin import SearchConfig
 from cptv_plugin.fx.refine import FxSession
-from cptv_plugin.starts import seed_vectors, weight_mse_scale
+from cptv_plugin.starts import STARTS, seed_vectors, weight_mse_scale
 from conftest import prepare_and_calibrate
 
 ONE_VISIT_SEEDED = SearchConfig(passes=1, population=2, cycles=0, samples=1, batch_size=50, progress=False,
-                                search_outside_blocks=False, seed_candidates=("weight_mse",))
+                                search_outside_blocks=False, seed_candidates=("weight_mse",), start_candidates=())
 
 
 def quantization_error(handle, scale):
@@ -128,3 +129,179 @@ def test_only_the_default_preset_seeds_and_unknown_seeds_are_refused():
         SearchConfig(seed_candidates=("nope",))
     with pytest.raises(ValueError, match="seed_candidates"):
         SearchConfig(seed_candidates="weight_mse")
+
+
+# ------------------------------------------------------------------------------ start candidates
+
+
+def captured_inputs(session, handles, images):
+    """The full-precision tensors each handle's input module sees (quantization off), by handle."""
+    seen = {h: [] for h in handles}
+    hooks = [h.input_module.register_forward_pre_hook(lambda m, args, h=h: seen[h].append(args[0].detach().float()))
+             for h in handles]
+    session.set_quantization(False)
+    try:
+        with torch.no_grad():
+            session.chain.forward(images, eager=True)
+    finally:
+        session.set_quantization(True)
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
+def activation_error(handle, inputs, scale):
+    return sum(float((handle.fake_quantize(x, scale) - x).pow(2).sum()) for x in inputs)
+
+
+def modelopt_session(tiny_vit, calib, bits):
+    pytest.importorskip("modelopt")
+    from benchmarks.accuracy import quantize_linear
+    from cptv_plugin.amax.modelopt import modelopt_kind
+    from cptv_plugin.amax.session import AmaxSession
+
+    return AmaxSession(quantize_linear(tiny_vit, calib, bits, "baseline"), modelopt_kind())
+
+
+@pytest.mark.parametrize("framework", ["fx", "modelopt"])
+def test_handle_fake_quantize_is_the_evaluation_forward(tiny_vit, fmnist, framework):
+    """What the activation start judges a scale by is exactly what the quantizer computes in the model."""
+    calib = fmnist[0][:100]
+    session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W4A4"), target="fake_quant") if framework == "fx" \
+        else modelopt_session(tiny_vit, calib, "W4A4")
+    handles = [h for h in session.all_handles if h.role == "activation" and h.input_module is not None]
+    assert len(handles) >= 4 * 4
+    seen = captured_inputs(session, handles, calib[:20])
+    for handle in handles:
+        x = seen[handle][0]
+        for ratio in (1.0, 0.3):
+            scale = handle.read() * ratio
+            handle.set(scale)
+            with torch.no_grad():
+                expected = handle.input_module(x)
+            torch.testing.assert_close(handle.fake_quantize(x, scale), expected, rtol=0, atol=1e-6)
+        handle.set(scale / 0.3)
+
+
+@pytest.mark.parametrize("framework", ["fx", "modelopt"])
+def test_activation_mse_start_lowers_every_activation_error(tiny_vit, fmnist, framework):
+    calib = fmnist[0][:100]
+    session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W4A4"), target="fake_quant") if framework == "fx" \
+        else modelopt_session(tiny_vit, calib, "W4A4")
+    handles = session.all_handles
+    activations = [h for h in handles if h.role == "activation" and h.input_module is not None]
+    before = {h: h.read().clone() for h in handles}
+
+    def run_full_precision():
+        session.set_quantization(False)
+        try:
+            with torch.no_grad():
+                session.chain.forward(calib[:64], eager=True)
+        finally:
+            session.set_quantization(True)
+
+    started = STARTS["activation_mse"](handles, run_full_precision)
+    assert all(h.role == "activation" for h in started)  # weights keep their scales
+    assert len(started) >= len(activations) // 2  # 4-bit MinMax ranges are far wider than the MSE optimum
+    seen = captured_inputs(session, list(started), calib[:64])
+    assert sum(float(scale) < float(before[handle]) for handle, scale in started.items()) >= len(started) // 2
+    for handle, scale in started.items():
+        assert activation_error(handle, seen[handle], scale) < activation_error(handle, seen[handle], before[handle])
+    for handle in handles:  # judging scales moved none of them
+        assert torch.equal(handle.read(), before[handle])
+
+
+# the groups outside the blocks included: clipping only the blocks' activation ranges at 4 bits, with MinMax
+# ranges left before and after them, measured worse than MinMax everywhere (InfoNCE 5.5 vs 3.9 here)
+ONE_VISIT_STARTED = SearchConfig(passes=1, population=1, cycles=0, samples=1, batch_size=50, progress=False,
+                                 seed_candidates=(), start_candidates=("activation_mse",))
+
+
+def test_search_starts_from_the_fitter_of_the_given_scales_and_each_candidate(tiny_vit, fmnist, monkeypatch):
+    """P=1, C=0: no candidate besides the start, so the scales the search ends with are the start it chose."""
+    calib = fmnist[0][:100]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W4A4")
+    given = {h.name: h.read() for h in FxSession(prepared, target="fake_quant").all_handles}
+
+    started = copy.deepcopy(prepared)
+    result = cptv_plugin.refine_fx(started, calib, config=ONE_VISIT_STARTED, target="fake_quant")
+    assert result.start["chosen"] == "activation_mse"
+    assert result.start["activation_mse"] < result.start["given"] == result.initial_fitness
+    assert result.final_fitness == result.start["activation_mse"]
+    assert result.evaluations == 2  # the given scales and the candidate
+    moved = {h.name for h in FxSession(started, target="fake_quant").all_handles
+             if not torch.equal(h.read(), given[h.name])}
+    assert moved and all(not name.endswith("weight") for name in moved)
+
+    def inflated(handles, run_full_precision):  # a start far worse than the given scales
+        return {h: h.read() * 50 for h in handles if h.role == "activation"}
+
+    monkeypatch.setitem(STARTS, "inflated", inflated)
+    kept = copy.deepcopy(prepared)
+    result = cptv_plugin.refine_fx(kept, calib, config=ONE_VISIT_STARTED.replace(start_candidates=("inflated",)),
+                                   target="fake_quant")
+    assert result.start["chosen"] == "given" and result.start["inflated"] >= result.start["given"]  # ties keep it
+    for handle in FxSession(kept, target="fake_quant").all_handles:
+        assert torch.equal(handle.read(), given[handle.name]), handle.name
+
+
+def test_a_far_off_start_is_judged_by_agreement_not_by_a_collapsed_fitness(tiny_vit, fmnist):
+    """4-bit activations on every op of the CI ViT, only the blocks searched: the given model's outputs are
+    constant (InfoNCE exactly ln 50, 13 % agreement); the clipped blocks give an informative model with a worse
+    InfoNCE. The fitness alone would keep the collapsed model; the agreement with the full-precision model picks
+    the informative one."""
+    calib = fmnist[0][:100]
+    config = ONE_VISIT_STARTED.replace(search_outside_blocks=False)
+    result = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W4A4"), calib, config=config,
+                                   target="fake_quant")
+    start = result.start
+    assert start["given"] == pytest.approx(math.log(50), abs=1e-4) and start["activation_mse"] > start["given"]
+    assert start["judged_by"] == "agreement" and start["agreement"]["given"] < 0.5
+    assert start["agreement"]["activation_mse"] > start["agreement"]["given"]
+    assert start["chosen"] == "activation_mse" and result.final_fitness == start["activation_mse"]
+    sound = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W8A8"), calib, config=config)
+    assert sound.start["judged_by"] == "fitness" and "agreement" not in sound.start
+
+
+def test_a_resumed_search_does_not_judge_its_starts_again(tmp_path, monkeypatch):
+    """The start is part of the checkpointed scales: interrupted and resumed, the search ends with exactly the
+    scales of an uninterrupted run and does not evaluate the starts a second time."""
+    from cptv_plugin import search
+    from cptv_plugin.search import evolutionary_search
+    from test_search import make_problem
+
+    def run(config, interrupt_after=None):
+        groups, evaluator = make_problem()
+        starts = {"near": [torch.full((5,), 1.15) for _ in groups]}
+        original, saves = search._save_checkpoint, []
+
+        def save(path, state):
+            original(path, state)
+            saves.append(state)
+            if len(saves) == interrupt_after:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(search, "_save_checkpoint", save)
+        result = evolutionary_search(groups, evaluator, config, fingerprint="toy", starts=starts)
+        return result, [g.read() for g in groups], evaluator
+
+    config = SearchConfig(passes=2, population=3, cycles=1, samples=2, progress=False)
+    done, expected, _ = run(config.replace(checkpoint_path=str(tmp_path / "a.ckpt")))
+    assert done.start["chosen"] == "near" and done.start["near"] < done.start["given"]
+    config = config.replace(checkpoint_path=str(tmp_path / "b.ckpt"))
+    interrupted, _, _ = run(config, interrupt_after=2)
+    assert interrupted.interrupted
+    resumed, scales, evaluator = run(config)
+    assert resumed.resumed_from == 2 and resumed.start is None
+    assert None not in evaluator.calls  # no full evaluation of the given scales or the starts again
+    for got, want in zip(scales, expected):
+        assert torch.equal(got, want)
+
+
+def test_presets_and_unknown_starts():
+    assert SearchConfig().start_candidates == SearchConfig.fast().start_candidates == ("activation_mse",)
+    assert SearchConfig.paper().start_candidates == ()
+    with pytest.raises(ValueError, match="start_candidates"):
+        SearchConfig(start_candidates=("nope",))
+    with pytest.raises(ValueError, match="start_candidates"):
+        SearchConfig(start_candidates="activation_mse")

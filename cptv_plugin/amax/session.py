@@ -93,6 +93,19 @@ class AmaxHandle(ScaleHandle):
     def commit(self) -> None:
         """``amax`` is the framework's own state: what ``set`` wrote is what save/export carry."""
 
+    def fake_quantize(self, inputs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """The framework's integer arithmetic (``integer_fake_quant``) at ``amax = scale × maxbound``."""
+        amax = (scale.to(inputs.device, torch.float32) * self.maxbound).reshape(self.quantizer.amax.shape)
+        return _integer_fake_quant(inputs, amax, float(self.quant_min), float(self.quant_max))
+
+    @property
+    def input_module(self) -> nn.Module | None:
+        """The quantizer itself (a disabled quantizer passes its input through), unless it scales its input
+        before quantizing (ModelOpt's ``pre_quant_scale`` of SmoothQuant/AWQ)."""
+        if self.role != "activation" or getattr(self.quantizer, "pre_quant_scale", None) is not None:
+            return None
+        return self.quantizer
+
 
 def integer_fake_quant(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tensor:
     """The integer fake quantization of an amax quantizer (ModelOpt's and pytorch-quantization's arithmetic) in
@@ -102,7 +115,10 @@ def integer_fake_quant(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tens
     bits, unsigned = int(quantizer.num_bits), bool(quantizer.unsigned)
     maxbound = float(2 ** (bits - 1 + int(unsigned)) - 1)
     minbound = 0.0 if unsigned else (-maxbound if quantizer.narrow_range else -maxbound - 1.0)
-    amax = quantizer._amax.float()
+    return _integer_fake_quant(inputs, quantizer._amax.float(), minbound, maxbound)
+
+
+def _integer_fake_quant(inputs: torch.Tensor, amax: torch.Tensor, minbound: float, maxbound: float) -> torch.Tensor:
     scale = torch.full_like(amax, maxbound) / amax  # a true division: ``float / tensor`` multiplies by a reciprocal
     return (torch.clamp(torch.round(inputs.float() * scale), minbound, maxbound) / scale).to(inputs.dtype)
 

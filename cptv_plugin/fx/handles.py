@@ -10,7 +10,7 @@ from torch.ao.quantization import QConfig
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from ..handles import ScaleHandle
-from .quantizers import DTYPE_RANGES, RefinedObserver, SimulatedQuantizer
+from .quantizers import DTYPE_RANGES, RefinedObserver, SimulatedQuantizer, fake_quantize, is_fused_fake_quantize
 
 __all__ = ["ObserverHandle", "FakeQuantizeHandle", "WeightObserverHandle", "clamp_weight_to_grid", "get_attribute",
            "set_submodule"]
@@ -113,6 +113,17 @@ class ObserverHandle(_QuantizerInfo, ScaleHandle):
     def set(self, scale: torch.Tensor) -> None:
         self.quantizer.scale.copy_(scale)
 
+    @property
+    def input_module(self) -> nn.Module | None:
+        """The simulated quantizer in the evaluation model (switched off, it passes its input through)."""
+        return self.quantizer if self.role == "activation" else None
+
+    def fake_quantize(self, inputs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """With the simulated quantizer's own clamping range (the integer type's, for ``convert_fx`` at 8 bits)."""
+        sim = self.quantizer
+        return fake_quantize(inputs, scale.to(inputs.device).float(), sim.zero_point.to(inputs.device),
+                             sim.quant_min, sim.quant_max, sim.axis)
+
     def commit(self) -> None:
         scale = self.quantizer.scale.reshape(self._scale_shape).clone()
         refined = self.refined_cls.like(self.observer, scale, self._zero_point)
@@ -190,6 +201,14 @@ class FakeQuantizeHandle(_QuantizerInfo, ScaleHandle):
     def set(self, scale: torch.Tensor) -> None:
         with torch.no_grad():
             self.fake_quant.scale.copy_(scale)
+
+    @property
+    def input_module(self) -> nn.Module | None:
+        """The FakeQuantize (its fake quantization switched off, it passes its input through); fused ones run
+        through a view in the evaluation model and are not called themselves."""
+        if self.role != "activation" or is_fused_fake_quantize(self.fake_quant):
+            return None
+        return self.fake_quant
 
     def commit(self) -> None:
         fq = self.fake_quant

@@ -49,16 +49,21 @@ STARTS = {"e2e": ["baseline", "histogram"], "linear": ["baseline", "modelopt-mse
           "pt2e": ["baseline"]}
 # ablations of a preset: name -> (preset, overrides); recorded like presets, run only when asked for
 VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
-            "default-unseeded": ("default", {"seed_candidates": ()}),
-            "fast-seeded": ("fast", {"seed_candidates": ("weight_mse",)}),
-            "default-adaptive": ("default", {"step_adaptation": "one_fifth"}),
-            "fast-adaptive": ("fast", {"step_adaptation": "one_fifth"}),
-            "fast-kl": ("fast", {"fitness": "kl"}),
-            "default-guarded": ("default", {"agreement_guard": True}),
-            "default-fine": ("default", {"mutation": 0.02}),
-            "default-f2c": ("default", {"granularity": "fine_to_coarse"}),
-            "default-heldout": ("default", {"validation_fraction": 0.2}),
-            "default-unseeded-guarded": ("default", {"seed_candidates": (), "agreement_guard": True})}
+            # the presets before the activation start became part of them (session 9; FINDINGS section 13)
+            "default-nostart": ("default", {"start_candidates": ()}),
+            "fast-nostart": ("fast", {"start_candidates": ()}),
+            # ablations measured before session 9: each ran without the activation start
+            "default-unseeded": ("default", {"seed_candidates": (), "start_candidates": ()}),
+            "fast-seeded": ("fast", {"seed_candidates": ("weight_mse",), "start_candidates": ()}),
+            "default-adaptive": ("default", {"step_adaptation": "one_fifth", "start_candidates": ()}),
+            "fast-adaptive": ("fast", {"step_adaptation": "one_fifth", "start_candidates": ()}),
+            "fast-kl": ("fast", {"fitness": "kl", "start_candidates": ()}),
+            "default-guarded": ("default", {"agreement_guard": True, "start_candidates": ()}),
+            "default-fine": ("default", {"mutation": 0.02, "start_candidates": ()}),
+            "default-f2c": ("default", {"granularity": "fine_to_coarse", "start_candidates": ()}),
+            "default-heldout": ("default", {"validation_fraction": 0.2, "start_candidates": ()}),
+            "default-unseeded-guarded": ("default", {"seed_candidates": (), "agreement_guard": True,
+                                                     "start_candidates": ()})}
 PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "default-unseeded", "histogram",
@@ -233,6 +238,8 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
             record["agreement"] = result.agreement
         if result.validation is not None:
             record["validation"] = result.validation
+        if result.start is not None:
+            record["start"] = result.start
     return record
 
 

@@ -52,14 +52,21 @@ class ScaleHandle(ABC):
         or the tensor it sees is not the one quantized."""
         return None
 
+    def clamp_range(self) -> tuple[int, int]:
+        """The integer range the evaluation forward clamps to (``quant_min, quant_max`` unless the framework
+        clamps to another one)."""
+        return self.quant_min, self.quant_max
+
     def fake_quantize(self, inputs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """``inputs`` quantized and dequantized with ``scale`` (shaped like :meth:`read`) and this quantizer's zero
-        point and integer range: the arithmetic of the evaluation forward, for judging a scale without running
-        the model."""
-        zero_point = self.zero_points().to(inputs.device, inputs.dtype).reshape(scale.shape if scale.numel() > 1
-                                                                                 else ())
+        """``inputs`` quantized and dequantized with ``scale`` and this quantizer's zero point and integer range:
+        the arithmetic of the evaluation forward (``round(x · (1/s)) + z``, clamp, ``− z``, ``· s``), for judging a
+        scale without running the model. ``scale`` is shaped like :meth:`read`; for a per-tensor quantizer any
+        shape that broadcasts against ``inputs`` (several candidate scales at once)."""
+        zero_point = self.zero_points().to(inputs.device, inputs.dtype)
+        zero_point = zero_point.reshape(()) if self.axis is None else zero_point.reshape(scale.shape)
         scale = scale.to(inputs.device, inputs.dtype)
-        quantized = torch.clamp(torch.round(inputs / scale) + zero_point, self.quant_min, self.quant_max)
+        low, high = self.clamp_range()
+        quantized = torch.clamp(torch.round(inputs * (1.0 / scale)) + zero_point, low, high)
         return (quantized - zero_point) * scale
 
     def describe(self) -> str:

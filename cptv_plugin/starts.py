@@ -1,7 +1,8 @@
 """Seed and start candidates: other scales the search offers its global fitness besides the user's own.
 
 *Start candidates* (``SearchConfig.start_candidates``) are whole-model alternatives judged once, before the first
-visit: the search starts from whichever of the user's scales and the candidates has the best fitness.
+visit: the search starts from whichever of the user's scales and the candidates has the best fitness (or, when
+the user's scales are far off, agrees most often with the full-precision model's top-1).
 ``"activation_mse"`` clips every per-tensor activation range to the scale that minimizes the quantization error
 of the full-precision activations it sees on calibration images (MinMax ranges of 4-bit activations are 2-7×
 too wide on the reference models, further than the search's relative steps walk; benchmarks/FINDINGS.md,
@@ -122,16 +123,22 @@ def register_start(name: str):
 
 # ratios of the current activation scale tried by ``activation_mse_scales``: 0.02 … 1.20 in steps of 0.02
 ACTIVATION_RATIOS = tuple(round(0.02 * k, 2) for k in range(1, 61))
+# elements of each tensor a quantizer sees that judge its ratios (drawn uniformly, the same draw for every ratio)
+ACTIVATION_SAMPLE = 2 ** 16
+_ERROR_ELEMENTS = 2 ** 22  # (ratios × elements) computed at once
 
 
 @torch.no_grad()
 def activation_mse_scales(handles: list[ScaleHandle], run_full_precision: Callable[[], None],
-                          ratios: Iterable[float] = ACTIVATION_RATIOS) -> dict[ScaleHandle, torch.Tensor]:
+                          ratios: Iterable[float] = ACTIVATION_RATIOS,
+                          sample: int | None = ACTIVATION_SAMPLE) -> dict[ScaleHandle, torch.Tensor]:
     """For every per-tensor activation handle with an :attr:`~ScaleHandle.input_module`: the scale, among
     ``ratio × current scale``, that minimizes ``‖fake_quant(x) − x‖²`` summed over the full-precision tensors
-    ``x`` the quantizer sees while ``run_full_precision`` runs. Each quantizer is judged on its own inputs, as
-    TensorRT's and ModelOpt's MSE calibrators do; the errors are accumulated on the fly, nothing is stored."""
+    ``x`` the quantizer sees while ``run_full_precision`` runs (over ``sample`` elements of each, drawn with a fixed
+    seed; ``None``: all). Each quantizer is judged on its own inputs, as TensorRT's and ModelOpt's MSE calibrators
+    do; the errors are accumulated on the fly, nothing is stored."""
     ratios = torch.tensor(list(ratios), dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
     chosen = [h for h in handles if h.role == "activation" and h.axis is None and h.input_module is not None]
     errors: dict[ScaleHandle, torch.Tensor] = {}
     hooks = []
@@ -140,9 +147,13 @@ def activation_mse_scales(handles: list[ScaleHandle], run_full_precision: Callab
         candidates = float(handle.read().reshape(-1)[0]) * ratios  # on the CPU; moved to the inputs' device
 
         def hook(module, args):
-            inputs = args[0].detach().float()
-            total = torch.stack([(handle.fake_quantize(inputs, scale.reshape(1)) - inputs).pow(2).sum()
-                                 for scale in candidates.to(inputs.device)])
+            inputs = args[0].detach().float().reshape(-1)
+            if sample is not None and inputs.numel() > sample:
+                inputs = inputs[torch.randint(inputs.numel(), (sample,), generator=generator).to(inputs.device)]
+            scales = candidates.to(inputs.device).reshape(-1, 1)
+            chunk = max(1, _ERROR_ELEMENTS // len(scales))  # every ratio at once, a bounded slice of inputs at a time
+            total = sum((handle.fake_quantize(part, scales) - part).pow(2).sum(dim=1)
+                        for part in inputs.reshape(1, -1).split(chunk, dim=1))
             errors[handle] = errors[handle] + total if handle in errors else total
 
         return hook

@@ -94,8 +94,11 @@ class AmaxHandle(ScaleHandle):
         """``amax`` is the framework's own state: what ``set`` wrote is what save/export carry."""
 
     def fake_quantize(self, inputs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """The framework's integer arithmetic (``integer_fake_quant``) at ``amax = scale × maxbound``."""
-        amax = (scale.to(inputs.device, torch.float32) * self.maxbound).reshape(self.quantizer.amax.shape)
+        """The framework's integer arithmetic (``integer_fake_quant``) at ``amax = scale × maxbound`` (per tensor:
+        any ``scale`` shape that broadcasts against ``inputs``)."""
+        amax = scale.to(inputs.device, torch.float32) * self.maxbound
+        if self.axis is not None:
+            amax = amax.reshape(self.quantizer.amax.shape)
         return _integer_fake_quant(inputs, amax, float(self.quant_min), float(self.quant_max))
 
     @property

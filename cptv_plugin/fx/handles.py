@@ -10,7 +10,7 @@ from torch.ao.quantization import QConfig
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
 from ..handles import ScaleHandle
-from .quantizers import DTYPE_RANGES, RefinedObserver, SimulatedQuantizer, fake_quantize, is_fused_fake_quantize
+from .quantizers import DTYPE_RANGES, RefinedObserver, SimulatedQuantizer, is_fused_fake_quantize
 
 __all__ = ["ObserverHandle", "FakeQuantizeHandle", "WeightObserverHandle", "clamp_weight_to_grid", "get_attribute",
            "set_submodule"]
@@ -118,11 +118,9 @@ class ObserverHandle(_QuantizerInfo, ScaleHandle):
         """The simulated quantizer in the evaluation model (switched off, it passes its input through)."""
         return self.quantizer if self.role == "activation" else None
 
-    def fake_quantize(self, inputs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        """With the simulated quantizer's own clamping range (the integer type's, for ``convert_fx`` at 8 bits)."""
-        sim = self.quantizer
-        return fake_quantize(inputs, scale.to(inputs.device).float(), sim.zero_point.to(inputs.device),
-                             sim.quant_min, sim.quant_max, sim.axis)
+    def clamp_range(self) -> tuple[int, int]:
+        """The simulated quantizer's (the integer type's full range, for ``convert_fx`` at 8 bits)."""
+        return self.quantizer.quant_min, self.quantizer.quant_max
 
     def commit(self) -> None:
         scale = self.quantizer.scale.reshape(self._scale_shape).clone()

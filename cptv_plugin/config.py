@@ -58,8 +58,9 @@ class SearchConfig:
             on the reference models: +9 to +27 points at linear W2A8, +1.5 at W3A8 on the LeViT-like model, noise
             elsewhere; benchmarks/FINDINGS.md, section 10); the ``paper`` and ``fast`` presets use none.
         start_candidates: whole-model alternatives to the user's scales, judged by the fitness once before the
-            first visit; the search starts from the fittest of them and the user's (``RefineResult.start`` says
-            which). ``"activation_mse"``: every per-tensor activation range clipped to minimize the quantization
+            first visit; the search starts from the fittest of them and the user's (by top-1 agreement with the
+            full-precision model instead when the user's agree on fewer than half of the images;
+            ``RefineResult.start`` says which and why). ``"activation_mse"``: every per-tensor activation range clipped to minimize the quantization
             error of the full-precision activations on up to 256 calibration images (one extra forward pass and
             one evaluation; see :mod:`cptv_plugin.starts`). Default ``("activation_mse",)`` for ``default`` and
             ``fast`` (measured on the reference models: +2 to +74 points at 4-bit activations, noise at 8 bits;

@@ -120,12 +120,14 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
 
 
 def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: SearchConfig,
-                        fingerprint: str = "", starts: dict[str, list[torch.Tensor]] | None = None) -> RefineResult:
+                        fingerprint: str = "",
+                        starts: dict[str, list[torch.Tensor]] | None = None) -> RefineResult:
     """Run K passes of the block-wise search over ``groups`` (in model order); scales are left at the best
     found. The current scales are always a member of the population, so the fitness never increases.
 
     ``starts`` (name -> one vector per group, e.g. from :func:`cptv_plugin.starts.start_vectors`) are judged
-    before the first visit; the search starts from the fittest of them and the current scales.
+    before the first visit against the current scales; the search starts from the winner (:func:`_choose_start`:
+    the fittest, or the one agreeing most with the full-precision top-1 when the current scales are far off).
 
     With ``config.checkpoint_path`` the state (scales of every group, RNG states, position, history) is saved
     atomically after every group visit; a run started again with the same model, config and calibration set

@@ -1,4 +1,5 @@
-"""Seed and start candidates: MSE-clipped weight scales and activation ranges, for every framework, and how the search uses them."""
+"""Seed and start candidates (MSE-clipped weight scales and activation ranges) for every framework, and how
+the search uses them."""
 
 import copy
 import math

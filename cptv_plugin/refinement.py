@@ -114,7 +114,8 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
             initial_agreement = evaluator.agreement()
             if not starts:  # else only if the search keeps the given scales as its start (below)
                 _check_start(initial_agreement)
-            result = evolutionary_search(session.groups, evaluator, config, fingerprint=key, starts=starts)
+            result = evolutionary_search(session.groups, evaluator, config, fingerprint=key, starts=starts,
+                                         given_agreement=initial_agreement)
             if starts and (result.start or {}).get("chosen", "given") == "given":
                 _check_start(initial_agreement)
             result.initial_agreement = initial_agreement

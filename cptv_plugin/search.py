@@ -120,14 +120,15 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
 
 
 def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: SearchConfig,
-                        fingerprint: str = "",
-                        starts: dict[str, list[torch.Tensor]] | None = None) -> RefineResult:
+                        fingerprint: str = "", starts: dict[str, list[torch.Tensor]] | None = None,
+                        given_agreement: float | None = None) -> RefineResult:
     """Run K passes of the block-wise search over ``groups`` (in model order); scales are left at the best
     found. The current scales are always a member of the population, so the fitness never increases.
 
     ``starts`` (name -> one vector per group, e.g. from :func:`cptv_plugin.starts.start_vectors`) are judged
     before the first visit against the current scales; the search starts from the winner (:func:`_choose_start`:
-    the fittest, or the one agreeing most with the full-precision top-1 when the current scales are far off).
+    the fittest, or the one agreeing most with the full-precision top-1 when the current scales are far off;
+    ``given_agreement``: that agreement of the current scales where the caller measured it already).
 
     With ``config.checkpoint_path`` the state (scales of every group, RNG states, position, history) is saved
     atomically after every group visit; a run started again with the same model, config and calibration set
@@ -163,7 +164,8 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     result = RefineResult(initial_fitness=initial_fitness, final_fitness=best_fitness, config=config,
                           groups={g.name: len(g) for g in groups})
     if saved is None and starts:
-        best_fitness, result.start = _choose_start(groups, evaluator, starts, initial_vectors, initial_fitness)
+        best_fitness, result.start = _choose_start(groups, evaluator, starts, initial_vectors, initial_fitness,
+                                                   given_agreement)
     if saved is not None:
         result.history = list(saved["history"])
         result.resumed_from = resume_at
@@ -255,7 +257,8 @@ POOR_START_AGREEMENT = 0.5
 
 
 def _choose_start(groups: list[Group], evaluator: Evaluator, starts: dict[str, list[torch.Tensor]],
-                  given: list[torch.Tensor], given_fitness: float) -> tuple[float, dict]:
+                  given: list[torch.Tensor], given_fitness: float,
+                  given_agreement: float | None = None) -> tuple[float, dict]:
     """Leave ``groups`` at the best of the ``given`` scales and each start; returns its fitness and a record of
     the comparison (``{"given": f, name: f, ..., "chosen": name, "judged_by": ...}``).
 
@@ -265,7 +268,8 @@ def _choose_start(groups: list[Group], evaluator: Evaluator, starts: dict[str, l
     (DeiT-like e2e W4A4, benchmarks/FINDINGS.md, section 13), so the fitness alone keeps such a start.
     """
     agreement = getattr(evaluator, "agreement", None)
-    given_agreement = agreement() if agreement is not None else None
+    if given_agreement is None and agreement is not None:
+        given_agreement = agreement()
     by_agreement = given_agreement is not None and given_agreement < POOR_START_AGREEMENT
     record = {"given": given_fitness}
     scores = {"given": (-given_agreement, given_fitness) if by_agreement else (given_fitness,)}

@@ -141,7 +141,7 @@ def test_held_out_reference_is_full_precision_in_a_compiled_search(tiny_vit, fmn
     compile_eagerly = SegmentedModel.compile
     monkeypatch.setattr(SegmentedModel, "compile", lambda self, **options: compile_eagerly(self, backend="eager"))
 
-    def no_search(groups, evaluator, config, fingerprint="", starts=None):
+    def no_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None):
         fitness = evaluator(None)
         return cptv_plugin.RefineResult(initial_fitness=fitness, final_fitness=fitness)
 
@@ -161,7 +161,7 @@ def test_worse_on_held_out_images_restores_the_initial_scales(tiny_vit, fmnist, 
     import cptv_plugin.refinement as refinement
     from cptv_plugin.fx.refine import FxSession
 
-    def harmful_search(groups, evaluator, config, fingerprint="", starts=None):
+    def harmful_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None):
         initial = evaluator(None)
         for group in groups:
             group.set(group.read() * 4)  # much worse everywhere, the held-out images too
@@ -182,7 +182,7 @@ def test_agreement_guard_restores_scales_that_make_the_model_disagree(tiny_vit, 
     import cptv_plugin.refinement as refinement
     from cptv_plugin.fx.refine import FxSession
 
-    def collapsing_search(groups, evaluator, config, fingerprint="", starts=None):
+    def collapsing_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None):
         initial = evaluator(None)
         for group in groups:
             group.set(group.read() * 50)  # coarse steps everywhere: the predictions stop matching

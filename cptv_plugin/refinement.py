@@ -172,9 +172,17 @@ def _reference(session: RefinementSession, fp_model: nn.Module | None, batches: 
     eagerly: compiled segments share copies of blocks that do not follow quantization switched off."""
     if fp_model is not None:
         return reference_outputs(fp_model.eval(), batches)
+    with _full_precision(session):
+        return reference_outputs(functools.partial(session.chain.forward, eager=True), batches)
+
+
+@contextlib.contextmanager
+def _full_precision(session: RefinementSession):
+    """Every quantizer of ``session`` off while it lasts (its model is then the full-precision reference; run it
+    eagerly: compiled segments share copies of blocks that do not follow the switch)."""
     session.set_quantization(False)
     try:
-        return reference_outputs(functools.partial(session.chain.forward, eager=True), batches)
+        yield
     finally:
         session.set_quantization(True)
 
@@ -190,17 +198,13 @@ def _starts(session: RefinementSession, batches: list[torch.Tensor], names: tupl
         return {}
 
     def run_full_precision() -> None:
-        session.set_quantization(False)
-        try:
-            with torch.no_grad():
-                seen = 0
-                for batch in batches:
-                    if seen >= START_IMAGES:
-                        break
-                    session.chain.forward(batch[:START_IMAGES - seen], eager=True)
-                    seen += len(batch)
-        finally:
-            session.set_quantization(True)
+        with _full_precision(session), torch.no_grad():
+            seen = 0
+            for batch in batches:
+                if seen >= START_IMAGES:
+                    break
+                session.chain.forward(batch[:START_IMAGES - seen], eager=True)
+                seen += len(batch)
 
     return start_vectors(session.groups, names, run_full_precision)
 
@@ -248,14 +252,11 @@ def _device_name(device: torch.device) -> str:
 def _probe(session: RefinementSession, images: torch.Tensor) -> None:
     """Run two calibration images through the full-precision evaluation model; a failure there means the
     images do not fit the model, which deserves a clearer message than the layer's own."""
-    session.set_quantization(False)
     try:
-        with torch.no_grad():
+        with _full_precision(session), torch.no_grad():
             session.chain.forward(images, eager=True)
     except (RuntimeError, ValueError, AssertionError) as error:
         raise CalibrationError(
             f"the model cannot run on calibration images of shape {tuple(images.shape[1:])}: {error}. "
             "Pass images shaped and normalized as for the model's own forward."
         ) from error
-    finally:
-        session.set_quantization(True)

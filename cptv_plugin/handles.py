@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ScaleHandle", "Group", "SearchState"]
+__all__ = ["ScaleHandle", "Group", "SearchState", "set_groups"]
 
 
 class ScaleHandle(ABC):
@@ -95,11 +95,17 @@ class Group:
         for handle in self.handles:
             current = handle.read()
             count = current.numel()
-            handle.set(vector[offset : offset + count].reshape(current.shape).to(current.dtype))
+            handle.set(vector[offset : offset + count].reshape(current.shape).to(current.device, current.dtype))
             offset += count
 
     def __len__(self) -> int:
         return sum(h.read().numel() for h in self.handles)
+
+
+def set_groups(groups: list[Group], vectors: list[torch.Tensor]) -> None:
+    """Set each group to its vector (one per group, as :meth:`Group.read` gives them, on any device)."""
+    for group, vector in zip(groups, vectors):
+        group.set(vector)
 
 
 @dataclass

@@ -19,7 +19,7 @@ from .config import SearchConfig
 from .data import CalibrationError, calibration_images, split_batches
 from .engine import Evaluator, SegmentedModel, reference_outputs
 from .fitness import needs_negatives
-from .handles import Group
+from .handles import Group, set_groups
 from .search import POOR_START_AGREEMENT, RefineResult, evolutionary_search
 from .starts import start_vectors
 
@@ -161,8 +161,7 @@ def _guard(session: RefinementSession, initial_vectors: list[torch.Tensor], resu
     """A guard's verdict: when ``failed``, put the initial scales back (and say why); returns ``failed``."""
     if failed:
         logger.warning("%s: keeping the initial scales", reason)
-        for group, vector in zip(session.groups, initial_vectors):
-            group.set(vector)
+        set_groups(session.groups, initial_vectors)
         result.final_fitness = result.initial_fitness
     return failed
 

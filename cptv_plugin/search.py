@@ -15,7 +15,7 @@ from ._io import atomic_path
 from .config import SearchConfig
 from .engine import Evaluator
 from .granularity import visit_plan
-from .handles import Group
+from .handles import Group, set_groups
 from .starts import seed_vectors
 
 __all__ = ["RefineResult", "evolutionary_search", "mutate", "CheckpointMismatchError"]
@@ -146,8 +146,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     checkpoint_path = Path(config.checkpoint_path) if config.checkpoint_path else None
     saved = _load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
     if saved is not None:
-        for group, vector in zip(groups, saved["vectors"]):
-            group.set(vector.to(group.read().device))
+        set_groups(groups, saved["vectors"])
         evaluator.invalidate()
         evaluator.evaluations = saved["evaluations"]
         generator.set_state(saved["torch_rng"])
@@ -234,8 +233,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
         result.interrupted = True
         if config.on_interrupt == "restore":
             logger.warning("search interrupted: restoring the initial scales (on_interrupt='restore')")
-            for group, vector in zip(groups, initial_vectors):
-                group.set(vector)
+            set_groups(groups, initial_vectors)
             best_fitness = initial_fitness
         else:
             logger.warning("search interrupted: keeping the best scales found so far")
@@ -275,8 +273,7 @@ def _choose_start(groups: list[Group], evaluator: Evaluator, starts: dict[str, l
     scores = {"given": (-given_agreement, given_fitness) if by_agreement else (given_fitness,)}
     agreements = {"given": given_agreement}
     for name, vectors in starts.items():
-        for group, vector in zip(groups, vectors):
-            group.set(vector.to(group.read().device))
+        set_groups(groups, vectors)
         evaluator.invalidate()
         record[name] = fitness = evaluator(None)
         if by_agreement:
@@ -286,8 +283,7 @@ def _choose_start(groups: list[Group], evaluator: Evaluator, starts: dict[str, l
             scores[name] = (fitness,)
     best_name = min(scores, key=lambda name: scores[name])  # the given scales first: a tie keeps them
     chosen = given if best_name == "given" else starts[best_name]
-    for group, vector in zip(groups, chosen):
-        group.set(vector.to(group.read().device))
+    set_groups(groups, chosen)
     evaluator.invalidate()
     record.update(chosen=best_name, judged_by="agreement" if by_agreement else "fitness")
     if by_agreement:

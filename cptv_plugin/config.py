@@ -57,12 +57,12 @@ class SearchConfig:
             user's calibration; the number of evaluations does not change. Default ``("weight_mse",)`` (measured
             on the reference models: +9 to +27 points at linear W2A8, +1.5 at W3A8 on the LeViT-like model, noise
             elsewhere; benchmarks/FINDINGS.md, section 10); the ``paper`` and ``fast`` presets use none.
-        start_candidates: whole-model alternatives to the user's scales, judged by the fitness once before the
-            first visit; the search starts from the fittest of them and the user's (by top-1 agreement with the
-            full-precision model instead when the user's agree on fewer than half of the images;
-            ``RefineResult.start`` says which and why). ``"activation_mse"``: every per-tensor activation range clipped to minimize the quantization
-            error of the full-precision activations on up to 256 calibration images (one extra forward pass and
-            one evaluation; see :mod:`cptv_plugin.starts`). Default ``("activation_mse",)`` for ``default`` and
+        start_candidates: whole-model alternatives to the user's scales, judged once before the first visit; the
+            search starts from the fittest of them and the user's (from the one agreeing most often with the
+            full-precision model's top-1 when the user's agree on fewer than half of the images;
+            ``RefineResult.start`` says which and why). ``"activation_mse"``: every per-tensor activation range
+            clipped to minimize the quantization error of the full-precision activations on up to 256 calibration
+            images (one extra forward pass and one evaluation; see :mod:`cptv_plugin.starts`). Default ``("activation_mse",)`` for ``default`` and
             ``fast`` (measured on the reference models: +2 to +74 points at 4-bit activations, noise at 8 bits;
             benchmarks/FINDINGS.md, section 13); the ``paper`` preset uses none.
         step_adaptation: ``"none"`` (a fixed γ, the paper) or ``"one_fifth"``: each group's γ grows when more than

@@ -62,9 +62,9 @@ class SearchConfig:
             full-precision model's top-1 when the user's agree on fewer than half of the images;
             ``RefineResult.start`` says which and why). ``"activation_mse"``: every per-tensor activation range
             clipped to minimize the quantization error of the full-precision activations on up to 256 calibration
-            images (one extra forward pass and one evaluation; see :mod:`cptv_plugin.starts`). Default ``("activation_mse",)`` for ``default`` and
-            ``fast`` (measured on the reference models: +2 to +74 points at 4-bit activations, noise at 8 bits;
-            benchmarks/FINDINGS.md, section 13); the ``paper`` preset uses none.
+            images (one extra forward pass and one evaluation; see :mod:`cptv_plugin.starts`). Default
+            ``("activation_mse",)`` for ``default`` and ``fast`` (measured on the reference models: +2 to +74
+            points at 4-bit activations, noise at 8 bits; benchmarks/FINDINGS.md, section 13); ``paper``: none.
         step_adaptation: ``"none"`` (a fixed γ, the paper) or ``"one_fifth"``: each group's γ grows when more than
             a fifth of a visit's candidates beat its starting scales and shrinks otherwise (Rechenberg's rule).
         granularity: which scales move together. ``"block"`` (the paper): each group. ``"fine_to_coarse"``

@@ -81,6 +81,14 @@ class SearchConfig:
             what a lower fitness can hide: a collapsed model whose InfoNCE falls towards ln(batch) as its
             outputs become constant (benchmarks/FINDINGS.md, section 8). Off by default (not yet measured
             with the default preset on every reference model).
+        gradient_steps: after the search, this many Adam steps move every scale at once on ``gradient_fitness``
+            (rounding passes gradients straight through; one calibration batch per step; see
+            :mod:`cptv_plugin.gradient`). The result is kept only if the mean ``gradient_fitness`` over the
+            calibration set fell (``RefineResult.gradient`` says so). 0 disables the stage. Default 1,000 (measured
+            on the reference models: benchmarks/FINDINGS.md, section 14); ``paper``: 0.
+        gradient_lr: Adam's learning rate on ``log(scale)`` (a relative step), cosine-decayed to 0.
+        gradient_fitness: the registered fitness the gradient stage lowers (``"kl"``: KL divergence of the
+            logits' softmax; any registered fitness is differentiable).
     """
 
     passes: int = 10
@@ -113,6 +121,9 @@ class SearchConfig:
     step_adaptation: Literal["none", "one_fifth"] = "none"
     granularity: Literal["block", "fine_to_coarse"] = "block"
     agreement_guard: bool = False
+    gradient_steps: int = 1000
+    gradient_lr: float = 0.01
+    gradient_fitness: str = "kl"
     name: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:
@@ -152,6 +163,15 @@ class SearchConfig:
             problems.append(f"granularity must be 'block' or 'fine_to_coarse' (got {self.granularity!r})")
         if self.step_adaptation not in ("none", "one_fifth"):
             problems.append(f"step_adaptation must be 'none' or 'one_fifth' (got {self.step_adaptation!r})")
+        if self.gradient_steps < 0:
+            problems.append(f"gradient_steps must be >= 0 (got {self.gradient_steps})")
+        if not self.gradient_lr > 0:
+            problems.append(f"gradient_lr must be > 0 (got {self.gradient_lr})")
+        from .fitness import list_fitness
+
+        for attr in ("fitness", "gradient_fitness"):
+            if getattr(self, attr) not in list_fitness():
+                problems.append(f"{attr} must be a registered fitness {list_fitness()} (got {getattr(self, attr)!r})")
         from .starts import SEEDS, STARTS
 
         unknown = [name for name in self.seed_candidates if name not in SEEDS]
@@ -193,7 +213,8 @@ class SearchConfig:
     def default(cls, **overrides) -> "SearchConfig":
         """Our default: the paper's budget with scale-relative mutation, activation scales and the groups
         outside the blocks searched too, a sharper InfoNCE temperature, MSE-clipped activation ranges offered as
-        the start and MSE-clipped weight scales as one member of each group's first population."""
+        the start, MSE-clipped weight scales as one member of each group's first population, and the gradient
+        stage (1,000 Adam steps on every scale at once) after the search."""
         return cls(**overrides)
 
     @classmethod
@@ -204,7 +225,8 @@ class SearchConfig:
         settings = dict(passes=10, population=15, cycles=3, samples=10, mutation=None, mutation_kind="absolute",
                         mutation_8bit=1e-3, mutation_low_bit=1e-4, fitness="infonce", temperature=3.0,
                         normalize=True, batch_size=100, block_order="reverse", search_outside_blocks=False,
-                        roles=("weight", "activation"), seed_candidates=(), start_candidates=(), name="paper")
+                        roles=("weight", "activation"), seed_candidates=(), start_candidates=(), gradient_steps=0,
+                        name="paper")
         settings.update(overrides)
         return cls(**settings)
 
@@ -213,8 +235,9 @@ class SearchConfig:
         """A quick preset for a first look: 3 passes, P=8, C=3, S=4 (about a sixth of the default's work), the
         default's activation start, no seed candidates (with this small population the weight seed measured −2.6
         points on the CPU ViT at linear W2A8; on the reference models it gained 11-27 points at linear W2A8,
-        other rows not measured yet)."""
-        settings = dict(passes=3, population=8, cycles=3, samples=4, seed_candidates=(), name="fast")
+        other rows not measured yet), no gradient stage (not measured with this preset)."""
+        settings = dict(passes=3, population=8, cycles=3, samples=4, seed_candidates=(), gradient_steps=0,
+                        name="fast")
         settings.update(overrides)
         return cls(**settings)
 

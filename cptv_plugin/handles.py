@@ -10,6 +10,12 @@ import torch
 __all__ = ["ScaleHandle", "Group", "SearchState", "set_groups"]
 
 
+def round_values(values: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
+    """``round(values)`` (half to even); with ``straight_through`` its gradient is the identity (STE)."""
+    rounded = torch.round(values)
+    return values + (rounded - values).detach() if straight_through else rounded
+
+
 class ScaleHandle(ABC):
     """One quantizer's scale, as the framework stores it.
 
@@ -57,17 +63,32 @@ class ScaleHandle(ABC):
         clamps to another one)."""
         return self.quant_min, self.quant_max
 
-    def fake_quantize(self, inputs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    @property
+    def quantizer_module(self) -> torch.nn.Module | None:
+        """The module of the evaluation model whose call returns this quantizer's output, ``fake_quantize(x,
+        read())`` of its input ``x``; ``None`` where the framework quantizes without calling one (the gradient
+        stage then leaves this scale where the search put it)."""
+        return None
+
+    def fake_quantize(self, inputs: torch.Tensor, scale: torch.Tensor,
+                      straight_through: bool = False) -> torch.Tensor:
         """``inputs`` quantized and dequantized with ``scale`` and this quantizer's zero point and integer range:
         the arithmetic of the evaluation forward (``round(x · (1/s)) + z``, clamp, ``− z``, ``· s``), for judging a
         scale without running the model. ``scale`` is shaped like :meth:`read`; for a per-tensor quantizer any
-        shape that broadcasts against ``inputs`` (several candidate scales at once)."""
-        zero_point = self.zero_points().to(inputs.device, inputs.dtype)
-        zero_point = zero_point.reshape(()) if self.axis is None else zero_point.reshape(scale.shape)
+        shape that broadcasts against ``inputs`` (several candidate scales at once). ``straight_through``: the
+        rounding passes gradients through unchanged (the straight-through estimator), so that the result is
+        differentiable in ``scale`` (LSQ's gradient) and ``inputs``."""
         scale = scale.to(inputs.device, inputs.dtype)
+        zero_point = self.zero_points().to(inputs.device, inputs.dtype)
+        if self.axis is None:
+            zero_point = zero_point.reshape(())
+        else:
+            shape = [1] * inputs.dim()
+            shape[self.axis] = -1
+            scale, zero_point = scale.reshape(shape), zero_point.reshape(shape)
         low, high = self.clamp_range()
-        quantized = torch.clamp(torch.round(inputs * (1.0 / scale)) + zero_point, low, high)
-        return (quantized - zero_point) * scale
+        return (torch.clamp(round_values(inputs * (1.0 / scale), straight_through) + zero_point, low, high)
+                - zero_point) * scale
 
     def describe(self) -> str:
         grain = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"

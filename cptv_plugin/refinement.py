@@ -17,8 +17,9 @@ from torch import nn
 
 from .config import SearchConfig
 from .data import CalibrationError, calibration_images, split_batches
-from .engine import Evaluator, SegmentedModel, reference_outputs
-from .fitness import needs_negatives
+from .engine import Evaluator, SegmentedModel, _as_output_tensor, reference_outputs
+from .fitness import get_fitness, needs_negatives
+from .gradient import gradient_refine
 from .handles import Group, set_groups
 from .search import POOR_START_AGREEMENT, RefineResult, evolutionary_search
 from .starts import start_vectors
@@ -132,6 +133,8 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                                   f"({final_validation:.5f} > {initial_validation:.5f})")
                 result.validation = {"initial": initial_validation, "final": final_validation,
                                      "restored": restored, "images": len(held_out)}
+        if config.gradient_steps and not result.interrupted:
+            _gradient_stage(session, config, batches, reference, result, initial_vectors)
         result.device = _device_name(device)
         result.precision = precision
         result.compiled = session.chain.compiled_fraction
@@ -143,6 +146,43 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
     return result
 
 
+
+
+def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
+                    reference: list[torch.Tensor], result: RefineResult, initial_vectors: list[torch.Tensor]) -> None:
+    """Run :func:`~cptv_plugin.gradient.gradient_refine` on the searched scales (eagerly, in fp32: the hooks
+    replace the quantizers' outputs, which compiled copies would not see). Ctrl-C keeps the search's scales (or,
+    with ``on_interrupt="restore"``, the given ones) and marks the result interrupted."""
+    handles = [h for g in session.groups for h in g.handles]
+    try:
+        result.gradient = gradient_refine(
+            handles, functools.partial(session.chain.forward, eager=True), batches, reference,
+            steps=config.gradient_steps, lr=config.gradient_lr, fitness=config.gradient_fitness,
+            temperature=config.temperature, normalize=config.normalize, seed=config.seed, progress=config.progress)
+    except KeyboardInterrupt:
+        result.interrupted = True
+        result.gradient = {"steps": config.gradient_steps, "interrupted": True}
+        if config.on_interrupt == "restore":
+            logger.warning("gradient stage interrupted: restoring the initial scales (on_interrupt='restore')")
+            set_groups(session.groups, initial_vectors)
+            result.final_fitness = result.initial_fitness
+        else:
+            logger.warning("gradient stage interrupted: keeping the search's scales")
+        return
+    result.seconds += result.gradient["seconds"]
+    if result.gradient["kept"]:
+        result.final_fitness = _fitness_now(session, config, batches, reference)
+
+
+def _fitness_now(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
+                 reference: list[torch.Tensor]) -> float:
+    """The search fitness of the scales in the model now (eager fp32 forward, mean over the batches)."""
+    fitness = get_fitness(config.fitness)
+    with torch.no_grad():
+        values = [float(fitness(_as_output_tensor(session.chain.forward(batch, eager=True)).float(), ref.float(),
+                                temperature=config.temperature, normalize=config.normalize))
+                  for batch, ref in zip(batches, reference)]
+    return sum(values) / len(values)
 
 
 def _check_start(agreement: float) -> None:

@@ -31,12 +31,13 @@ class RefineResult:
 
     Attributes:
         initial_fitness: fitness of the scales the user gave us (calibration set, lower is better).
-        final_fitness: fitness of the refined scales; never above the fitness of the scales the search started
-            from (the given ones, or the start candidate ``start`` names).
+        final_fitness: fitness of the refined scales. The search never ends above the fitness of the scales it
+            started from (the given ones, or the start candidate ``start`` names); the gradient stage lowers its
+            own ``gradient_fitness``, which can move this one either way.
         history: one record per group visit: ``{"pass", "group", "fitness", "evaluations", "step", "seconds"}``
             (``seconds`` since the start of this run: a resumed search counts again from 0).
         evaluations: number of fitness evaluations (each over the whole calibration set).
-        seconds: wall time of the search.
+        seconds: wall time of the search and the gradient stage.
         groups: names of the searched groups, in model order, with their number of scales.
         interrupted: the search was stopped early (Ctrl-C); the best scales found so far were kept.
         device: where the search ran (GPU name or "cpu"); precision: the arithmetic of candidate evaluations.
@@ -52,6 +53,8 @@ class RefineResult:
         start: with ``start_candidates``: the fitness of the user's scales (``"given"``) and of each candidate,
             which one the search started from (``"chosen"``) and by what (``"judged_by"``: ``"fitness"``, or
             ``"agreement"`` when the given scales were far off; then ``"agreement"`` holds each one's).
+        gradient: with ``gradient_steps``: the gradient stage's fitness before and after, whether its scales were
+            kept (``"kept"``), how many quantizers it moved and its seconds (``cptv_plugin.gradient``).
     """
 
     initial_fitness: float
@@ -70,6 +73,7 @@ class RefineResult:
     agreement: dict | None = None
     initial_agreement: float | None = None
     start: dict | None = None
+    gradient: dict | None = None
 
     @property
     def improvement(self) -> float:

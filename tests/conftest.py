@@ -13,8 +13,9 @@ from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx  # noqa
 
 torch.set_num_threads(2)
 
-# a search small enough for CPU tests: 1 pass, P=4, C=2, S=2
-TINY_SEARCH = SearchConfig(passes=1, population=4, cycles=2, samples=2, batch_size=50, progress=False)
+# a search small enough for CPU tests: 1 pass, P=4, C=2, S=2, no gradient stage (tests/test_gradient.py has its own)
+TINY_SEARCH = SearchConfig(passes=1, population=4, cycles=2, samples=2, batch_size=50, progress=False,
+                           gradient_steps=0)
 
 
 @pytest.fixture(scope="session")

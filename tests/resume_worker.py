@@ -19,7 +19,7 @@ from cptv_plugin.models import load_reference_model  # noqa: E402
 from cptv_plugin.qconfigs import prepare_timm_for_fx  # noqa: E402
 
 CONFIG = cptv_plugin.SearchConfig(passes=4, population=6, cycles=2, samples=3, batch_size=50, progress=False,
-                                  precision="fp32")
+                                  precision="fp32", gradient_steps=0)
 
 
 def main(checkpoint: str, out: str) -> None:

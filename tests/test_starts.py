@@ -14,7 +14,8 @@ from cptv_plugin.starts import STARTS, seed_vectors, weight_mse_scale
 from conftest import prepare_and_calibrate
 
 ONE_VISIT_SEEDED = SearchConfig(passes=1, population=2, cycles=0, samples=1, batch_size=50, progress=False,
-                                search_outside_blocks=False, seed_candidates=("weight_mse",), start_candidates=())
+                                search_outside_blocks=False, seed_candidates=("weight_mse",), start_candidates=(),
+                                gradient_steps=0)
 
 
 def quantization_error(handle, scale):
@@ -215,7 +216,7 @@ def test_activation_mse_start_lowers_every_activation_error(tiny_vit, fmnist, fr
 # the groups outside the blocks included: clipping only the blocks' activation ranges at 4 bits, with MinMax
 # ranges left before and after them, measured worse than MinMax everywhere (InfoNCE 5.5 vs 3.9 here)
 ONE_VISIT_STARTED = SearchConfig(passes=1, population=1, cycles=0, samples=1, batch_size=50, progress=False,
-                                 seed_candidates=(), start_candidates=("activation_mse",))
+                                 seed_candidates=(), start_candidates=("activation_mse",), gradient_steps=0)
 
 
 def test_search_starts_from_the_fitter_of_the_given_scales_and_each_candidate(tiny_vit, fmnist, monkeypatch):

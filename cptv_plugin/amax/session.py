@@ -18,7 +18,7 @@ from torch import fx, nn
 from ..blocks import ModelStructure, discover_blocks
 from ..engine import Segment, SegmentedModel
 from ..fx.graph import GraphSplitError, assign_groups, split_graph
-from ..handles import Group, ScaleHandle
+from ..handles import Group, ScaleHandle, round_values
 
 __all__ = ["AmaxHandle", "AmaxSession", "QuantizerKind", "NotCalibratedError", "UnsupportedQuantizerError",
            "integer_fake_quant"]
@@ -93,13 +93,20 @@ class AmaxHandle(ScaleHandle):
     def commit(self) -> None:
         """``amax`` is the framework's own state: what ``set`` wrote is what save/export carry."""
 
-    def fake_quantize(self, inputs: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    def fake_quantize(self, inputs: torch.Tensor, scale: torch.Tensor,
+                      straight_through: bool = False) -> torch.Tensor:
         """The framework's integer arithmetic (``integer_fake_quant``) at ``amax = scale × maxbound`` (per tensor:
         any ``scale`` shape that broadcasts against ``inputs``)."""
         amax = scale.to(inputs.device, torch.float32) * self.maxbound
         if self.axis is not None:
             amax = amax.reshape(self.quantizer.amax.shape)
-        return _integer_fake_quant(inputs, amax, float(self.quant_min), float(self.quant_max))
+        return _integer_fake_quant(inputs, amax, float(self.quant_min), float(self.quant_max), straight_through)
+
+    @property
+    def quantizer_module(self) -> nn.Module | None:
+        """The quantizer, called with the tensor it quantizes (not where it scales its input first: ModelOpt's
+        ``pre_quant_scale`` of SmoothQuant/AWQ)."""
+        return None if getattr(self.quantizer, "pre_quant_scale", None) is not None else self.quantizer
 
     @property
     def input_module(self) -> nn.Module | None:
@@ -121,9 +128,11 @@ def integer_fake_quant(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tens
     return _integer_fake_quant(inputs, quantizer._amax.float(), minbound, maxbound)
 
 
-def _integer_fake_quant(inputs: torch.Tensor, amax: torch.Tensor, minbound: float, maxbound: float) -> torch.Tensor:
+def _integer_fake_quant(inputs: torch.Tensor, amax: torch.Tensor, minbound: float, maxbound: float,
+                        straight_through: bool = False) -> torch.Tensor:
     scale = torch.full_like(amax, maxbound) / amax  # a true division: ``float / tensor`` multiplies by a reciprocal
-    return (torch.clamp(torch.round(inputs.float() * scale), minbound, maxbound) / scale).to(inputs.dtype)
+    rounded = round_values(inputs.float() * scale, straight_through)
+    return (torch.clamp(rounded, minbound, maxbound) / scale).to(inputs.dtype)
 
 
 def _owner_node(path: str, nodes: dict[str, fx.Node]) -> fx.Node | None:

@@ -118,6 +118,10 @@ class ObserverHandle(_QuantizerInfo, ScaleHandle):
         """The simulated quantizer in the evaluation model (switched off, it passes its input through)."""
         return self.quantizer if self.role == "activation" else None
 
+    @property
+    def quantizer_module(self) -> nn.Module | None:
+        return self.quantizer
+
     def clamp_range(self) -> tuple[int, int]:
         """The simulated quantizer's (the integer type's full range, for ``convert_fx`` at 8 bits)."""
         return self.quantizer.quant_min, self.quantizer.quant_max
@@ -158,6 +162,10 @@ class WeightObserverHandle(_QuantizerInfo, ScaleHandle):
 
     def set(self, scale: torch.Tensor) -> None:
         self.quantizer.scale.copy_(scale)
+
+    @property
+    def quantizer_module(self) -> nn.Module | None:
+        return self.quantizer
 
     def commit(self) -> None:
         scale = self.quantizer.scale.reshape(self._scale_shape).clone()
@@ -207,6 +215,11 @@ class FakeQuantizeHandle(_QuantizerInfo, ScaleHandle):
         if self.role != "activation" or is_fused_fake_quantize(self.fake_quant):
             return None
         return self.fake_quant
+
+    @property
+    def quantizer_module(self) -> nn.Module | None:
+        """The FakeQuantize, except fused ones (the evaluation model runs them through a view)."""
+        return None if is_fused_fake_quantize(self.fake_quant) else self.fake_quant
 
     def commit(self) -> None:
         fq = self.fake_quant

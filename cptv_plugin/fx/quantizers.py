@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from ..handles import round_values
 from torch.ao.quantization.observer import ObserverBase
 
 __all__ = ["SimulatedQuantizer", "SimulatedWeightModule", "RefinedObserver", "FakeQuantizeView",
@@ -69,6 +71,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     if dtype != torch.float32:  # bf16 cannot hold x / s exactly: quantize in fp32, return the input's dtype
         x = x.float()
     zero_point = zero_point.to(x.dtype)
+    if x.requires_grad:  # the gradient stage: rounding passes gradients straight through, as ATen's kernel does
+        q = torch.clamp(round_values(x * (1.0 / scale), straight_through=True) + zero_point, quant_min, quant_max)
+        return ((q - zero_point) * scale).to(dtype)
     q = torch.round(x * (1.0 / scale)).add_(zero_point).clamp_(quant_min, quant_max)
     return q.sub_(zero_point).mul_(scale).to(dtype)
 
@@ -111,9 +116,10 @@ class SimulatedWeightModule(nn.Module):
         return self.module[0] if isinstance(self.module, nn.Sequential) else self.module
 
     def _quantized_weight(self) -> torch.Tensor:
-        """The fake-quantized weight, recomputed only when the weight or its scale changed."""
+        """The fake-quantized weight, recomputed only when the weight or its scale changed (always while gradients
+        are recorded: the gradient stage moves the scale outside the buffer, through the quantizer's call)."""
         leader, quantizer = self._leader, self.weight_quantizer
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.is_grad_enabled():
             # inside torch.compile: no Python-side cache (reading versions/pointers would break the graph, and each
             # break recompiles per weight shape until dynamo's recompile limit sends the model back to eager)
             return quantizer(leader.weight.detach())

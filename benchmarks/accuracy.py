@@ -48,22 +48,29 @@ STARTS = {"e2e": ["baseline", "histogram"], "linear": ["baseline", "modelopt-mse
                                                      "modelopt-gptq"],
           "pt2e": ["baseline"]}
 # ablations of a preset: name -> (preset, overrides); recorded like presets, run only when asked for
+# the gradient stage (session 10; FINDINGS section 14) is off in every variant measured before it
+_NO_GRADIENT = {"gradient_steps": 0}
 VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
+            # the default before the gradient stage became part of it (session 10)
+            "default-nograd": ("default", _NO_GRADIENT),
             # the presets before the activation start became part of them (session 9; FINDINGS section 13)
-            "default-nostart": ("default", {"start_candidates": ()}),
+            "default-nostart": ("default", {"start_candidates": (), **_NO_GRADIENT}),
             "fast-nostart": ("fast", {"start_candidates": ()}),
             # ablations measured before session 9: each ran without the activation start
-            "default-unseeded": ("default", {"seed_candidates": (), "start_candidates": ()}),
+            "default-unseeded": ("default", {"seed_candidates": (), "start_candidates": (), **_NO_GRADIENT}),
             "fast-seeded": ("fast", {"seed_candidates": ("weight_mse",), "start_candidates": ()}),
-            "default-adaptive": ("default", {"step_adaptation": "one_fifth", "start_candidates": ()}),
+            "default-adaptive": ("default", {"step_adaptation": "one_fifth", "start_candidates": (), **_NO_GRADIENT}),
             "fast-adaptive": ("fast", {"step_adaptation": "one_fifth", "start_candidates": ()}),
             "fast-kl": ("fast", {"fitness": "kl", "start_candidates": ()}),
-            "default-guarded": ("default", {"agreement_guard": True, "start_candidates": ()}),
-            "default-fine": ("default", {"mutation": 0.02, "start_candidates": ()}),
-            "default-f2c": ("default", {"granularity": "fine_to_coarse", "start_candidates": ()}),
-            "default-heldout": ("default", {"validation_fraction": 0.2, "start_candidates": ()}),
+            "default-guarded": ("default", {"agreement_guard": True, "start_candidates": (), **_NO_GRADIENT}),
+            "default-fine": ("default", {"mutation": 0.02, "start_candidates": (), **_NO_GRADIENT}),
+            "default-f2c": ("default", {"granularity": "fine_to_coarse", "start_candidates": (), **_NO_GRADIENT}),
+            "default-heldout": ("default", {"validation_fraction": 0.2, "start_candidates": (), **_NO_GRADIENT}),
             "default-unseeded-guarded": ("default", {"seed_candidates": (), "agreement_guard": True,
-                                                     "start_candidates": ()})}
+                                                     "start_candidates": (), **_NO_GRADIENT}),
+            # the gradient stage alone, from the given scales (no search: one pass of one member per group)
+            "gradient-only": ("default", {"passes": 1, "population": 1, "cycles": 0, "samples": 1,
+                                          "seed_candidates": (), "start_candidates": ()})}
 PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "default-unseeded", "histogram",
@@ -240,6 +247,8 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
             record["validation"] = result.validation
         if result.start is not None:
             record["start"] = result.start
+        if result.gradient is not None:
+            record["gradient"] = result.gradient
     return record
 
 

@@ -19,7 +19,8 @@ python3 -c "from modelopt.torch.quantization.extensions import get_cuda_ext; pri
 cp benchmarks/results/accuracy.json "$out/accuracy.json"
 # no new run after the deadline: a compiled search of the reference models takes up to ~2 min while the workers
 # share the GPU (eager ModelOpt searches took ~4 min before they compiled)
-deadline=$((seconds - 160)); [ "$deadline" -lt $((seconds / 2)) ] && deadline=$((seconds / 2))
+# (CPTV_DEADLINE_MARGIN: seconds kept free at the end; longer for presets with the gradient stage)
+deadline=$((seconds - ${CPTV_DEADLINE_MARGIN:-160})); [ "$deadline" -lt $((seconds / 3)) ] && deadline=$((seconds / 3))
 timeout -s INT "$seconds" python3 -m benchmarks.accuracy --workers "$workers" --deadline "$deadline" \
   --out "$out/accuracy.json" "$@" 2>&1 | grep -v -i "warn" | tee "$out/log"
 wait

@@ -4,9 +4,9 @@
     python integrations/modelopt_tensorrt.py --bits W2A8 --algorithm gptq --preset default   # 2-3-bit weights
 
 ``--algorithm`` is ModelOpt's calibration (``max``, ModelOpt's default; ``mse``; ``gptq``, which also updates the
-weights). Below 4-bit weights start from ``gptq``: on the reference models GPTQ followed by our default preset
-reached 87.2 % top-1 at W2A8 on the DeiT-like model, against 81.0 % from ``max`` and 44.8 % for GPTQ alone
-(benchmarks/FINDINGS.md, section 10).
+weights). At W2A8 on the DeiT-like reference model our default preset, with its gradient stage, reaches 88.0 %
+top-1 from ``max`` (3 seeds; benchmarks/FINDINGS.md, section 14); before the stage, GPTQ followed by the default
+reached 87.2 % and ``max`` 81.0 % (GPTQ alone 44.8 %, section 10). GPTQ + the current default is not measured.
 
 Every step but ``refine_modelopt`` is ModelOpt's own flow. The checkpoint-file variant of step 3, for a
 checkpoint someone else saved, is ``cptv refine-modelopt quantized.pth --model timm:NAME --calibration DIR

@@ -82,8 +82,8 @@ class SearchConfig:
             outputs become constant (benchmarks/FINDINGS.md, section 8). Off by default (not yet measured
             with the default preset on every reference model).
         gradient_steps: after the search, this many Adam steps move every scale at once on ``gradient_fitness``
-            (rounding passes gradients straight through; one calibration batch per step; see
-            :mod:`cptv_plugin.gradient`). The result is kept only if the mean ``gradient_fitness`` over the
+            (rounding passes gradients straight through; one calibration batch per step; eager fp32 whatever
+            ``precision`` and ``compile`` say; see :mod:`cptv_plugin.gradient`). The result is kept only if the mean ``gradient_fitness`` over the
             calibration set fell (``RefineResult.gradient`` says so). 0 disables the stage. Default 1,000 (measured
             on the reference models: benchmarks/FINDINGS.md, section 14); ``paper``: 0.
         gradient_lr: Adam's learning rate on ``log(scale)`` (a relative step), cosine-decayed to 0.

@@ -107,7 +107,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
         for handle, base, log_factor in zip(movable, given, log_factors):
             handle.set((base * log_factor.detach().exp()).reshape(base.shape))
     else:
-        logger.warning("gradient stage: %s rose from %.5f to %.5f; keeping the search's scales", fitness,
+        logger.warning("gradient stage: %s rose from %.5f to %.5f; keeping the search's scales (a smaller "
+                       "SearchConfig.gradient_lr may help; gradient_steps=0 skips the stage)", fitness,
                        record["loss_before"], record["loss_after"])
     record["seconds"] = round(time.time() - start_time, 3)
     logger.info("gradient stage: %s %.5f -> %.5f over %d steps (%d quantizers) in %.1f s", fitness,

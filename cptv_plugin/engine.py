@@ -331,3 +331,21 @@ def reference_outputs(forward: Callable[[torch.Tensor], Any], batches: list[torc
             raise ModelOutputError("the full-precision model produced NaN or Inf on the calibration images")
         outputs.append(output)
     return outputs
+
+
+def batch_fitness(forward: Callable[[torch.Tensor], Any], images: torch.Tensor, reference: torch.Tensor,
+                  fitness: Callable, temperature: float, normalize: bool) -> torch.Tensor:
+    """``fitness`` of ``forward(images)`` against their ``reference`` outputs, in fp32 (keeps the graph when
+    gradients are recorded)."""
+    return fitness(_as_output_tensor(forward(images)).float(), reference.float(), temperature=temperature,
+                   normalize=normalize)
+
+
+@torch.no_grad()
+def mean_fitness(forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor], reference: list[torch.Tensor],
+                 fitness: Callable, temperature: float, normalize: bool) -> float:
+    """The mean of :func:`batch_fitness` over the calibration batches (one plain forward each, no grouping or
+    cache: for a measurement outside the search, e.g. after the gradient stage)."""
+    values = [float(batch_fitness(forward, images, ref, fitness, temperature, normalize))
+              for images, ref in zip(batches, reference)]
+    return sum(values) / len(values)

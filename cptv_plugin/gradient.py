@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 import torch
 
-from .engine import _as_output_tensor
+from .engine import batch_fitness, mean_fitness
 from .fitness import get_fitness
 from .handles import ScaleHandle
 
@@ -60,13 +60,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
             return handle.fake_quantize(args[0], base * log_factor.exp(), straight_through=True).to(output.dtype)
         return hook
 
-    def loss_on(index: int) -> torch.Tensor:
-        output = _as_output_tensor(forward(batches[index])).float()
-        return loss_fn(output, reference[index].float(), temperature=temperature, normalize=normalize)
-
     def mean_loss() -> float:
-        with torch.no_grad():
-            return sum(float(loss_on(i)) for i in range(len(batches))) / len(batches)
+        return mean_fitness(forward, batches, reference, loss_fn, temperature, normalize)
 
     hooks = [handle.quantizer_module.register_forward_hook(hook_for(handle, base, log_factor))
              for handle, base, log_factor in zip(movable, given, log_factors)]
@@ -85,7 +80,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
             for step in range(steps):
                 if not order:  # every batch once per epoch, in a seeded order
                     order = torch.randperm(len(batches), generator=generator).tolist()
-                loss = loss_on(order.pop())
+                index = order.pop()
+                loss = batch_fitness(forward, batches[index], reference[index], loss_fn, temperature, normalize)
                 gradients = torch.autograd.grad(loss, log_factors, allow_unused=True)
                 for log_factor, gradient in zip(log_factors, gradients):
                     log_factor.grad = gradient

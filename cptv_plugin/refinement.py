@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import SearchConfig
 from .data import CalibrationError, calibration_images, split_batches
-from .engine import Evaluator, SegmentedModel, _as_output_tensor, reference_outputs
+from .engine import Evaluator, SegmentedModel, mean_fitness, reference_outputs
 from .fitness import get_fitness, needs_negatives
 from .gradient import gradient_refine
 from .handles import Group, set_groups
@@ -154,9 +154,10 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
     replace the quantizers' outputs, which compiled copies would not see). Ctrl-C keeps the search's scales (or,
     with ``on_interrupt="restore"``, the given ones) and marks the result interrupted."""
     handles = [h for g in session.groups for h in g.handles]
+    forward = functools.partial(session.chain.forward, eager=True)
     try:
         result.gradient = gradient_refine(
-            handles, functools.partial(session.chain.forward, eager=True), batches, reference,
+            handles, forward, batches, reference,
             steps=config.gradient_steps, lr=config.gradient_lr, fitness=config.gradient_fitness,
             temperature=config.temperature, normalize=config.normalize, seed=config.seed, progress=config.progress)
     except KeyboardInterrupt:
@@ -171,18 +172,9 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
         return
     result.seconds += result.gradient["seconds"]
     if result.gradient["kept"]:
-        result.final_fitness = _fitness_now(session, config, batches, reference)
-
-
-def _fitness_now(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
-                 reference: list[torch.Tensor]) -> float:
-    """The search fitness of the scales in the model now (eager fp32 forward, mean over the batches)."""
-    fitness = get_fitness(config.fitness)
-    with torch.no_grad():
-        values = [float(fitness(_as_output_tensor(session.chain.forward(batch, eager=True)).float(), ref.float(),
-                                temperature=config.temperature, normalize=config.normalize))
-                  for batch, ref in zip(batches, reference)]
-    return sum(values) / len(values)
+        # the search fitness of the committed scales (eager fp32, like the stage)
+        result.final_fitness = mean_fitness(forward, batches, reference, get_fitness(config.fitness),
+                                            config.temperature, config.normalize)
 
 
 def _check_start(agreement: float) -> None:

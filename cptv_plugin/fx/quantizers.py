@@ -117,9 +117,10 @@ class SimulatedWeightModule(nn.Module):
 
     def _quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight, recomputed only when the weight or its scale changed (always while gradients
-        are recorded: the gradient stage moves the scale outside the buffer, through the quantizer's call)."""
+        are recorded or a hook is on the quantizer: the gradient stage moves the scale outside the buffer, through
+        a hook on the quantizer's call)."""
         leader, quantizer = self._leader, self.weight_quantizer
-        if torch.compiler.is_compiling() or torch.is_grad_enabled():
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or quantizer._forward_hooks:
             # inside torch.compile: no Python-side cache (reading versions/pointers would break the graph, and each
             # break recompiles per weight shape until dynamo's recompile limit sends the model back to eager)
             return quantizer(leader.weight.detach())

@@ -82,11 +82,13 @@ class SearchConfig:
             outputs become constant (benchmarks/FINDINGS.md, section 8). Off by default (not yet measured
             with the default preset on every reference model).
         gradient_steps: after the search, this many Adam steps move every scale at once on ``gradient_fitness``
-            (rounding passes gradients straight through; one calibration batch per step; eager fp32 whatever
-            ``precision`` and ``compile`` say; see :mod:`cptv_plugin.gradient`). The result is kept only if the mean ``gradient_fitness`` over the
-            calibration set fell (``RefineResult.gradient`` says so). 0 disables the stage. Default 1,000 (measured
+            (rounding passes gradients straight through; one calibration batch per step; fp32 whatever
+            ``precision`` says, compiled whole when ``compile`` is on; see :mod:`cptv_plugin.gradient`). The mean
+            ``gradient_fitness`` over the calibration set is checked 10 times; the best scales are kept if they
+            beat the search's (``RefineResult.gradient`` says so). 0 disables the stage. Default 1,000 (measured
             on the reference models: benchmarks/FINDINGS.md, section 14); ``paper``: 0.
-        gradient_lr: Adam's learning rate on ``log(scale)`` (a relative step), cosine-decayed to 0.
+        gradient_lr: Adam's learning rate on ``log(scale)`` (a relative step), cosine-decayed to 0; divided by 10
+            whenever a check finds the fitness above the search's.
         gradient_fitness: the registered fitness the gradient stage lowers (``"kl"``: KL divergence of the
             logits' softmax; any registered fitness is differentiable).
     """

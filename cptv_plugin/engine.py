@@ -96,9 +96,7 @@ class SegmentedModel:
         from .fx.structure import segment_structure
 
         self._compile_start = start
-        if not options:  # inductor: no benchmarking of pointwise kernel configs on first call (DeiT-T on an H100:
-            # 4.0 instead of 5.2 s per block graph, plus ~3 s once; same kernel time)
-            options = {"options": {"triton.autotune_pointwise": False}}
+        options = options or COMPILE_OPTIONS
         shared: dict[str, tuple[list[torch.Tensor], Callable[..., Any]]] = {}
         for segment in self.segments[start:]:
             eager = segment.fn
@@ -115,6 +113,11 @@ class SegmentedModel:
         distinct = len(shared) + sum(not isinstance(s.fn.compiled, _SharedCompiled) for s in self.segments[start:])
         logger.info("compiling %d segments as %d distinct graphs", len(self.segments) - start, distinct)
         return distinct
+
+
+# inductor: no benchmarking of pointwise kernel configs on first call (DeiT-T on an H100: 4.0 instead of 5.2 s per
+# block graph, plus ~3 s once; same kernel time)
+COMPILE_OPTIONS = {"options": {"triton.autotune_pointwise": False}}
 
 
 class _CompiledOrEager:

@@ -15,12 +15,13 @@ framework's own arithmetic. Scales whose framework calls no such module stay whe
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any, Callable
 
 import torch
 
-from .engine import batch_fitness, mean_fitness
+from .engine import COMPILE_OPTIONS, _CompiledOrEager, batch_fitness, mean_fitness
 from .fitness import get_fitness
 from .handles import ScaleHandle
 
@@ -32,14 +33,21 @@ logger = logging.getLogger(__name__)
 def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor],
                     reference: list[torch.Tensor], *, steps: int, lr: float, fitness: str = "kl",
                     temperature: float = 0.1, normalize: bool = True, seed: int = 0,
-                    progress: bool = False) -> dict:
+                    checks: int = 10, backtrack: bool = True, progress: bool = False,
+                    compile: bool = False) -> dict:
     """Move the scales of ``handles`` by ``steps`` Adam steps (cosine-decayed ``lr`` on ``log(scale)``) on
     ``fitness`` between ``forward(batch)`` and ``reference`` (one calibration batch per step, in a seeded order).
+    ``compile``: run the forward and its backward as ``torch.compile`` graphs, the hooks included (small models
+    spend most of an eager step launching kernels); it falls back to eager if dynamo fails on the model.
 
-    The scales are set only if the mean fitness over all batches ends lower than it started (else they stay as
-    given and a warning says so). Ctrl-C leaves them as given and re-raises. Returns ``{"steps", "lr", "fitness",
-    "loss_before", "loss_after", "kept", "scales", "fixed", "seconds"}`` (``scales``: how many quantizers moved;
-    ``fixed``: how many could not, having no quantizer module)."""
+    ``checks`` times during the run (and at its end) the mean fitness over all batches is measured; the scales
+    with the lowest so far are the result, set only if lower than at the start (else they stay as given and a
+    warning says so). ``backtrack``: a check above the start's fitness puts the best scales so far back and
+    divides the rate by 10 for the rest of the run (the rate overshoots). Ctrl-C leaves the scales as given and
+    re-raises. Returns ``{"steps", "lr", "fitness", "loss_before", "loss_after", "history", "kept", "compiled",
+    "scales", "fixed", "seconds"}`` (``loss_after``: the best check's; ``history``: ``{"step", "loss", "lr"}`` per
+    check, lr the undecayed rate then; ``scales``: how many quantizers moved; ``fixed``: how many could not, having
+    no quantizer module)."""
     start_time = time.time()
     movable = [h for h in handles if h.quantizer_module is not None]
     fixed = len(handles) - len(movable)
@@ -60,15 +68,21 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
             return handle.fake_quantize(args[0], base * log_factor.exp(), straight_through=True).to(output.dtype)
         return hook
 
+    if compile:
+        forward = _CompiledOrEager(torch.compile(forward, dynamic=False, **COMPILE_OPTIONS), forward)
+
     def mean_loss() -> float:
         return mean_fitness(forward, batches, reference, loss_fn, temperature, normalize)
 
     hooks = [handle.quantizer_module.register_forward_hook(hook_for(handle, base, log_factor))
              for handle, base, log_factor in zip(movable, given, log_factors)]
+    check_every = max(1, steps // checks)
     try:
-        record["loss_before"] = mean_loss()
+        best_loss = record["loss_before"] = mean_loss()
+        best = [torch.zeros_like(g) for g in given]
+        history = [{"step": 0, "loss": round(best_loss, 6), "lr": lr}]
+        rate = lr  # cosine-decayed from here; divided by 10 at each backtrack
         optimizer = torch.optim.Adam(log_factors, lr=lr)
-        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
         generator = torch.Generator().manual_seed(seed)
         order: list[int] = []
         try:
@@ -78,6 +92,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
             bar = None
         try:
             for step in range(steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = rate * 0.5 * (1 + math.cos(math.pi * step / steps))
                 if not order:  # every batch once per epoch, in a seeded order
                     order = torch.randperm(len(batches), generator=generator).tolist()
                 index = order.pop()
@@ -86,26 +102,39 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                 for log_factor, gradient in zip(log_factors, gradients):
                     log_factor.grad = gradient
                 optimizer.step()
-                schedule.step()
                 if bar is not None and progress:
                     bar.update(1)
                     if step % 20 == 0:  # reading the loss waits for the device
                         bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+                if (step + 1) % check_every and step + 1 < steps:
+                    continue
+                checked = mean_loss()
+                history.append({"step": step + 1, "loss": round(checked, 6), "lr": rate})
+                if checked < best_loss:
+                    best_loss, best = checked, [f.detach().clone() for f in log_factors]
+                elif backtrack and checked > record["loss_before"] and step + 1 < steps:
+                    # worse than at the start, the rate overshoots: back to the best scales so far, a tenth of the
+                    # rate, fresh moments (a check merely above the best is the steps' noise: the run goes on)
+                    with torch.no_grad():
+                        for log_factor, kept in zip(log_factors, best):
+                            log_factor.copy_(kept)
+                    rate /= 10
+                    optimizer = torch.optim.Adam(log_factors, lr=rate)
         finally:
             if bar is not None:
                 bar.close()
-        record["loss_after"] = mean_loss()
     finally:
         for hook in hooks:
             hook.remove()
-    record["kept"] = record["loss_after"] < record["loss_before"]
+    record.update(loss_after=best_loss, history=history, kept=best_loss < record["loss_before"],
+                  compiled=isinstance(forward, _CompiledOrEager) and not forward.failed)
     if record["kept"]:
-        for handle, base, log_factor in zip(movable, given, log_factors):
-            handle.set((base * log_factor.detach().exp()).reshape(base.shape))
+        for handle, base, log_factor in zip(movable, given, best):
+            handle.set((base * log_factor.exp()).reshape(base.shape))
     else:
-        logger.warning("gradient stage: %s rose from %.5f to %.5f; keeping the search's scales (a smaller "
-                       "SearchConfig.gradient_lr may help; gradient_steps=0 skips the stage)", fitness,
-                       record["loss_before"], record["loss_after"])
+        logger.warning("gradient stage: %s never fell below %.5f (%s at the checks); keeping the search's scales "
+                       "(a smaller SearchConfig.gradient_lr may help; gradient_steps=0 skips the stage)", fitness,
+                       record["loss_before"], ", ".join(f"{h['loss']:.5f}" for h in history[1:]))
     record["seconds"] = round(time.time() - start_time, 3)
     logger.info("gradient stage: %s %.5f -> %.5f over %d steps (%d quantizers) in %.1f s", fitness,
                 record["loss_before"], record["loss_after"], steps, len(movable), record["seconds"])

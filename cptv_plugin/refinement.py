@@ -89,6 +89,7 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
         session.begin()
         reference = _reference(session, fp_model, batches)
         starts = _starts(session, batches, config.start_candidates)
+        obstacle = None
         if config.compile and config.engine == "fast":
             obstacle = compiling.enter_context(session.compilable())
             if obstacle:
@@ -107,34 +108,36 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
             held_batches = [b.to(device) for b in split_batches(held_out, config.batch_size, min_batch)]
             validator = Evaluator(session.chain, held_batches, _reference(session, fp_model, held_batches),
                                   config.fitness, config.temperature, config.normalize, precision=precision)
-        with compiling, _matmul_precision(precision):
-            initial_validation = validator(None) if validator is not None else None
-            initial_vectors = [g.read() for g in session.groups]
-            # hashing the calibration images costs a device-to-host copy: only for checkpointed searches
-            key = fingerprint(session, config, batches) if config.checkpoint_path else ""
-            initial_agreement = evaluator.agreement()
-            if not starts:  # else only if the search keeps the given scales as its start (below)
-                _check_start(initial_agreement)
-            result = evolutionary_search(session.groups, evaluator, config, fingerprint=key, starts=starts,
-                                         given_agreement=initial_agreement)
-            if starts and (result.start or {}).get("chosen", "given") == "given":
-                _check_start(initial_agreement)
-            result.initial_agreement = initial_agreement
-            if config.agreement_guard:
-                final_agreement = evaluator.agreement()
-                restored = _guard(session, initial_vectors, result, final_agreement < initial_agreement,
-                                  "the refined scales agree less often with the full-precision model's top-1 "
-                                  f"({final_agreement:.4f} < {initial_agreement:.4f})")
-                result.agreement = {"initial": initial_agreement, "final": final_agreement, "restored": restored}
-            if validator is not None:
-                final_validation = validator(None)
-                restored = _guard(session, initial_vectors, result, final_validation > initial_validation,
-                                  "the refined scales are worse on the held-out images "
-                                  f"({final_validation:.5f} > {initial_validation:.5f})")
-                result.validation = {"initial": initial_validation, "final": final_validation,
-                                     "restored": restored, "images": len(held_out)}
-        if config.gradient_steps and not result.interrupted:
-            _gradient_stage(session, config, batches, reference, result, initial_vectors)
+        with compiling:  # the gradient stage compiles the whole model under the same switches
+            with _matmul_precision(precision):
+                initial_validation = validator(None) if validator is not None else None
+                initial_vectors = [g.read() for g in session.groups]
+                # hashing the calibration images costs a device-to-host copy: only for checkpointed searches
+                key = fingerprint(session, config, batches) if config.checkpoint_path else ""
+                initial_agreement = evaluator.agreement()
+                if not starts:  # else only if the search keeps the given scales as its start (below)
+                    _check_start(initial_agreement)
+                result = evolutionary_search(session.groups, evaluator, config, fingerprint=key, starts=starts,
+                                             given_agreement=initial_agreement)
+                if starts and (result.start or {}).get("chosen", "given") == "given":
+                    _check_start(initial_agreement)
+                result.initial_agreement = initial_agreement
+                if config.agreement_guard:
+                    final_agreement = evaluator.agreement()
+                    restored = _guard(session, initial_vectors, result, final_agreement < initial_agreement,
+                                      "the refined scales agree less often with the full-precision model's top-1 "
+                                      f"({final_agreement:.4f} < {initial_agreement:.4f})")
+                    result.agreement = {"initial": initial_agreement, "final": final_agreement, "restored": restored}
+                if validator is not None:
+                    final_validation = validator(None)
+                    restored = _guard(session, initial_vectors, result, final_validation > initial_validation,
+                                      "the refined scales are worse on the held-out images "
+                                      f"({final_validation:.5f} > {initial_validation:.5f})")
+                    result.validation = {"initial": initial_validation, "final": final_validation,
+                                         "restored": restored, "images": len(held_out)}
+            if config.gradient_steps and not result.interrupted:
+                _gradient_stage(session, config, batches, reference, result, initial_vectors,
+                                compile=config.compile and config.engine == "fast" and not obstacle)
         result.device = _device_name(device)
         result.precision = precision
         result.compiled = session.chain.compiled_fraction
@@ -149,17 +152,20 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
 
 
 def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
-                    reference: list[torch.Tensor], result: RefineResult, initial_vectors: list[torch.Tensor]) -> None:
-    """Run :func:`~cptv_plugin.gradient.gradient_refine` on the searched scales (eagerly, in fp32: the hooks
-    replace the quantizers' outputs, which compiled copies would not see). Ctrl-C keeps the search's scales (or,
-    with ``on_interrupt="restore"``, the given ones) and marks the result interrupted."""
+                    reference: list[torch.Tensor], result: RefineResult, initial_vectors: list[torch.Tensor],
+                    compile: bool = False) -> None:
+    """Run :func:`~cptv_plugin.gradient.gradient_refine` on the searched scales, in fp32, on the eager chain
+    (the hooks replace the quantizers' outputs, which the search's compiled copies would not see; ``compile``
+    compiles that eager chain whole). Ctrl-C keeps the search's scales (or, with ``on_interrupt="restore"``, the
+    given ones) and marks the result interrupted."""
     handles = [h for g in session.groups for h in g.handles]
     forward = functools.partial(session.chain.forward, eager=True)
     try:
         result.gradient = gradient_refine(
             handles, forward, batches, reference,
             steps=config.gradient_steps, lr=config.gradient_lr, fitness=config.gradient_fitness,
-            temperature=config.temperature, normalize=config.normalize, seed=config.seed, progress=config.progress)
+            temperature=config.temperature, normalize=config.normalize, seed=config.seed, progress=config.progress,
+            compile=compile)
     except KeyboardInterrupt:
         result.interrupted = True
         result.gradient = {"steps": config.gradient_steps, "interrupted": True}

@@ -55,22 +55,29 @@ def test_gradient_stage_moves_fx_scales_and_convert_fx_carries_them(tiny_vit, fm
 
     calib = fmnist[0]
     refined = prepare_and_calibrate(tiny_vit, calib, "W2A8")
-    # every op quantized: lr 0.01 raised the KL here (and on the LeViT-like model, FINDINGS section 14)
-    result = cptv_plugin.refine_fx(refined, calib, config=GRADIENT_ONLY.replace(gradient_steps=120,
-                                                                                 gradient_lr=0.005))
-    assert result.gradient["kept"] and result.gradient["loss_after"] < result.gradient["loss_before"]
+    result = cptv_plugin.refine_fx(refined, calib, config=GRADIENT_ONLY.replace(gradient_steps=120))
+    record = result.gradient
+    assert record["kept"] and record["loss_after"] < record["loss_before"]
+    assert record["loss_after"] == pytest.approx(min(check["loss"] for check in record["history"]), abs=1e-6)
+    # the committed scales, in the simulated model without hooks (its weights are cached when no gradient is
+    # recorded: a stale cache once hid every weight move from the stage's checks), give the loss it reported
+    assert mean_kl(FxSession(refined).eval_module, tiny_vit, calib) == pytest.approx(record["loss_after"], rel=1e-4)
     plain = prepare_and_calibrate(tiny_vit, calib, "W2A8")
     assert cptv_plugin.refine_fx(plain, calib, config=GRADIENT_ONLY.replace(gradient_steps=0)).gradient is None
     # the converted models differ, and the refined one is closer to the full-precision model on these images
     assert mean_kl(convert_fx(refined), tiny_vit, calib) < mean_kl(convert_fx(plain), tiny_vit, calib)
 
 
-def test_a_gradient_stage_that_raises_its_fitness_leaves_the_search_scales(tiny_vit, fmnist):
+def test_a_rate_that_overshoots_backtracks_and_a_stage_that_never_gains_leaves_the_search_scales(tiny_vit, fmnist):
     calib = fmnist[0]
     model = modelopt_w2a8(tiny_vit, calib)
     given = amax_of(model)
-    result = cptv_plugin.refine(model, calib, config=GRADIENT_ONLY.replace(gradient_steps=3, gradient_lr=5.0))
-    assert not result.gradient["kept"] and result.gradient["loss_after"] > result.gradient["loss_before"]
+    result = cptv_plugin.refine(model, calib, config=GRADIENT_ONLY.replace(gradient_steps=2, gradient_lr=5.0))
+    record = result.gradient
+    # the first check is above the start: the rate drops to a tenth for the second step, which gains nothing either
+    assert [check["lr"] for check in record["history"]] == [5.0, 5.0, 0.5]
+    assert all(check["loss"] > record["loss_before"] for check in record["history"][1:])
+    assert not record["kept"] and record["loss_after"] == record["loss_before"]
     assert all(torch.equal(value, given[name]) for name, value in amax_of(model).items())
 
 

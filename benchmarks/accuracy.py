@@ -53,6 +53,8 @@ _NO_GRADIENT = {"gradient_steps": 0}
 VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
             # the default before the gradient stage became part of it (session 10)
             "default-nograd": ("default", _NO_GRADIENT),
+            # the gradient stage of session 10: one check, at its end (its linear records ran it eagerly)
+            "default-lastcheck": ("default", {"gradient_checks": 1}),
             # the presets before the activation start became part of them (session 9; FINDINGS section 13)
             "default-nostart": ("default", {"start_candidates": (), **_NO_GRADIENT}),
             "fast-nostart": ("fast", {"start_candidates": ()}),

@@ -84,11 +84,14 @@ class SearchConfig:
         gradient_steps: after the search, this many Adam steps move every scale at once on ``gradient_fitness``
             (rounding passes gradients straight through; one calibration batch per step; fp32 whatever
             ``precision`` says, compiled whole when ``compile`` is on; see :mod:`cptv_plugin.gradient`). The mean
-            ``gradient_fitness`` over the calibration set is checked 10 times; the best scales are kept if they
-            beat the search's (``RefineResult.gradient`` says so). 0 disables the stage. Default 1,000 (measured
-            on the reference models: benchmarks/FINDINGS.md, section 14); ``paper``: 0.
+            ``gradient_fitness`` over the calibration set is checked ``gradient_checks`` times; the best scales are
+            kept if they beat the search's (``RefineResult.gradient`` says so). 0 disables the stage. Default 1,000
+            (measured on the reference models: benchmarks/FINDINGS.md, sections 14-15); ``paper``: 0.
         gradient_lr: Adam's learning rate on ``log(scale)`` (a relative step), cosine-decayed to 0; divided by 10
             whenever a check finds the fitness above the search's.
+        gradient_checks: how many times the stage measures the calibration fitness (evenly spaced, the last at
+            its end; each costs one forward pass over the calibration set). 1: only at the end, the last step's
+            scales or none (the stage of session 10).
         gradient_fitness: the registered fitness the gradient stage lowers (``"kl"``: KL divergence of the
             logits' softmax; any registered fitness is differentiable).
     """
@@ -126,6 +129,7 @@ class SearchConfig:
     gradient_steps: int = 1000
     gradient_lr: float = 0.01
     gradient_fitness: str = "kl"
+    gradient_checks: int = 10
     name: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:
@@ -169,6 +173,8 @@ class SearchConfig:
             problems.append(f"gradient_steps must be >= 0 (got {self.gradient_steps})")
         if not self.gradient_lr > 0:
             problems.append(f"gradient_lr must be > 0 (got {self.gradient_lr})")
+        if self.gradient_checks < 1:
+            problems.append(f"gradient_checks must be >= 1 (got {self.gradient_checks})")
         from .fitness import list_fitness
 
         for attr in ("fitness", "gradient_fitness"):

@@ -344,11 +344,12 @@ def batch_fitness(forward: Callable[[torch.Tensor], Any], images: torch.Tensor, 
                    normalize=normalize)
 
 
-@torch.no_grad()
 def mean_fitness(forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor], reference: list[torch.Tensor],
-                 fitness: Callable, temperature: float, normalize: bool) -> float:
+                 fitness: Callable, temperature: float, normalize: bool, record_gradients: bool = False) -> float:
     """The mean of :func:`batch_fitness` over the calibration batches (one plain forward each, no grouping or
-    cache: for a measurement outside the search, e.g. after the gradient stage)."""
-    values = [float(batch_fitness(forward, images, ref, fitness, temperature, normalize))
-              for images, ref in zip(batches, reference)]
+    cache: for a measurement outside the search, e.g. after the gradient stage). ``record_gradients``: run the
+    forward as in training (no gradient is computed; a compiled training forward then needs no inference graph)."""
+    with torch.set_grad_enabled(record_gradients):
+        values = [float(batch_fitness(forward, images, ref, fitness, temperature, normalize).detach())
+                  for images, ref in zip(batches, reference)]
     return sum(values) / len(values)

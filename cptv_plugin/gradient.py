@@ -71,8 +71,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     if compile:
         forward = _CompiledOrEager(torch.compile(forward, dynamic=False, **COMPILE_OPTIONS), forward)
 
-    def mean_loss() -> float:
-        return mean_fitness(forward, batches, reference, loss_fn, temperature, normalize)
+    def mean_loss() -> float:  # compiled: through the training graph (an inference graph would compile again)
+        return mean_fitness(forward, batches, reference, loss_fn, temperature, normalize, record_gradients=compile)
 
     hooks = [handle.quantizer_module.register_forward_hook(hook_for(handle, base, log_factor))
              for handle, base, log_factor in zip(movable, given, log_factors)]

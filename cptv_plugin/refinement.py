@@ -164,6 +164,7 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
         result.gradient = gradient_refine(
             handles, forward, batches, reference,
             steps=config.gradient_steps, lr=config.gradient_lr, fitness=config.gradient_fitness,
+            checks=config.gradient_checks,
             temperature=config.temperature, normalize=config.normalize, seed=config.seed, progress=config.progress,
             compile=compile)
     except KeyboardInterrupt:

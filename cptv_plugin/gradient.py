@@ -33,8 +33,7 @@ logger = logging.getLogger(__name__)
 def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor],
                     reference: list[torch.Tensor], *, steps: int, lr: float, fitness: str = "kl",
                     temperature: float = 0.1, normalize: bool = True, seed: int = 0,
-                    checks: int = 10, backtrack: bool = True, progress: bool = False,
-                    compile: bool = False) -> dict:
+                    checks: int = 10, progress: bool = False, compile: bool = False) -> dict:
     """Move the scales of ``handles`` by ``steps`` Adam steps (cosine-decayed ``lr`` on ``log(scale)``) on
     ``fitness`` between ``forward(batch)`` and ``reference`` (one calibration batch per step, in a seeded order).
     ``compile``: run the forward and its backward as ``torch.compile`` graphs, the hooks included (small models
@@ -42,8 +41,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
 
     ``checks`` times during the run (and at its end) the mean fitness over all batches is measured; the scales
     with the lowest so far are the result, set only if lower than at the start (else they stay as given and a
-    warning says so). ``backtrack``: a check above the start's fitness puts the best scales so far back and
-    divides the rate by 10 for the rest of the run (the rate overshoots). Ctrl-C leaves the scales as given and
+    warning says so). A check above the start's fitness puts the best scales so far back and divides the rate by
+    10 for the rest of the run (the rate overshoots). Ctrl-C leaves the scales as given and
     re-raises. Returns ``{"steps", "lr", "fitness", "loss_before", "loss_after", "history", "kept", "compiled",
     "scales", "fixed", "seconds"}`` (``loss_after``: the best check's; ``history``: ``{"step", "loss", "lr"}`` per
     check, lr the undecayed rate then; ``scales``: how many quantizers moved; ``fixed``: how many could not, having
@@ -112,7 +111,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                 history.append({"step": step + 1, "loss": round(checked, 6), "lr": rate})
                 if checked < best_loss:
                     best_loss, best = checked, [f.detach().clone() for f in log_factors]
-                elif backtrack and checked > record["loss_before"] and step + 1 < steps:
+                elif checked > record["loss_before"] and step + 1 < steps:
                     # worse than at the start, the rate overshoots: back to the best scales so far, a tenth of the
                     # rate, fresh moments (a check merely above the best is the steps' noise: the run goes on)
                     with torch.no_grad():

@@ -120,7 +120,8 @@ def test_gradient_settings_are_validated_and_the_paper_preset_has_no_stage():
     assert SearchConfig().gradient_steps == 1000 and SearchConfig.paper().gradient_steps == 0
     assert SearchConfig.fast().gradient_steps == 0
     for changes, name in [({"gradient_steps": -1}, "gradient_steps"), ({"gradient_lr": 0.0}, "gradient_lr"),
-                          ({"gradient_fitness": "nope"}, "gradient_fitness"), ({"gradient_checks": 0}, "gradient_checks")]:
+                          ({"gradient_fitness": "nope"}, "gradient_fitness"),
+                          ({"gradient_checks": 0}, "gradient_checks")]:
         with pytest.raises(ValueError, match=name):
             SearchConfig(**changes)
     with pytest.raises(ValueError, match="fitness"):

@@ -90,10 +90,12 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
         reference = _reference(session, fp_model, batches)
         starts = _starts(session, batches, config.start_candidates)
         obstacle = None
-        if config.compile and config.engine == "fast":
+        compile_model = config.resolved_compile(device.type) and config.engine == "fast"
+        if compile_model:
             obstacle = compiling.enter_context(session.compilable())
-            if obstacle:
-                logger.warning("compile=True ignored: %s; the search runs eagerly", obstacle)
+            if obstacle:  # a warning only where the user asked for it
+                log = logger.warning if config.compile is True else logger.info
+                log("compile=%s ignored: %s; the search runs eagerly", config.compile, obstacle)
             else:
                 # segments before the first searched group only fill the cache, once per pass: left eager
                 session.chain.compile(start=min((g.segment for g in session.groups), default=0))
@@ -137,7 +139,7 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                                          "restored": restored, "images": len(held_out)}
             if config.gradient_steps and not result.interrupted:
                 _gradient_stage(session, config, batches, reference, result, initial_vectors,
-                                compile=config.compile and config.engine == "fast" and not obstacle)
+                                compile=compile_model and not obstacle)
         result.device = _device_name(device)
         result.precision = precision
         result.compiled = session.chain.compiled_fraction

@@ -288,11 +288,18 @@ def test_search_invariants(passes, population, cycles, groups, seed, data):
 @pytest.mark.parametrize("changes, message", [
     ({"samples": 20}, "samples"), ({"passes": 0}, "passes"), ({"mutation": -1e-3}, "mutation"),
     ({"validation_fraction": 1.5}, "validation_fraction"), ({"precision": "int4"}, "precision"),
-    ({"on_interrupt": "ignore"}, "on_interrupt"),
+    ({"on_interrupt": "ignore"}, "on_interrupt"), ({"compile": "yes"}, "compile"),
 ])
 def test_impossible_configs_name_the_setting(changes, message):
     with pytest.raises(ValueError, match=message):
         SearchConfig(**changes)
+
+
+def test_compile_auto_means_cuda_only_and_an_explicit_choice_wins():
+    assert SearchConfig().compile == "auto"
+    assert SearchConfig().resolved_compile("cuda") and not SearchConfig().resolved_compile("cpu")
+    assert SearchConfig(compile=True).resolved_compile("cpu")
+    assert not SearchConfig(compile=False).resolved_compile("cuda")
 
 
 def test_non_finite_scales_in_the_given_model_are_refused_untouched(tiny_vit, fmnist):

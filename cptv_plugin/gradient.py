@@ -61,7 +61,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     log_factors = [torch.zeros_like(g).requires_grad_() for g in given]
     record = {"steps": steps, "lr": lr, "fitness": fitness, "scales": len(movable), "fixed": fixed}
     if not movable or steps == 0:
-        return {**record, "loss_before": None, "loss_after": None, "kept": False, "seconds": 0.0}
+        return {**record, "loss_before": None, "loss_after": None, "history": [], "kept": False, "compiled": False,
+                "seconds": 0.0}
 
     def hook_for(handle: ScaleHandle, base: torch.Tensor, log_factor: torch.Tensor):
         def hook(module, args, output):

@@ -151,8 +151,6 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
     return result
 
 
-
-
 def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
                     reference: list[torch.Tensor], result: RefineResult, initial_vectors: list[torch.Tensor],
                     compile: bool = False) -> None:

@@ -72,7 +72,12 @@ VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
                                                      "start_candidates": (), **_NO_GRADIENT}),
             # the gradient stage alone, from the given scales (no search: one pass of one member per group)
             "gradient-only": ("default", {"passes": 1, "population": 1, "cycles": 0, "samples": 1,
-                                          "seed_candidates": (), "start_candidates": ()})}
+                                          "seed_candidates": (), "start_candidates": ()}),
+            # the default before the lossless check (session 12; FINDINGS section 16)
+            "default-nolossless": ("default", {})}
+# every variant of the default ran before the lossless check: it always refined
+VARIANTS = {name: (preset, {"lossless_kl": 0.0, **overrides} if preset == "default" else overrides)
+            for name, (preset, overrides) in VARIANTS.items()}
 PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "default-unseeded", "histogram",
@@ -251,6 +256,8 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
             record["start"] = result.start
         if result.gradient is not None:
             record["gradient"] = result.gradient
+        if result.lossless is not None:
+            record["lossless"] = result.lossless
     return record
 
 

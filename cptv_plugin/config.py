@@ -96,6 +96,13 @@ class SearchConfig:
             scales or none (the stage of session 10).
         gradient_fitness: the registered fitness the gradient stage lowers (``"kl"``: KL divergence of the
             logits' softmax; any registered fitness is differentiable).
+        lossless_kl: measure first the mean KL divergence between the full-precision and the quantized model's
+            output softmax on the calibration images (one forward pass, fp32); below this value the given
+            scales already match the full-precision model and are returned untouched (``RefineResult.lossless``
+            says so), since refining them then fits the calibration images and not the task (on the reference
+            models the default's refinement of such rows, KL 2e-4 to 8e-4, ended −0.13 to +0.02 points from
+            the given scales' test top-1; benchmarks/FINDINGS.md, section 16). Default 1e-3; ``paper`` and
+            ``fast``: 0 (always refine).
     """
 
     passes: int = 10
@@ -132,6 +139,7 @@ class SearchConfig:
     gradient_lr: float = 0.01
     gradient_fitness: str = "kl"
     gradient_checks: int = 10
+    lossless_kl: float = 1e-3
     name: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:
@@ -177,6 +185,8 @@ class SearchConfig:
             problems.append(f"gradient_steps must be >= 0 (got {self.gradient_steps})")
         if not self.gradient_lr > 0:
             problems.append(f"gradient_lr must be > 0 (got {self.gradient_lr})")
+        if not self.lossless_kl >= 0:
+            problems.append(f"lossless_kl must be >= 0 (got {self.lossless_kl}); 0 always refines")
         if self.gradient_checks < 1:
             problems.append(f"gradient_checks must be >= 1 (got {self.gradient_checks})")
         from .fitness import list_fitness
@@ -230,7 +240,8 @@ class SearchConfig:
         """Our default: the paper's budget with scale-relative mutation, activation scales and the groups
         outside the blocks searched too, a sharper InfoNCE temperature, MSE-clipped activation ranges offered as
         the start, MSE-clipped weight scales as one member of each group's first population, and the gradient
-        stage (1,000 Adam steps on every scale at once) after the search."""
+        stage (1,000 Adam steps on every scale at once) after the search; a model that already matches the
+        full-precision one (``lossless_kl``) is left as it is."""
         return cls(**overrides)
 
     @classmethod
@@ -242,7 +253,7 @@ class SearchConfig:
                         mutation_8bit=1e-3, mutation_low_bit=1e-4, fitness="infonce", temperature=3.0,
                         normalize=True, batch_size=100, block_order="reverse", search_outside_blocks=False,
                         roles=("weight", "activation"), seed_candidates=(), start_candidates=(), gradient_steps=0,
-                        name="paper")
+                        lossless_kl=0.0, name="paper")
         settings.update(overrides)
         return cls(**settings)
 
@@ -251,9 +262,9 @@ class SearchConfig:
         """A quick preset for a first look: 3 passes, P=8, C=3, S=4 (about a sixth of the default's work), the
         default's activation start, no seed candidates (with this small population the weight seed measured −2.6
         points on the CPU ViT at linear W2A8; on the reference models it gained 11-27 points at linear W2A8,
-        other rows not measured yet), no gradient stage (not measured with this preset)."""
+        other rows not measured yet), no gradient stage and no lossless check (neither measured with this preset)."""
         settings = dict(passes=3, population=8, cycles=3, samples=4, seed_candidates=(), gradient_steps=0,
-                        name="fast")
+                        lossless_kl=0.0, name="fast")
         settings.update(overrides)
         return cls(**settings)
 

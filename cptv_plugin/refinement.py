@@ -88,58 +88,13 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                 f"pass at least {config.batch_size} images or set SearchConfig(batch_size={len(images)})")
         session.begin()
         reference = _reference(session, fp_model, batches)
-        starts = _starts(session, batches, config.start_candidates)
-        obstacle = None
-        compile_model = config.resolved_compile(device.type) and config.engine == "fast"
-        if compile_model:
-            obstacle = compiling.enter_context(session.compilable())
-            if obstacle:  # a warning only where the user asked for it
-                log = logger.warning if config.compile is True else logger.info
-                log("compile=%s ignored: %s; the search runs eagerly", config.compile, obstacle)
-            else:
-                # segments before the first searched group only fill the cache, once per pass: left eager
-                session.chain.compile(start=min((g.segment for g in session.groups), default=0))
-        precision = config.resolved_precision(device.type)
-        if config.engine == "literal":
-            precision = "fp32"  # the reference implementation: full forward, fp32, one fitness batch at a time
-        evaluator = Evaluator(session.chain, batches, reference, config.fitness, config.temperature,
-                              config.normalize, compute_batch_size=config.resolved_compute_batch_size(device.type)
-                              if config.engine == "fast" else None, precision=precision)
-        validator = None
-        if held_out is not None:
-            held_batches = [b.to(device) for b in split_batches(held_out, config.batch_size, min_batch)]
-            validator = Evaluator(session.chain, held_batches, _reference(session, fp_model, held_batches),
-                                  config.fitness, config.temperature, config.normalize, precision=precision)
-        with compiling:  # the gradient stage compiles the whole model under the same switches
-            with _matmul_precision(precision):
-                initial_validation = validator(None) if validator is not None else None
-                initial_vectors = [g.read() for g in session.groups]
-                # hashing the calibration images costs a device-to-host copy: only for checkpointed searches
-                key = fingerprint(session, config, batches) if config.checkpoint_path else ""
-                initial_agreement = evaluator.agreement()
-                if not starts:  # else only if the search keeps the given scales as its start (below)
-                    _check_start(initial_agreement)
-                result = evolutionary_search(session.groups, evaluator, config, fingerprint=key, starts=starts,
-                                             given_agreement=initial_agreement)
-                if starts and (result.start or {}).get("chosen", "given") == "given":
-                    _check_start(initial_agreement)
-                result.initial_agreement = initial_agreement
-                if config.agreement_guard:
-                    final_agreement = evaluator.agreement()
-                    restored = _guard(session, initial_vectors, result, final_agreement < initial_agreement,
-                                      "the refined scales agree less often with the full-precision model's top-1 "
-                                      f"({final_agreement:.4f} < {initial_agreement:.4f})")
-                    result.agreement = {"initial": initial_agreement, "final": final_agreement, "restored": restored}
-                if validator is not None:
-                    final_validation = validator(None)
-                    restored = _guard(session, initial_vectors, result, final_validation > initial_validation,
-                                      "the refined scales are worse on the held-out images "
-                                      f"({final_validation:.5f} > {initial_validation:.5f})")
-                    result.validation = {"initial": initial_validation, "final": final_validation,
-                                         "restored": restored, "images": len(held_out)}
-            if config.gradient_steps and not result.interrupted:
-                _gradient_stage(session, config, batches, reference, result, initial_vectors,
-                                compile=compile_model and not obstacle)
+        lossless = _lossless(session, config, batches, reference)
+        if lossless is not None and lossless["skipped"]:
+            result, precision = _unchanged(session, config, batches, reference, lossless), "fp32"
+        else:
+            result, precision = _search(session, config, device, batches, reference, held_out, fp_model, min_batch,
+                                        compiling)
+            result.lossless = lossless
         result.device = _device_name(device)
         result.precision = precision
         result.compiled = session.chain.compiled_fraction
@@ -149,6 +104,93 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
         session.restore(state)
         raise
     return result
+
+
+def _search(session: RefinementSession, config: SearchConfig, device: torch.device, batches: list[torch.Tensor],
+            reference: list[torch.Tensor], held_out: torch.Tensor | None, fp_model: nn.Module | None,
+            min_batch: int, compiling: contextlib.ExitStack) -> tuple[RefineResult, str]:
+    """Start candidates, the evolutionary search, its guards and the gradient stage; returns the result and the
+    precision the candidates were evaluated in. What compiling switches in the model is entered on ``compiling``
+    (the caller undoes it before committing or restoring)."""
+    starts = _starts(session, batches, config.start_candidates)
+    obstacle = None
+    compile_model = config.resolved_compile(device.type) and config.engine == "fast"
+    if compile_model:
+        obstacle = compiling.enter_context(session.compilable())
+        if obstacle:  # a warning only where the user asked for it
+            log = logger.warning if config.compile is True else logger.info
+            log("compile=%s ignored: %s; the search runs eagerly", config.compile, obstacle)
+        else:
+            # segments before the first searched group only fill the cache, once per pass: left eager
+            session.chain.compile(start=min((g.segment for g in session.groups), default=0))
+    precision = config.resolved_precision(device.type)
+    if config.engine == "literal":
+        precision = "fp32"  # the reference implementation: full forward, fp32, one fitness batch at a time
+    evaluator = Evaluator(session.chain, batches, reference, config.fitness, config.temperature,
+                          config.normalize, compute_batch_size=config.resolved_compute_batch_size(device.type)
+                          if config.engine == "fast" else None, precision=precision)
+    validator = None
+    if held_out is not None:
+        held_batches = [b.to(device) for b in split_batches(held_out, config.batch_size, min_batch)]
+        validator = Evaluator(session.chain, held_batches, _reference(session, fp_model, held_batches),
+                              config.fitness, config.temperature, config.normalize, precision=precision)
+    with compiling:  # the gradient stage compiles the whole model under the same switches
+        with _matmul_precision(precision):
+            initial_validation = validator(None) if validator is not None else None
+            initial_vectors = [g.read() for g in session.groups]
+            # hashing the calibration images costs a device-to-host copy: only for checkpointed searches
+            key = fingerprint(session, config, batches) if config.checkpoint_path else ""
+            initial_agreement = evaluator.agreement()
+            if not starts:  # else only if the search keeps the given scales as its start (below)
+                _check_start(initial_agreement)
+            result = evolutionary_search(session.groups, evaluator, config, fingerprint=key, starts=starts,
+                                         given_agreement=initial_agreement)
+            if starts and (result.start or {}).get("chosen", "given") == "given":
+                _check_start(initial_agreement)
+            result.initial_agreement = initial_agreement
+            if config.agreement_guard:
+                final_agreement = evaluator.agreement()
+                restored = _guard(session, initial_vectors, result, final_agreement < initial_agreement,
+                                  "the refined scales agree less often with the full-precision model's top-1 "
+                                  f"({final_agreement:.4f} < {initial_agreement:.4f})")
+                result.agreement = {"initial": initial_agreement, "final": final_agreement, "restored": restored}
+            if validator is not None:
+                final_validation = validator(None)
+                restored = _guard(session, initial_vectors, result, final_validation > initial_validation,
+                                  "the refined scales are worse on the held-out images "
+                                  f"({final_validation:.5f} > {initial_validation:.5f})")
+                result.validation = {"initial": initial_validation, "final": final_validation,
+                                     "restored": restored, "images": len(held_out)}
+        if config.gradient_steps and not result.interrupted:
+            _gradient_stage(session, config, batches, reference, result, initial_vectors,
+                            compile=compile_model and not obstacle)
+    return result, precision
+
+
+def _lossless(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
+              reference: list[torch.Tensor]) -> dict | None:
+    """With ``config.lossless_kl``: the given scales' mean KL divergence from the full-precision outputs on the
+    calibration images (eager, fp32) and whether it is below the threshold (``"skipped"``)."""
+    if not config.lossless_kl:
+        return None
+    forward = functools.partial(session.chain.forward, eager=True)
+    value = mean_fitness(forward, batches, reference, get_fitness("kl"), config.temperature, config.normalize)
+    skipped = value < config.lossless_kl
+    if skipped:
+        logger.warning("the quantized model already matches the full-precision one on the calibration images (mean "
+                       "KL %.2g < lossless_kl=%g): its scales are left as they are; pass "
+                       "SearchConfig(lossless_kl=0) to refine them anyway", value, config.lossless_kl)
+    return {"kl": value, "threshold": config.lossless_kl, "skipped": skipped}
+
+
+def _unchanged(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
+               reference: list[torch.Tensor], lossless: dict) -> RefineResult:
+    """The result of a refinement that left the given scales as they are: their fitness (eager, fp32)."""
+    forward = functools.partial(session.chain.forward, eager=True)
+    fitness = mean_fitness(forward, batches, reference, get_fitness(config.fitness), config.temperature,
+                           config.normalize)
+    return RefineResult(initial_fitness=fitness, final_fitness=fitness, config=config,
+                        groups={g.name: len(g) for g in session.groups}, lossless=lossless)
 
 
 def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
@@ -259,7 +301,8 @@ def fingerprint(session: RefinementSession, config: SearchConfig, batches: list[
         for handle in group.handles:
             digest.update(f"{handle.name}:{handle.role}:{handle.quant_min}:{handle.quant_max}".encode())
             digest.update(handle.read().detach().cpu().float().numpy().tobytes())
-    ignored = {"progress", "checkpoint_path", "device", "compile", "name", "on_interrupt", "agreement_guard"}
+    ignored = {"progress", "checkpoint_path", "device", "compile", "name", "on_interrupt", "agreement_guard",
+               "lossless_kl"}
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
     digest.update(repr(sorted(settings.items())).encode())
     for batch in batches:

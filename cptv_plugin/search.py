@@ -55,6 +55,9 @@ class RefineResult:
             ``"agreement"`` when the given scales were far off; then ``"agreement"`` holds each one's).
         gradient: with ``gradient_steps``: the gradient stage's fitness before and after, whether its scales were
             kept (``"kept"``), how many quantizers it moved and its seconds (``cptv_plugin.gradient``).
+        lossless: with ``lossless_kl``: the given scales' mean KL divergence from the full-precision outputs, the
+            threshold, and whether the model was left untouched because the divergence was below it
+            (``"skipped"``: no search, no stage; both fitnesses are then the given scales').
     """
 
     initial_fitness: float
@@ -74,6 +77,7 @@ class RefineResult:
     initial_agreement: float | None = None
     start: dict | None = None
     gradient: dict | None = None
+    lossless: dict | None = None
 
     @property
     def improvement(self) -> float:

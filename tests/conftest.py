@@ -14,8 +14,9 @@ from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx  # noqa
 torch.set_num_threads(2)
 
 # a search small enough for CPU tests: 1 pass, P=4, C=2, S=2, no gradient stage (tests/test_gradient.py has its own)
+# and no lossless check (the CI models at 8 bits may pass it; tests/test_lossless.py covers it)
 TINY_SEARCH = SearchConfig(passes=1, population=4, cycles=2, samples=2, batch_size=50, progress=False,
-                           gradient_steps=0)
+                           gradient_steps=0, lossless_kl=0.0)
 
 
 @pytest.fixture(scope="session")

@@ -7,9 +7,11 @@
         --imagenet-calibration /data/imagenet/train --bits W4A8 --methods baseline default
 
 Records go to ``benchmarks/results/accuracy.json`` (one per model, bit setting, placement, method and seed:
-``model, bits, placement, framework, method, seed, top1, seconds, evaluations, device, fitness, history``);
+``model, bits, placement, framework, method, seed, top1, seconds, evaluations, device, fitness, history``; since
+session 13 also ``correct``, the per-image verdicts, and ``fp32_fidelity``, the distance from the FP32 model);
 runs already recorded are skipped, so the benchmark can be continued across sessions. ``--report`` writes
-``accuracy.md`` (mean ± std over seeds) and ``accuracy.png`` / ``fitness.png``.
+``accuracy.md`` (mean ± std over seeds; for runs that recorded which test images they got right, paired tests and
+the distance from the full-precision model) and ``accuracy.png`` / ``fitness.png``.
 
 Placements of activation quantizers:
 * ``e2e``: torch.ao FX's global qconfig (every op: Linear inputs, LayerNorm, GELU, attention matmuls and softmax,
@@ -213,17 +215,19 @@ def evaluation_model(quantized, placement: str, bits: str):
 
 
 def run_one(model_name: str, model, bits: str, placement: str, method: str, seed: int, calib, test_x, test_y,
-            device: torch.device, compile: bool = False) -> dict:
+            device: torch.device, compile: bool = False, fp32_logits: torch.Tensor | None = None) -> dict:
+    """One record; with ``fp32_logits`` (the full-precision model's on ``test_x``) it also carries the per-image
+    verdicts and the distance from the full-precision model on the test set (:func:`test_outcome`)."""
     import cptv_plugin
     from cptv_plugin.refinement import _device_name
-    from cptv_plugin.train import evaluate_top1
+    from cptv_plugin.train import predict_logits
 
     record = {"model": model_name, "bits": bits, "placement": placement,
               "framework": FRAMEWORK[placement], "method": method, "seed": seed,
               "calibration_images": len(calib), "test_images": len(test_x), "device": _device_name(device)}
     start_time = time.time()
     if method == "fp32":
-        record.update(top1=evaluate_top1(model, test_x, test_y), seconds=0.0, evaluations=0)
+        record.update(test_outcome(predict_logits(model, test_x), test_y, fp32_logits), seconds=0.0, evaluations=0)
         return record
     start, search = split_method(method)
     quantize = {"e2e": quantize_e2e, "linear": quantize_linear, "pt2e": quantize_pt2e}[placement]
@@ -241,8 +245,9 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
             raise KeyboardInterrupt(f"{method} {bits} seed {seed} interrupted after {result.evaluations} "
                                     "evaluations: not recorded")
         record["compiled"] = result.compiled
-    top1 = evaluate_top1(evaluation_model(quantized, placement, bits), test_x, test_y)
-    record.update(top1=top1, seconds=round(result.seconds if result else calibrated, 2),
+    logits = predict_logits(evaluation_model(quantized, placement, bits), test_x)
+    record.update(test_outcome(logits, test_y, fp32_logits),
+                  seconds=round(result.seconds if result else calibrated, 2),
                   evaluations=result.evaluations if result else 0)
     if result is not None:
         record.update(fitness=[result.initial_fitness, result.final_fitness], precision=result.precision,
@@ -259,6 +264,52 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
         if result.lossless is not None:
             record["lossless"] = result.lossless
     return record
+
+
+def test_outcome(logits: torch.Tensor, labels: torch.Tensor, fp32_logits: torch.Tensor | None) -> dict:
+    """``top1``; with ``fp32_logits`` also ``correct`` (which test images were right: packed bits, base64; what
+    :func:`paired_test` compares) and ``fp32_fidelity`` (top-1 agreement in percent and mean KL divergence from the
+    full-precision model's outputs on the test set: at rows within a few images of FP32, a far less noisy measure
+    than top-1 on labels)."""
+    import base64
+
+    import numpy as np
+
+    correct = logits.argmax(-1) == labels.cpu()
+    outcome = {"top1": 100.0 * correct.sum().item() / len(labels)}
+    if fp32_logits is None:
+        return outcome
+    kl = torch.nn.functional.kl_div(logits.log_softmax(-1), fp32_logits.log_softmax(-1), log_target=True,
+                                    reduction="batchmean")
+    agreement = (logits.argmax(-1) == fp32_logits.argmax(-1)).float().mean().item()
+    outcome["correct"] = base64.b64encode(np.packbits(correct.numpy()).tobytes()).decode()
+    outcome["fp32_fidelity"] = {"agreement": round(100.0 * agreement, 4), "kl": round(kl.item(), 7)}
+    return outcome
+
+
+def correct_images(record: dict) -> "torch.Tensor":
+    """The per-image verdicts of a record with ``correct`` (bool tensor over its test images)."""
+    import base64
+
+    import numpy as np
+
+    bits = np.unpackbits(np.frombuffer(base64.b64decode(record["correct"]), dtype=np.uint8))
+    return torch.from_numpy(bits[: record["test_images"]].astype(bool))
+
+
+def paired_test(first: dict, second: dict) -> dict:
+    """Exact McNemar test of two records on the same test images: ``only_first`` / ``only_second`` images right
+    in one record alone, and the two-sided p-value that the two models are equally accurate."""
+    import math
+
+    if (first["model"], first["test_images"]) != (second["model"], second["test_images"]):
+        raise ValueError("a paired test needs two runs of one model on the same test images (got "
+                         f"{first['model']} on {first['test_images']}, {second['model']} on {second['test_images']})")
+    a, b = correct_images(first), correct_images(second)
+    only_first, only_second = int((a & ~b).sum()), int((~a & b).sum())
+    n, low = only_first + only_second, min(only_first, only_second)
+    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(low + 1)) / 2 ** n) if n else 1.0
+    return {"only_first": only_first, "only_second": only_second, "p": p}
 
 
 def key(record: dict) -> tuple:
@@ -331,6 +382,7 @@ def _claim(claims: Path | None, task: dict) -> bool:
 def run(args) -> list[dict]:
     """Run the tasks not yet recorded in ``--out`` (this process alone, or as one of ``--workers`` processes)."""
     from cptv_plugin.models import build_model, load_reference_model
+    from cptv_plugin.train import predict_logits
 
     device = torch.device(args.device)
     out = Path(args.out)
@@ -340,6 +392,7 @@ def run(args) -> list[dict]:
     deadline = time.time() + args.deadline if args.deadline else None
     models: dict[str, torch.nn.Module] = {}
     data: dict[tuple, tuple] = {}
+    fp32_logits: dict[tuple, torch.Tensor] = {}
     failures: list[dict] = []
     for task in tasks(args):
         if deadline is not None and time.time() > deadline:
@@ -356,10 +409,13 @@ def run(args) -> list[dict]:
         probe = dict(task, calibration_images=len(calib), test_images=len(test_x))
         if key(probe) in done or not _claim(claims, probe):
             continue
+        if (model_name, len(test_x)) not in fp32_logits:
+            fp32_logits[(model_name, len(test_x))] = predict_logits(model, test_x)
         torch.manual_seed(seed)
         try:
             record = run_one(model_name, model, task["bits"], task["placement"], task["method"], seed, calib, test_x,
-                             test_y, device, compile=args.compile)
+                             test_y, device, compile=args.compile,
+                             fp32_logits=fp32_logits[(model_name, len(test_x))])
         except Exception:  # one broken run must not cost the rest of a device session; reported, not recorded
             logger.exception("run failed: %s", probe)
             failures.append(probe)
@@ -367,7 +423,7 @@ def run(args) -> list[dict]:
         records.append(record)
         done.add(key(record))
         save_records(out, records)
-        print(json.dumps({k: v for k, v in record.items() if k != "history"}), flush=True)
+        print(json.dumps({k: v for k, v in record.items() if k not in ("history", "correct")}), flush=True)
     if failures:
         raise SystemExit(f"{len(failures)} run(s) failed (see the log above); the others were recorded")
     return records
@@ -431,8 +487,9 @@ def _without_option(argv: list[str], *options: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ report
 
 
-def report(records: list[dict], out_dir: Path) -> str:
-    """Markdown table (mean ± std of top-1 over seeds) and plots."""
+def report(records: list[dict], out_dir: Path, stem: str = "accuracy") -> str:
+    """Markdown table (mean ± std of top-1 over seeds) and plots, named after the record file: ``{stem}.md``,
+    ``{stem}.png`` and ``fitness.png`` (``{stem}_fitness.png`` for another file than ``accuracy.json``)."""
     groups: dict[tuple, dict[str, list[float]]] = {}
     methods: list[str] = []
     for r in records:
@@ -456,10 +513,10 @@ def report(records: list[dict], out_dir: Path) -> str:
                 cells.append(f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f} (n={len(v)})")
         lines.append(f"| {model} | {placement} | {bits} | " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
-    (out_dir / "accuracy.md").write_text(
+    (out_dir / f"{stem}.md").write_text(
         "# Top-1 (%) on the Fashion-MNIST test set: mean ± std over seeds\n\n"
-        "Generated by `python -m benchmarks.accuracy --report` from `accuracy.json`. Fashion-MNIST models "
-        "trained here, not ImageNet models.\n\n" + table)
+        f"Generated by `python -m benchmarks.accuracy --report` from `{stem}.json`. Fashion-MNIST models "
+        "trained here, not ImageNet models.\n\n" + table + paired_report(records))
     try:
         import matplotlib
 
@@ -491,7 +548,7 @@ def report(records: list[dict], out_dir: Path) -> str:
         axis.set_title(f"{model}, {placement} placement")
         axis.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
     figure.tight_layout()
-    figure.savefig(out_dir / "accuracy.png", dpi=110)
+    figure.savefig(out_dir / f"{stem}.png", dpi=110)
     figure, axis = plt.subplots(figsize=(8, 4))
     for r in records:
         if r.get("history") and r["seed"] == min(x["seed"] for x in records):
@@ -503,8 +560,43 @@ def report(records: list[dict], out_dir: Path) -> str:
     axis.set_ylabel("fitness (calibration set)")
     axis.legend(fontsize=5, ncol=2)
     figure.tight_layout()
-    figure.savefig(out_dir / "fitness.png", dpi=110)
+    figure.savefig(out_dir / ("fitness.png" if stem == "accuracy" else f"{stem}_fitness.png"), dpi=110)
     return table
+
+
+def paired_report(records: list[dict], methods: tuple[str, ...] = ("baseline", "paper", "default")) -> str:
+    """Per row and seed, for records that carry their distance from the full-precision model on the test set: each
+    method's top-1 and that distance, and (where both carry per-image verdicts) exact McNemar tests of the default
+    against the others ("" if no record carries them)."""
+    runs = {(r["model"], r["placement"], r["bits"], r["seed"], r["method"]): r for r in records
+            if r.get("fp32_fidelity") and r["method"] in methods}
+    rows = sorted({k[:4] for k in runs})
+    if not rows:
+        return ""
+    first = methods[-1]
+    lines = ["| model | placement | bits | seed | " + " | ".join(f"{m}: top-1 / FP32 agreement / KL" for m in methods)
+             + " | " + " | ".join(f"{first} vs {m}: images won-lost (p)" for m in methods[:-1]) + " |",
+             "|---" * (4 + 2 * len(methods) - 1) + "|"]
+    for row in rows:
+        cells = []
+        for method in methods:
+            r = runs.get((*row, method))
+            cells.append("" if r is None else f"{r['top1']:.2f} / {r['fp32_fidelity']['agreement']:.2f} / "
+                                              f"{r['fp32_fidelity']['kl']:.2e}")
+        for method in methods[:-1]:
+            a, b = runs.get((*row, first)), runs.get((*row, method))
+            if a is None or b is None or not (a.get("correct") and b.get("correct")) \
+                    or a["test_images"] != b["test_images"]:
+                cells.append("")
+                continue
+            test = paired_test(a, b)
+            cells.append(f"{test['only_first']}-{test['only_second']} ({test['p']:.2f})")
+        lines.append("| " + " | ".join(str(v) for v in row) + " | " + " | ".join(cells) + " |")
+    return ("\n## Paired on the test images\n\nRuns that recorded their distance from FP32 on the test set. "
+            "FP32 agreement: % of test images with the full-precision model's top-1; KL: mean KL divergence from "
+            "its outputs. Won-lost: images only the first method / only the other got right; p: exact McNemar "
+            "test (two-sided) that both are equally accurate (only where both runs recorded which test images they got "
+            "right).\n\n" + "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -542,7 +634,7 @@ def main(argv: list[str] | None = None) -> None:
             run(args)
             if args.claims:
                 return  # a worker of --workers: the parent merges and reports
-    print(report(load_records(out), out.parent))
+    print(report(load_records(out), out.parent, out.stem))
 
 
 if __name__ == "__main__":

@@ -23,18 +23,23 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def evaluate_top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent of ``model`` on ``images``/``labels`` (runs on the model's device)."""
+def predict_logits(model: torch.nn.Module, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """``model``'s logits for ``images`` (run on the model's device in batches), on the CPU in fp32."""
     from .refinement import device_of
 
     device = device_of(model)
-    correct = 0
-    with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            logits = model(images[start : start + batch_size].to(device))
-            logits = logits[0] if isinstance(logits, (tuple, list)) else logits
-            correct += (logits.argmax(-1).cpu() == labels[start : start + batch_size]).sum().item()
-    return 100.0 * correct / len(images)
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        logits = model(images[start : start + batch_size].to(device))
+        logits = logits[0] if isinstance(logits, (tuple, list)) else logits
+        outputs.append(logits.float().cpu())
+    return torch.cat(outputs)
+
+
+def evaluate_top1(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent of ``model`` on ``images``/``labels`` (runs on the model's device)."""
+    predictions = predict_logits(model, images, batch_size).argmax(-1)
+    return 100.0 * (predictions == labels.cpu()).sum().item() / len(images)
 
 
 def _augment(batch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

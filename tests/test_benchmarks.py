@@ -27,6 +27,23 @@ def test_accuracy_benchmark_cpu_path_records_and_reports(tmp_path):
         assert 0 <= r["top1"] <= 100
     searched = [r for r in records if r["method"].endswith("fast")]
     assert all(r["evaluations"] > 0 and r["fitness"][1] < r["fitness"][0] for r in searched)
+    # per-image verdicts and the distance from FP32 on the test set, and the paired test they allow
+    from benchmarks.accuracy import correct_images, paired_report, paired_test
+
+    run = {(r["placement"], r["method"]): r for r in records}
+    for r in records:
+        assert correct_images(r).float().mean().item() * 100 == pytest.approx(r["top1"])
+    assert run["e2e", "fp32"]["fp32_fidelity"] == {"agreement": 100.0, "kl": 0.0}
+    assert run["e2e", "baseline"]["fp32_fidelity"]["kl"] > 0
+    baseline, refined = run["e2e", "baseline"], run["e2e", "fast"]
+    test = paired_test(refined, baseline)
+    assert test["only_first"] - test["only_second"] == round((refined["top1"] - baseline["top1"]) * 3)
+    assert 0 < test["p"] <= 1
+    assert paired_test(baseline, baseline) == {"only_first": 0, "only_second": 0, "p": 1.0}
+    with pytest.raises(ValueError, match="same test images"):
+        paired_test(baseline, dict(refined, test_images=200))
+    assert f"| fmnist_vit_tiny | e2e | W3A8 | 0 | {baseline['top1']:.2f} / " in paired_report(
+        records, methods=("baseline", "fast"))
     main(argv)  # recorded runs are skipped, not repeated
     assert len(json.loads(out.read_text())) == len(records)
     table = (tmp_path / "accuracy.md").read_text()

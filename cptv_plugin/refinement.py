@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import time
 from typing import Protocol
 
 import torch
@@ -88,13 +89,17 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                 f"pass at least {config.batch_size} images or set SearchConfig(batch_size={len(images)})")
         session.begin()
         reference = _reference(session, fp_model, batches)
+        checked = time.time()
         lossless = _lossless(session, config, batches, reference)
         if lossless is not None and lossless["skipped"]:
             result, precision = _unchanged(session, config, batches, reference, lossless), "fp32"
+            result.seconds = time.time() - checked
         else:
+            check_seconds = time.time() - checked
             result, precision = _search(session, config, device, batches, reference, held_out, fp_model, min_batch,
                                         compiling)
             result.lossless = lossless
+            result.seconds += check_seconds
         result.device = _device_name(device)
         result.precision = precision
         result.compiled = session.chain.compiled_fraction

@@ -28,7 +28,7 @@ def test_accuracy_benchmark_cpu_path_records_and_reports(tmp_path):
     searched = [r for r in records if r["method"].endswith("fast")]
     assert all(r["evaluations"] > 0 and r["fitness"][1] < r["fitness"][0] for r in searched)
     # per-image verdicts and the distance from FP32 on the test set, and the paired test they allow
-    from benchmarks.accuracy import correct_images, paired_report, paired_test
+    from benchmarks.accuracy import correct_images, cost_report, paired_report, paired_test
 
     run = {(r["placement"], r["method"]): r for r in records}
     for r in records:
@@ -44,6 +44,9 @@ def test_accuracy_benchmark_cpu_path_records_and_reports(tmp_path):
         paired_test(baseline, dict(refined, test_images=200))
     assert f"| fmnist_vit_tiny | e2e | W3A8 | 0 | {baseline['top1']:.2f} / " in paired_report(
         records, methods=("baseline", "fast"))
+    gain = refined["top1"] - baseline["top1"]
+    assert f"| fmnist_vit_tiny | e2e | W3A8 | {gain:+.2f} / {refined['seconds']:.0f} / " in cost_report(
+        records, methods=("fast",))
     main(argv)  # recorded runs are skipped, not repeated
     assert len(json.loads(out.read_text())) == len(records)
     table = (tmp_path / "accuracy.md").read_text()

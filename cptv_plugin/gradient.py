@@ -71,6 +71,10 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
 
     if compile:
         forward = _CompiledOrEager(torch.compile(forward, dynamic=False, **COMPILE_OPTIONS), forward)
+        # its first measurement waits for the compilation: say why the stage seems to stall
+        logger.info("gradient stage: compiling the model's forward and backward (on a machine without inductor's "
+                    "cache for this model: minutes, e.g. ~280 s for a small Swin with every op quantized on an "
+                    "H100; later runs reuse the cache)")
 
     def mean_loss() -> float:  # compiled: through the training graph (an inference graph would compile again)
         return mean_fitness(forward, batches, reference, loss_fn, temperature, normalize, record_gradients=compile)

@@ -217,7 +217,7 @@ def evaluation_model(quantized, placement: str, bits: str):
 def run_one(model_name: str, model, bits: str, placement: str, method: str, seed: int, calib, test_x, test_y,
             device: torch.device, compile: bool = False, fp32_logits: torch.Tensor | None = None) -> dict:
     """One record; with ``fp32_logits`` (the full-precision model's on ``test_x``) it also carries the per-image
-    verdicts and the distance from the full-precision model on the test set (:func:`test_outcome`)."""
+    verdicts and the distance from the full-precision model on the test set (:func:`outcome_on_test_set`)."""
     import cptv_plugin
     from cptv_plugin.refinement import _device_name
     from cptv_plugin.train import predict_logits
@@ -227,7 +227,8 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
               "calibration_images": len(calib), "test_images": len(test_x), "device": _device_name(device)}
     start_time = time.time()
     if method == "fp32":
-        record.update(test_outcome(predict_logits(model, test_x), test_y, fp32_logits), seconds=0.0, evaluations=0)
+        record.update(outcome_on_test_set(predict_logits(model, test_x), test_y, fp32_logits), seconds=0.0,
+                      evaluations=0)
         return record
     start, search = split_method(method)
     quantize = {"e2e": quantize_e2e, "linear": quantize_linear, "pt2e": quantize_pt2e}[placement]
@@ -246,7 +247,7 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
                                     "evaluations: not recorded")
         record["compiled"] = result.compiled
     logits = predict_logits(evaluation_model(quantized, placement, bits), test_x)
-    record.update(test_outcome(logits, test_y, fp32_logits),
+    record.update(outcome_on_test_set(logits, test_y, fp32_logits),
                   seconds=round(result.seconds if result else calibrated, 2),
                   evaluations=result.evaluations if result else 0)
     if result is not None:
@@ -266,7 +267,7 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
     return record
 
 
-def test_outcome(logits: torch.Tensor, labels: torch.Tensor, fp32_logits: torch.Tensor | None) -> dict:
+def outcome_on_test_set(logits: torch.Tensor, labels: torch.Tensor, fp32_logits: torch.Tensor | None) -> dict:
     """``top1``; with ``fp32_logits`` also ``correct`` (which test images were right: packed bits, base64; what
     :func:`paired_test` compares) and ``fp32_fidelity`` (top-1 agreement in percent and mean KL divergence from the
     full-precision model's outputs on the test set: at rows within a few images of FP32, a far less noisy measure

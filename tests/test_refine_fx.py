@@ -253,3 +253,31 @@ def test_explicit_fp_model_is_used_as_reference(tiny_vit, fmnist):
     result = cptv_plugin.refine_fx(prepared, calib, fp_model=tiny_vit,
                                    config=TINY_SEARCH.replace(passes=1, population=2, cycles=0))
     assert result.initial_fitness > 0
+
+
+def test_graph_inputs_after_the_first_are_fed_their_defaults_or_refused():
+    """The split graph feeds later inputs their traced defaults (read once, when split) and refuses one without."""
+    from torch import fx, nn
+
+    from cptv_plugin.fx.graph import split_graph
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x, scale=3.0):
+            return self.fc(x) * scale
+
+    class TwoInputs(Scaled):
+        def forward(self, x, y):
+            return self.fc(x) + y
+
+    x = torch.randn(5, 4)
+    traced = fx.symbolic_trace(Scaled())
+    chain, _ = split_graph(traced, {n: 0 for n in traced.graph.nodes})
+    assert torch.equal(chain.forward(x, eager=True), traced(x))
+    traced = fx.symbolic_trace(TwoInputs())
+    chain, _ = split_graph(traced, {n: 0 for n in traced.graph.nodes})
+    with pytest.raises(ValueError, match="input 'y' has no default"):
+        chain.forward(x, eager=True)

@@ -133,15 +133,16 @@ def split_graph(graph_module: fx.GraphModule, groups: dict[fx.Node, int]) -> tup
         module = fx.GraphModule(graph_module, graph)
         segments.append(Segment(module, [a.name for a in inputs], outputs))
 
+    # read from the graph once, here: inside a compiled forward, touching fx.Node breaks the graph (dynamo skips fx)
+    first_input = placeholders[0].name if placeholders else None
+    inputs_after_first = [(node.name, node.target, tuple(node.args[:1])) for node in placeholders[1:]]
+
     def initial_env(images: torch.Tensor) -> dict[str, Any]:
-        env: dict[str, Any] = {}
-        for index, node in enumerate(placeholders):
-            if index == 0:
-                env[node.name] = images
-            elif node.args:
-                env[node.name] = node.args[0]
-            else:
-                raise ValueError(f"the model's input {node.target!r} has no default; only the first input is fed")
+        env: dict[str, Any] = {first_input: images} if first_input is not None else {}
+        for name, target, default in inputs_after_first:
+            if not default:
+                raise ValueError(f"the model's input {target!r} has no default; only the first input is fed")
+            env[name] = default[0]
         return env
 
     group_to_segment = {}

@@ -121,11 +121,15 @@ def integer_fake_quant(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tens
     """The integer fake quantization of an amax quantizer (ModelOpt's and pytorch-quantization's arithmetic) in
     plain torch ops, so that ``torch.compile`` traces it whole and fuses it into its neighbours' kernels: in fp32,
     ``scale = maxbound / amax``, round half to even, clamp to the integer range, divide by ``scale``; the result in
-    the input's dtype. Used only during a compiled search, for quantizers the framework's route accepted."""
+    the input's dtype. Used only during a compiled search or gradient stage, for quantizers the framework's
+    route accepted. With gradients recorded the rounding passes them straight through, as the framework's own
+    fake quant does: a quantizer the gradient stage does not move (outside the searched groups) must not cut the
+    gradient of every scale before it."""
     bits, unsigned = int(quantizer.num_bits), bool(quantizer.unsigned)
     maxbound = float(2 ** (bits - 1 + int(unsigned)) - 1)
     minbound = 0.0 if unsigned else (-maxbound if quantizer.narrow_range else -maxbound - 1.0)
-    return _integer_fake_quant(inputs, quantizer._amax.float(), minbound, maxbound)
+    return _integer_fake_quant(inputs, quantizer._amax.float(), minbound, maxbound,
+                               straight_through=inputs.requires_grad)
 
 
 def _integer_fake_quant(inputs: torch.Tensor, amax: torch.Tensor, minbound: float, maxbound: float,

@@ -94,6 +94,10 @@ class SearchConfig:
         gradient_checks: how many times the stage measures the calibration fitness (evenly spaced, the last at
             its end; each costs one forward pass over the calibration set). 1: only at the end, the last step's
             scales or none (the stage of session 10).
+        gradient_cuda_graph: on CUDA, capture the gradient stage's step (forward, backward, Adam update of the
+            eager model) as a CUDA graph and replay it, instead of compiling it (``compile``) or launching each
+            kernel from Python: nothing to compile, the eager step's arithmetic. Falls back (with a warning) to
+            what ``compile`` says when the model's forward cannot be captured. Ignored on the CPU.
         gradient_fitness: the registered fitness the gradient stage lowers (``"kl"``: KL divergence of the
             logits' softmax; any registered fitness is differentiable).
         lossless_kl: measure first the mean KL divergence between the full-precision and the quantized model's
@@ -139,6 +143,7 @@ class SearchConfig:
     gradient_lr: float = 0.01
     gradient_fitness: str = "kl"
     gradient_checks: int = 10
+    gradient_cuda_graph: bool = False
     lossless_kl: float = 1e-3
     name: str = field(default="default", compare=False)
 

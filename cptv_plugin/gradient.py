@@ -34,20 +34,27 @@ logger = logging.getLogger(__name__)
 def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor],
                     reference: list[torch.Tensor], *, steps: int, lr: float, fitness: str = "kl",
                     temperature: float = 0.1, normalize: bool = True, seed: int = 0,
-                    checks: int = 10, progress: bool = False, compile: bool = False) -> dict:
+                    checks: int = 10, progress: bool = False, compile: bool = False,
+                    cuda_graph: bool = False) -> dict:
     """Move the scales of ``handles`` by ``steps`` Adam steps (cosine-decayed ``lr`` on ``log(scale)``) on
     ``fitness`` between ``forward(batch)`` and ``reference`` (one calibration batch per step, in a seeded order).
     ``compile``: run the forward and its backward as ``torch.compile`` graphs, the hooks included (small models
     spend most of an eager step launching kernels); it falls back to eager if dynamo fails on the model.
+    ``cuda_graph`` (CUDA only): capture one eager step (forward, backward, Adam update) as a CUDA graph per batch
+    shape and replay it: no kernel launches from the host and no compilation (a capture costs about two eager
+    steps); the same arithmetic as the eager step. If the model cannot be captured (a host sync in its forward),
+    a warning says why and the stage runs as without it.
 
     ``checks`` times during the run (and at its end) the mean fitness over all batches is measured; the scales
     with the lowest so far are the result, set only if lower than at the start (else they stay as given and a
     warning says so). A check above the start's fitness puts the best scales so far back and divides the rate by
     10 for the rest of the run (the rate overshoots). Ctrl-C leaves the scales as given and
     re-raises. Returns ``{"steps", "lr", "fitness", "loss_before", "loss_after", "history", "kept", "compiled",
-    "scales", "fixed", "seconds"}`` (``loss_after``: the best check's; ``history``: ``{"step", "loss", "lr"}`` per
-    check, lr the undecayed rate then; ``scales``: how many quantizers moved; ``fixed``: how many could not, having
-    no quantizer module)."""
+    "cuda_graph", "scales", "fixed", "seconds", "timing"}`` (``loss_after``: the best check's; ``history``:
+    ``{"step", "loss", "lr"}`` per check, lr the undecayed rate then; ``cuda_graph``: whether the steps were
+    replayed as CUDA graphs; ``scales``: how many quantizers moved; ``fixed``: how many could not, having no
+    quantizer module; ``timing``: seconds until the first check ended (capturing or compiling included), in the
+    steps, in the later checks)."""
     start_time = time.time()
     movable = [h for h in handles if h.quantizer_module is not None]
     fixed = len(handles) - len(movable)
@@ -69,25 +76,63 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
             return handle.fake_quantize(args[0], base * log_factor.exp(), straight_through=True).to(output.dtype)
         return hook
 
-    if compile:
-        forward = _CompiledOrEager(torch.compile(forward, dynamic=False, **COMPILE_OPTIONS), forward)
-        # its first measurement waits for the compilation: say why the stage seems to stall
-        logger.info("gradient stage: compiling the model's forward and backward (on a machine without inductor's "
-                    "cache for this model: minutes, e.g. ~280 s for a small Swin with every op quantized on an "
-                    "H100; later runs reuse the cache)")
+    graphed = cuda_graph and given[0].is_cuda
 
     def mean_loss() -> float:  # compiled: through the training graph (an inference graph would compile again)
-        return mean_fitness(forward, batches, reference, loss_fn, temperature, normalize, record_gradients=compile)
+        return mean_fitness(forward, batches, reference, loss_fn, temperature, normalize,
+                            record_gradients=compile and not graphed)
+
+    # a rate held in a device tensor and Adam's step counter on the device: a captured update reads both
+    optimizer = torch.optim.Adam(log_factors, lr=torch.tensor(lr, device=given[0].device) if graphed else lr,
+                                 capturable=graphed)
+
+    def set_rate(value: float) -> None:
+        for group in optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(value)
+            else:
+                group["lr"] = value
+
+    def reset_moments() -> None:  # a fresh Adam, in place (a captured update keeps reading the same tensors)
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    value.zero_()
+
+    def train_step(images: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        loss = batch_fitness(forward, images, ref, loss_fn, temperature, normalize)
+        gradients = torch.autograd.grad(loss, log_factors, allow_unused=True)
+        for log_factor, gradient in zip(log_factors, gradients):
+            log_factor.grad = gradient
+        optimizer.step()
+        return loss
 
     hooks = [handle.quantizer_module.register_forward_hook(hook_for(handle, base, log_factor))
              for handle, base, log_factor in zip(movable, given, log_factors)]
     check_every = max(1, steps // checks)
     try:
+        step_fn = train_step
+        if graphed:
+            try:
+                step_fn = _GraphedStep(train_step, batches, reference, log_factors, reset_moments)
+            except RuntimeError as error:
+                graphed = False
+                reason = " ".join(str(error).split())[:300]
+                logger.warning("gradient stage: the model's step could not be captured as a CUDA graph (%s); it "
+                               "runs without one", reason)
+        if compile and not graphed:
+            forward = _CompiledOrEager(torch.compile(forward, dynamic=False, **COMPILE_OPTIONS), forward)
+            # its first measurement waits for the compilation: say why the stage seems to stall
+            logger.info("gradient stage: compiling the model's forward and backward (on a machine without "
+                        "inductor's cache for this model: minutes, e.g. ~280 s for a small Swin with every op "
+                        "quantized on an H100; later runs reuse the cache)")
         best_loss = record["loss_before"] = mean_loss()
+        setup_seconds = time.time() - start_time  # capturing, or the first compiled call
+        step_seconds = check_seconds = 0.0
+        last = time.time()
         best = [torch.zeros_like(g) for g in given]
         history = [{"step": 0, "loss": round(best_loss, 6), "lr": lr}]
         rate = lr  # cosine-decayed from here; divided by 10 at each backtrack
-        optimizer = torch.optim.Adam(log_factors, lr=lr)
         generator = torch.Generator().manual_seed(seed)
         order: list[int] = []
         try:
@@ -97,23 +142,24 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
             bar = None
         try:
             for step in range(steps):
-                for group in optimizer.param_groups:
-                    group["lr"] = rate * 0.5 * (1 + math.cos(math.pi * step / steps))
+                set_rate(rate * 0.5 * (1 + math.cos(math.pi * step / steps)))
                 if not order:  # every batch once per epoch, in a seeded order
                     order = torch.randperm(len(batches), generator=generator).tolist()
                 index = order.pop()
-                loss = batch_fitness(forward, batches[index], reference[index], loss_fn, temperature, normalize)
-                gradients = torch.autograd.grad(loss, log_factors, allow_unused=True)
-                for log_factor, gradient in zip(log_factors, gradients):
-                    log_factor.grad = gradient
-                optimizer.step()
+                loss = step_fn(batches[index], reference[index])
                 if bar is not None and progress:
                     bar.update(1)
                     if step % 20 == 0:  # reading the loss waits for the device
                         bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
                 if (step + 1) % check_every and step + 1 < steps:
                     continue
+                if given[0].is_cuda:  # the steps are queued: wait for them, so that the timing splits right
+                    torch.cuda.synchronize(given[0].device)
+                before_check = time.time()
                 checked = mean_loss()
+                step_seconds += before_check - last
+                last = time.time()
+                check_seconds += last - before_check
                 history.append({"step": step + 1, "loss": round(checked, 6), "lr": rate})
                 if checked < best_loss:
                     best_loss, best = checked, [f.detach().clone() for f in log_factors]
@@ -124,7 +170,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                         for log_factor, kept in zip(log_factors, best):
                             log_factor.copy_(kept)
                     rate /= 10
-                    optimizer = torch.optim.Adam(log_factors, lr=rate)
+                    reset_moments()
         finally:
             if bar is not None:
                 bar.close()
@@ -132,7 +178,9 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
         for hook in hooks:
             hook.remove()
     record.update(loss_after=best_loss, history=history, kept=best_loss < record["loss_before"],
-                  compiled=isinstance(forward, _CompiledOrEager) and not forward.failed)
+                  compiled=isinstance(forward, _CompiledOrEager) and not forward.failed, cuda_graph=graphed,
+                  timing={"setup": round(setup_seconds, 3), "steps": round(step_seconds, 3),
+                          "checks": round(check_seconds, 3)})
     if record["kept"]:
         for handle, base, log_factor in zip(movable, given, best):
             handle.set((base * log_factor.exp()).reshape(base.shape))
@@ -144,3 +192,49 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     logger.info("gradient stage: %s %.5f -> %.5f over %d steps (%d quantizers) in %.1f s", fitness,
                 record["loss_before"], record["loss_after"], steps, len(movable), record["seconds"])
     return record
+
+
+class _GraphedStep:
+    """``step(images, reference)`` captured as one CUDA graph per distinct batch shape, replayed on copies of
+    each batch (PyTorch's whole-network capture: warm-up on a side stream, then capture). The warm-up runs a real
+    step, so the trained tensors are put back and the optimizer's moments cleared afterwards; capturing itself
+    computes nothing."""
+
+    def __init__(self, step: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batches: list[torch.Tensor],
+                 reference: list[torch.Tensor], trained: list[torch.Tensor], reset_moments: Callable[[], None]):
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        saved = [t.detach().clone() for t in trained]
+        try:
+            for images, ref in zip(batches, reference):
+                shape = (tuple(images.shape), tuple(ref.shape))
+                if shape in self.graphs:
+                    continue
+                static_images, static_reference = images.clone(), ref.clone()
+                side = torch.cuda.Stream()
+                side.wait_stream(torch.cuda.current_stream())
+                # kernels chosen, Adam's state allocated, outside the capture; a host sync (which a capture cannot
+                # hold) raises here, naming the op, before a failed capture could leave the device half-captured
+                previous = torch.cuda.get_sync_debug_mode()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    with torch.cuda.stream(side):
+                        step(static_images, static_reference)
+                finally:
+                    torch.cuda.set_sync_debug_mode(previous)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    loss = step(static_images, static_reference)
+                self.graphs[shape] = (graph, static_images, static_reference, loss)
+        finally:  # the warm-up steps moved them; the capture did not
+            with torch.no_grad():
+                for tensor, value in zip(trained, saved):
+                    tensor.copy_(value)
+            reset_moments()
+
+    def __call__(self, images: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        graph, static_images, static_reference, loss = self.graphs[(tuple(images.shape), tuple(ref.shape))]
+        static_images.copy_(images)
+        static_reference.copy_(ref)
+        graph.replay()
+        return loss

@@ -61,6 +61,8 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
     config.validate()
     model_device = device_of(session.module)
     device = torch.device(config.device) if config.device else model_device
+    if device.type == "cuda" and device.index is None:  # "cuda" names the current device: cuda:0 by default
+        device = torch.device("cuda", torch.cuda.current_device())
     if device != model_device:
         raise ValueError(f"the model is on {model_device} but config.device is {device}: move the model first "
                          f"(model.to('{device}')) or leave config.device unset")
@@ -208,12 +210,16 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
     handles = [h for g in session.groups for h in g.handles]
     forward = functools.partial(session.chain.forward, eager=True)
     try:
-        result.gradient = gradient_refine(
-            handles, forward, batches, reference,
-            steps=config.gradient_steps, lr=config.gradient_lr, fitness=config.gradient_fitness,
-            checks=config.gradient_checks,
-            temperature=config.temperature, normalize=config.normalize, seed=config.seed, progress=config.progress,
-            compile=compile)
+        with contextlib.ExitStack() as switches:
+            if config.gradient_cuda_graph and batches[0].is_cuda and not compile:
+                # the quantizers' traceable fake quant (when compiling, the caller has entered it already): no
+                # host-side checks in the step a CUDA graph captures
+                switches.enter_context(session.compilable())
+            result.gradient = gradient_refine(
+                handles, forward, batches, reference,
+                steps=config.gradient_steps, lr=config.gradient_lr, fitness=config.gradient_fitness,
+                checks=config.gradient_checks, temperature=config.temperature, normalize=config.normalize,
+                seed=config.seed, progress=config.progress, compile=compile, cuda_graph=config.gradient_cuda_graph)
     except KeyboardInterrupt:
         result.interrupted = True
         result.gradient = {"steps": config.gradient_steps, "interrupted": True}
@@ -307,7 +313,7 @@ def fingerprint(session: RefinementSession, config: SearchConfig, batches: list[
             digest.update(f"{handle.name}:{handle.role}:{handle.quant_min}:{handle.quant_max}".encode())
             digest.update(handle.read().detach().cpu().float().numpy().tobytes())
     ignored = {"progress", "checkpoint_path", "device", "compile", "name", "on_interrupt", "agreement_guard",
-               "lossless_kl"}
+               "lossless_kl", "gradient_cuda_graph"}
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
     digest.update(repr(sorted(settings.items())).encode())
     for batch in batches:

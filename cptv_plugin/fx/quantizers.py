@@ -56,9 +56,12 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     On CUDA it *is* that ATen op: one fused kernel that reads and writes each tensor once (memory traffic, not
     arithmetic, bounds fake quantization there). On the CPU the same arithmetic in plain tensor ops is about
     twice as fast as the ATen kernel with tensor qparams, which also builds a gradient mask the search never uses.
-    Under autocast the CPU path quantizes in fp32 and returns the input's dtype.
+    Under autocast the CPU path quantizes in fp32 and returns the input's dtype. With gradients recorded (the
+    gradient stage, whose hooks replace this output) or while a CUDA graph is captured, the plain ops run on CUDA
+    too: the per-channel ATen op reads its zero points on the host, which a captured step cannot do.
     """
-    if x.is_cuda and not torch.compiler.is_compiling():
+    if x.is_cuda and not (torch.compiler.is_compiling() or torch.is_grad_enabled()
+                          or torch.cuda.is_current_stream_capturing()):
         zero_point = zero_point.to(torch.int32)
         if axis is None:
             return torch.fake_quantize_per_tensor_affine(x, scale.float(), zero_point, quant_min, quant_max)

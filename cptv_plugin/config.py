@@ -45,9 +45,9 @@ class SearchConfig:
         compute_batch_size: images per forward pass; fitness batches (``batch_size``) are grouped into passes of
             up to this many images and split again for the fitness. ``None``: ``batch_size`` on the CPU, 1,000
             on CUDA.
-        compile: compile the evaluation segments and the gradient stage with ``torch.compile`` (costs compile
-            time up front; the default preset's gradient stage on the DeiT-like reference model on an H100: ~10
-            minutes eager, ~2 compiled). ``"auto"`` (default): on for CUDA, off on the CPU.
+        compile: compile the evaluation segments with ``torch.compile`` (costs compile time up front), and the
+            gradient stage where it is not replayed as a CUDA graph (``gradient_cuda_graph``). ``"auto"``
+            (default): on for CUDA, off on the CPU.
         checkpoint_path: save the search state there after every group visit (atomically); a run started
             again with the same model, config and calibration images resumes where it stopped and ends with
             exactly the scales of an uninterrupted run. The file is removed when the search finishes.
@@ -85,7 +85,8 @@ class SearchConfig:
             with the default preset on every reference model).
         gradient_steps: after the search, this many Adam steps move every scale at once on ``gradient_fitness``
             (rounding passes gradients straight through; one calibration batch per step; fp32 whatever
-            ``precision`` says, compiled whole when ``compile`` is on; see :mod:`cptv_plugin.gradient`). The mean
+            ``precision`` says; on CUDA replayed as a CUDA graph, see ``gradient_cuda_graph``; see
+            :mod:`cptv_plugin.gradient`). The mean
             ``gradient_fitness`` over the calibration set is checked ``gradient_checks`` times; the best scales are
             kept if they beat the search's (``RefineResult.gradient`` says so). 0 disables the stage. Default 1,000
             (measured on the reference models: benchmarks/FINDINGS.md, sections 14-15); ``paper``: 0.
@@ -96,8 +97,13 @@ class SearchConfig:
             scales or none (the stage of session 10).
         gradient_cuda_graph: on CUDA, capture the gradient stage's step (forward, backward, Adam update of the
             eager model) as a CUDA graph and replay it, instead of compiling it (``compile``) or launching each
-            kernel from Python: nothing to compile, the eager step's arithmetic. Falls back (with a warning) to
-            what ``compile`` says when the model's forward cannot be captured. Ignored on the CPU.
+            kernel from Python: nothing to compile, the eager step's arithmetic. Default ``True``: on a machine
+            that has not compiled the model before, the default preset on the Swin-like reference model with every
+            op quantized took 72 s instead of 355 s on an H100, at the same accuracy (benchmarks/FINDINGS.md,
+            section 18); ``False`` compiles the stage, whose steps then run faster (DeiT-like, every op quantized:
+            ~45 instead of 81 ms) once inductor's cache holds the model: for refining the same model again and
+            again on one machine. Falls back (with a warning) to what ``compile`` says when the model's forward
+            cannot be captured. Ignored on the CPU.
         gradient_fitness: the registered fitness the gradient stage lowers (``"kl"``: KL divergence of the
             logits' softmax; any registered fitness is differentiable).
         lossless_kl: measure first the mean KL divergence between the full-precision and the quantized model's
@@ -143,7 +149,7 @@ class SearchConfig:
     gradient_lr: float = 0.01
     gradient_fitness: str = "kl"
     gradient_checks: int = 10
-    gradient_cuda_graph: bool = False
+    gradient_cuda_graph: bool = True
     lossless_kl: float = 1e-3
     name: str = field(default="default", compare=False)
 

@@ -8,9 +8,9 @@ gradient. On the reference models this took DeiT-like linear W2A8 from 80.9 % (t
 with every op quantized by torch.ao FX, W4A4 from 64.1 % to 85.9 % (3 seeds; benchmarks/FINDINGS.md, sections
 14-15).
 
-The stage needs no framework support: each quantizer's module (:attr:`ScaleHandle.quantizer_module`) gets a
-forward hook that replaces its output by :meth:`ScaleHandle.fake_quantize` at the learned scale, in the
-framework's own arithmetic. Scales whose framework calls no such module stay where the search left them.
+The stage needs no framework support: each quantizer's module (:attr:`ScaleHandle.quantizer_module`) runs
+:meth:`ScaleHandle.fake_quantize` at the learned scale instead of its own forward, in the framework's own
+arithmetic. Scales whose framework calls no such module stay where the search left them.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                     cuda_graph: bool = False) -> dict:
     """Move the scales of ``handles`` by ``steps`` Adam steps (cosine-decayed ``lr`` on ``log(scale)``) on
     ``fitness`` between ``forward(batch)`` and ``reference`` (one calibration batch per step, in a seeded order).
-    ``compile``: run the forward and its backward as ``torch.compile`` graphs, the hooks included (small models
-    spend most of an eager step launching kernels); it falls back to eager if dynamo fails on the model.
+    ``compile``: run the forward and its backward as ``torch.compile`` graphs, the quantizers' replaced forwards
+    included (small models spend most of an eager step launching kernels); it falls back to eager if dynamo fails
+    on the model.
     ``cuda_graph`` (CUDA only): capture one eager step (forward, backward, Adam update) as a CUDA graph per batch
     shape and replay it: no kernel launches from the host and no compilation (a capture costs about two eager
     steps); the same arithmetic as the eager step. If the model cannot be captured (a host sync in its forward),
@@ -59,8 +60,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     movable = [h for h in handles if h.quantizer_module is not None]
     fixed = len(handles) - len(movable)
     if fixed:
-        logger.info("gradient stage: %d of %d quantizers have no module to hook and keep the search's scales",
-                    fixed, len(handles))
+        logger.info("gradient stage: %d of %d quantizers have no module to run through and keep the search's "
+                    "scales", fixed, len(handles))
     loss_fn = get_fitness(fitness)
     # scale = given × exp(δ), δ from 0: exactly the given scale at the start (exp(log(s)) is not always s, and one
     # ulp moves a value across a rounding boundary)
@@ -71,10 +72,10 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
         return {**record, "loss_before": None, "loss_after": None, "history": [], "kept": False, "compiled": False,
                 "seconds": 0.0}
 
-    def hook_for(handle: ScaleHandle, base: torch.Tensor, log_factor: torch.Tensor):
-        def hook(module, args, output):
-            return handle.fake_quantize(args[0], base * log_factor.exp(), straight_through=True).to(output.dtype)
-        return hook
+    def forward_for(handle: ScaleHandle, base: torch.Tensor, log_factor: torch.Tensor):
+        def quantize_at_learned_scale(inputs: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            return handle.fake_quantize(inputs, base * log_factor.exp(), straight_through=True).to(inputs.dtype)
+        return quantize_at_learned_scale
 
     graphed = cuda_graph and given[0].is_cuda
 
@@ -107,8 +108,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
         optimizer.step()
         return loss
 
-    hooks = [handle.quantizer_module.register_forward_hook(hook_for(handle, base, log_factor))
-             for handle, base, log_factor in zip(movable, given, log_factors)]
+    undo = [_run_instead(handle.quantizer_module, forward_for(handle, base, log_factor))
+            for handle, base, log_factor in zip(movable, given, log_factors)]
     check_every = max(1, steps // checks)
     try:
         step_fn = train_step
@@ -175,8 +176,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
             if bar is not None:
                 bar.close()
     finally:
-        for hook in hooks:
-            hook.remove()
+        for restore in reversed(undo):
+            restore()
     record.update(loss_after=best_loss, history=history, kept=best_loss < record["loss_before"],
                   compiled=isinstance(forward, _CompiledOrEager) and not forward.failed, cuda_graph=graphed,
                   timing={"setup": round(setup_seconds, 3), "steps": round(step_seconds, 3),
@@ -192,6 +193,23 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     logger.info("gradient stage: %s %.5f -> %.5f over %d steps (%d quantizers) in %.1f s", fitness,
                 record["loss_before"], record["loss_after"], steps, len(movable), record["seconds"])
     return record
+
+
+def _run_instead(module: torch.nn.Module, forward: Callable[..., torch.Tensor]) -> Callable[[], None]:
+    """Make calls of ``module`` run ``forward`` instead of its own (an instance attribute shadows the class's
+    method, set past a framework's own ``__setattr__``; its hooks still run). A forward hook replacing the output
+    would run the quantizer's own fake quantization and throw it away: kernels a launch-bound step pays for on
+    every quantizer. Returns what puts the previous forward back."""
+    attributes = vars(module)
+    previous = attributes.get("forward")
+    attributes["forward"] = forward
+
+    def restore() -> None:
+        if previous is None:
+            del attributes["forward"]
+        else:
+            attributes["forward"] = previous
+    return restore
 
 
 class _GraphedStep:

@@ -143,6 +143,31 @@ def test_modelopt_switched_for_compiling_passes_gradients_as_modelopt_does(tiny_
     assert float(torch.nn.functional.cosine_similarity(gradients[0].flatten(), gradients[1].flatten(), dim=0)) > 0.999
 
 
+def test_stage_runs_the_learned_fake_quant_instead_of_the_quantizers_own(tiny_vit, fmnist, monkeypatch):
+    """The stage's steps and checks run no quantizer's own fake quantization (a forward hook ran it and threw the
+    result away: kernels every step paid for), and every quantizer's forward is its own again afterwards."""
+    from cptv_plugin.fx.quantizers import SimulatedQuantizer
+    from cptv_plugin.gradient import gradient_refine
+
+    calib = fmnist[0][:100]
+    session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W3A8"))
+    handles = session.all_handles
+    quantizers = {h.quantizer_module for h in handles}
+    assert quantizers and all(isinstance(q, SimulatedQuantizer) for q in quantizers)
+    batches = list(calib.split(50))
+    with torch.no_grad():
+        reference = [tiny_vit(b) for b in batches]
+    calls = []
+    own_forward = SimulatedQuantizer.forward
+    monkeypatch.setattr(SimulatedQuantizer, "forward", lambda self, x: calls.append(self) or own_forward(self, x))
+    record = gradient_refine(handles, session.chain.forward, batches, reference, steps=4, lr=0.01, checks=2)
+    assert record["kept"] and not calls
+    assert not any("forward" in vars(q) for q in quantizers)
+    with torch.no_grad():  # the model's own quantizers run again, at the committed scales
+        session.chain.forward(batches[0])
+    assert set(calls) == quantizers
+
+
 def test_gradient_settings_are_validated_and_the_paper_preset_has_no_stage():
     assert SearchConfig().gradient_steps == 1000 and SearchConfig.paper().gradient_steps == 0
     assert SearchConfig.fast().gradient_steps == 0

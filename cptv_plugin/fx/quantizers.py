@@ -57,7 +57,7 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     arithmetic, bounds fake quantization there). On the CPU the same arithmetic in plain tensor ops is about
     twice as fast as the ATen kernel with tensor qparams, which also builds a gradient mask the search never uses.
     Under autocast the CPU path quantizes in fp32 and returns the input's dtype. With gradients recorded (the
-    gradient stage, whose hooks replace this output) or while a CUDA graph is captured, the plain ops run on CUDA
+    gradient stage, which runs its own forward instead) or while a CUDA graph is captured, the plain ops run on CUDA
     too: the per-channel ATen op reads its zero points on the host, which a captured step cannot do.
     """
     if x.is_cuda and not (torch.compiler.is_compiling() or torch.is_grad_enabled()
@@ -120,10 +120,10 @@ class SimulatedWeightModule(nn.Module):
 
     def _quantized_weight(self) -> torch.Tensor:
         """The fake-quantized weight, recomputed only when the weight or its scale changed (always while gradients
-        are recorded or a hook is on the quantizer: the gradient stage moves the scale outside the buffer, through
-        a hook on the quantizer's call)."""
+        are recorded or the quantizer's forward is replaced: the gradient stage moves the scale outside the buffer,
+        in a forward of its own)."""
         leader, quantizer = self._leader, self.weight_quantizer
-        if torch.compiler.is_compiling() or torch.is_grad_enabled() or quantizer._forward_hooks:
+        if torch.compiler.is_compiling() or torch.is_grad_enabled() or "forward" in vars(quantizer):
             # inside torch.compile: no Python-side cache (reading versions/pointers would break the graph, and each
             # break recompiles per weight shape until dynamo's recompile limit sends the model back to eager)
             return quantizer(leader.weight.detach())

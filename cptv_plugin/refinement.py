@@ -204,7 +204,7 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
                     reference: list[torch.Tensor], result: RefineResult, initial_vectors: list[torch.Tensor],
                     compile: bool = False) -> None:
     """Run :func:`~cptv_plugin.gradient.gradient_refine` on the searched scales, in fp32, on the eager chain
-    (the hooks replace the quantizers' outputs, which the search's compiled copies would not see; ``compile``
+    (the stage replaces the quantizers' forwards, which the search's compiled copies would not see; ``compile``
     compiles that eager chain whole). Ctrl-C keeps the search's scales (or, with ``on_interrupt="restore"``, the
     given ones) and marks the result interrupted."""
     handles = [h for g in session.groups for h in g.handles]

@@ -57,8 +57,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     arithmetic, bounds fake quantization there). On the CPU the same arithmetic in plain tensor ops is about
     twice as fast as the ATen kernel with tensor qparams, which also builds a gradient mask the search never uses.
     Under autocast the CPU path quantizes in fp32 and returns the input's dtype. With gradients recorded (the
-    gradient stage, which runs its own forward instead) or while a CUDA graph is captured, the plain ops run on CUDA
-    too: the per-channel ATen op reads its zero points on the host, which a captured step cannot do.
+    gradient stage's step: the quantizers it does not move still run this) or while a CUDA graph is captured, the
+    plain ops run on CUDA too: the per-channel ATen op reads its zero points on the host, which a captured step
+    cannot do.
     """
     if x.is_cuda and not (torch.compiler.is_compiling() or torch.is_grad_enabled()
                           or torch.cuda.is_current_stream_capturing()):

@@ -70,7 +70,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     record = {"steps": steps, "lr": lr, "fitness": fitness, "scales": len(movable), "fixed": fixed}
     if not movable or steps == 0:
         return {**record, "loss_before": None, "loss_after": None, "history": [], "kept": False, "compiled": False,
-                "seconds": 0.0}
+                "cuda_graph": False, "seconds": 0.0, "timing": {"setup": 0.0, "steps": 0.0, "checks": 0.0}}
 
     def forward_for(handle: ScaleHandle, base: torch.Tensor, log_factor: torch.Tensor):
         def quantize_at_learned_scale(inputs: torch.Tensor, *args, **kwargs) -> torch.Tensor:

@@ -166,6 +166,9 @@ def test_stage_runs_the_learned_fake_quant_instead_of_the_quantizers_own(tiny_vi
     with torch.no_grad():  # the model's own quantizers run again, at the committed scales
         session.chain.forward(batches[0])
     assert set(calls) == quantizers
+    # no steps: nothing replaced, the record has every key a stage's record has
+    nothing = gradient_refine(handles, session.chain.forward, batches, reference, steps=0, lr=0.01)
+    assert set(nothing) == set(record) and not nothing["kept"] and not nothing["cuda_graph"]
 
 
 def test_gradient_settings_are_validated_and_the_paper_preset_has_no_stage():

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from cptv_plugin.engine import mean_fitness
+from cptv_plugin.fitness import get_fitness
 from cptv_plugin.gradient import gradient_refine
 from conftest import prepare_and_calibrate
 
@@ -18,7 +20,10 @@ def stage_twice(session, model, calib):
     """The stage from the same scales, eagerly and replayed as CUDA graphs, under the switches a refinement
     enters on CUDA: (records, the given scales, the scales after each)."""
     handles = [h for g in session.groups for h in g.handles]
-    given = [h.read() for h in handles]
+    # 1 % off the given scales: torch.ao's MinMax puts each channel's largest weight exactly between two levels
+    # (FINDINGS section 18); from there the eager and the graphed steps moved 99 % of the scales apart by up to
+    # 0.5 % (an H200), from 1 % off by at most 2.4e-7
+    given = [h.read() * 1.01 for h in handles]
     batches = list(calib.cuda().split(50))
     with torch.no_grad():
         reference = [model(b) for b in batches]
@@ -31,6 +36,8 @@ def stage_twice(session, model, calib):
             records.append(gradient_refine(handles, forward, batches, reference, steps=STEPS, lr=LR, checks=STEPS,
                                            cuda_graph=graphed))
             scales.append([h.read() for h in handles])
+            # the model's own forward at the scales the stage kept, for the record's best check to be compared with
+            records[-1]["plain_loss_after"] = mean_fitness(forward, batches, reference, get_fitness("kl"), 0.1, True)
     return records, given, scales
 
 
@@ -42,12 +49,15 @@ def assert_same_stage(records, given, scales):
     assert not eager["cuda_graph"] and graphed["cuda_graph"]
     assert eager["kept"] and graphed["kept"]
     assert [c["step"] for c in graphed["history"]] == list(range(STEPS + 1))
+    # the checks replayed as CUDA graphs: the eager forward's loss at the same (given) scales, and at the scales the
+    # graphed stage kept, the loss of the model's own forward (history: rounded to 6 decimals)
+    assert graphed["history"][0]["loss"] == pytest.approx(eager["history"][0]["loss"], abs=2e-6)
+    assert graphed["loss_after"] == pytest.approx(graphed["plain_loss_after"], rel=1e-4)
+    assert eager["loss_after"] == pytest.approx(eager["plain_loss_after"], rel=1e-4)
     # the same forward and backward kernels; Adam's update differs in rounding (capturable: its bias corrections
-    # on the device, in fp32) and the backward's atomic reductions may too. Two steps only: an element whose
-    # gradient is near zero can take its ±lr step either way, and rounding steps flip with the scales, so
-    # longer runs drift apart (on an H100: 3 steps 0.12 % apart at a check, 5 steps one scale 0.56 %, 40 steps 3 %)
-    for first, second in zip(eager["history"], graphed["history"]):
-        assert second["loss"] == pytest.approx(first["loss"], rel=2e-3)
+    # on the device, in fp32) and the backward's atomic reductions may too: an element whose gradient is near zero
+    # can take its ±lr step either way, so the checks after steps are not compared: the calibration KL of torch.ao
+    # models moves by up to 12 % when one activation scale moves by 2e-7 (FINDINGS section 19); the scales are
     start, after_eager, after_graphed = (torch.cat([t.float().flatten() for t in ts]) for ts in (given, *scales))
     # the replays moved the scales (a graph replaying stale inputs would leave them where they were), each by at
     # most Adam's two steps
@@ -62,7 +72,8 @@ def test_graphed_fx_stage_equals_the_eager_one(tiny_vit, fmnist):
 
     calib = fmnist[0]
     model = copy.deepcopy(tiny_vit).cuda()
-    session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W3A8").cuda())  # why not W2A8: test_gradient.py
+    # 4-bit weights (at 3 bits the stage kept nothing in some runs; test_gradient.py says why not 2)
+    session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W4A8").cuda())
     assert_same_stage(*stage_twice(session, model, calib))
 
 

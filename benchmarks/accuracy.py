@@ -90,6 +90,10 @@ VARIANTS["default-300"] = ("default", {"gradient_steps": 300})
 VARIANTS["default-lr003"] = ("default", {"gradient_lr": 0.003})
 # the quick preset with a short stage: most of the stage's W2A8 gain at a fraction of the default's cost?
 VARIANTS["fast-stage300"] = ("fast", {"gradient_steps": 300})
+# a linear warm-up of the stage's rate over its first tenth: do fewer first checks overshoot (Swin- and LeViT-like
+# W2A8, FINDINGS section 19)?
+VARIANTS["default-warmup"] = ("default", {"gradient_warmup": 0.1})
+VARIANTS["default-300-warmup"] = ("default", {"gradient_steps": 300, "gradient_warmup": 0.1})
 PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "default-unseeded", "histogram",

@@ -95,6 +95,11 @@ class SearchConfig:
         gradient_checks: how many times the stage measures the calibration fitness (evenly spaced, the last at
             its end; each costs one forward pass over the calibration set). 1: only at the end, the last step's
             scales or none (the stage of session 10).
+        gradient_warmup: the fraction of ``gradient_steps`` over which the rate rises linearly from 0 to
+            ``gradient_lr`` before its cosine decay (Adam's first steps move every scale by about the full rate). 0
+            (default): no warm-up; 0.1 measured on the Swin- and LeViT-like W2A8 rows at 3 seeds did not make the
+            first checks overshoot less often, nor top-1 better beyond the runs' spread (benchmarks/FINDINGS.md,
+            section 19).
         gradient_cuda_graph: on CUDA, capture the gradient stage's step (forward, backward, Adam update of the
             eager model) as a CUDA graph and replay it, instead of compiling it (``compile``) or launching each
             kernel from Python: nothing to compile, the eager step's arithmetic. Default ``True``: on a machine
@@ -149,6 +154,7 @@ class SearchConfig:
     gradient_lr: float = 0.01
     gradient_fitness: str = "kl"
     gradient_checks: int = 10
+    gradient_warmup: float = 0.0
     gradient_cuda_graph: bool = True
     lossless_kl: float = 1e-3
     name: str = field(default="default", compare=False)
@@ -198,6 +204,9 @@ class SearchConfig:
             problems.append(f"gradient_lr must be > 0 (got {self.gradient_lr})")
         if not self.lossless_kl >= 0:
             problems.append(f"lossless_kl must be >= 0 (got {self.lossless_kl}); 0 always refines")
+        if not 0.0 <= self.gradient_warmup <= 1.0:
+            problems.append(f"gradient_warmup must be a fraction of gradient_steps in [0, 1] (got "
+                            f"{self.gradient_warmup})")
         if self.gradient_checks < 1:
             problems.append(f"gradient_checks must be >= 1 (got {self.gradient_checks})")
         from .fitness import list_fitness

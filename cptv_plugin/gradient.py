@@ -35,9 +35,11 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                     reference: list[torch.Tensor], *, steps: int, lr: float, fitness: str = "kl",
                     temperature: float = 0.1, normalize: bool = True, seed: int = 0,
                     checks: int = 10, progress: bool = False, compile: bool = False,
-                    cuda_graph: bool = False) -> dict:
+                    cuda_graph: bool = False, warmup: float = 0.0) -> dict:
     """Move the scales of ``handles`` by ``steps`` Adam steps (cosine-decayed ``lr`` on ``log(scale)``) on
     ``fitness`` between ``forward(batch)`` and ``reference`` (one calibration batch per step, in a seeded order).
+    ``warmup``: the fraction of the steps over which the rate rises linearly to ``lr`` first (Adam's first steps
+    move every scale by about the full rate, whatever its gradient's size).
     ``compile``: run the forward and its backward as ``torch.compile`` graphs, the quantizers' replaced forwards
     included (small models spend most of an eager step launching kernels); it falls back to eager if dynamo fails
     on the model.
@@ -68,6 +70,9 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     given = [h.read().detach().float().clone() for h in movable]
     log_factors = [torch.zeros_like(g).requires_grad_() for g in given]
     record = {"steps": steps, "lr": lr, "fitness": fitness, "scales": len(movable), "fixed": fixed}
+    if warmup:
+        record["warmup"] = warmup
+    warmup_steps = max(1, round(warmup * steps))
     if not movable or steps == 0:
         return {**record, "loss_before": None, "loss_after": None, "history": [], "kept": False, "compiled": False,
                 "cuda_graph": False, "seconds": 0.0, "timing": {"setup": 0.0, "steps": 0.0, "checks": 0.0}}
@@ -157,7 +162,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
             bar = None
         try:
             for step in range(steps):
-                set_rate(rate * 0.5 * (1 + math.cos(math.pi * step / steps)))
+                set_rate(rate * 0.5 * (1 + math.cos(math.pi * step / steps)) * min(1.0, (step + 1) / warmup_steps))
                 if not order:  # every batch once per epoch, in a seeded order
                     order = torch.randperm(len(batches), generator=generator).tolist()
                 index = order.pop()

@@ -219,7 +219,8 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
                 handles, forward, batches, reference,
                 steps=config.gradient_steps, lr=config.gradient_lr, fitness=config.gradient_fitness,
                 checks=config.gradient_checks, temperature=config.temperature, normalize=config.normalize,
-                seed=config.seed, progress=config.progress, compile=compile, cuda_graph=config.gradient_cuda_graph)
+                seed=config.seed, progress=config.progress, compile=compile, cuda_graph=config.gradient_cuda_graph,
+                warmup=config.gradient_warmup)
     except KeyboardInterrupt:
         result.interrupted = True
         result.gradient = {"steps": config.gradient_steps, "interrupted": True}
@@ -313,7 +314,7 @@ def fingerprint(session: RefinementSession, config: SearchConfig, batches: list[
             digest.update(f"{handle.name}:{handle.role}:{handle.quant_min}:{handle.quant_max}".encode())
             digest.update(handle.read().detach().cpu().float().numpy().tobytes())
     ignored = {"progress", "checkpoint_path", "device", "compile", "name", "on_interrupt", "agreement_guard",
-               "lossless_kl", "gradient_cuda_graph"}
+               "lossless_kl", "gradient_cuda_graph", "gradient_warmup"}
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
     digest.update(repr(sorted(settings.items())).encode())
     for batch in batches:

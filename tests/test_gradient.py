@@ -176,7 +176,8 @@ def test_gradient_settings_are_validated_and_the_paper_preset_has_no_stage():
     assert SearchConfig.fast().gradient_steps == 0
     for changes, name in [({"gradient_steps": -1}, "gradient_steps"), ({"gradient_lr": 0.0}, "gradient_lr"),
                           ({"gradient_fitness": "nope"}, "gradient_fitness"),
-                          ({"gradient_checks": 0}, "gradient_checks")]:
+                          ({"gradient_checks": 0}, "gradient_checks"), ({"gradient_warmup": 1.5}, "gradient_warmup"),
+                          ({"gradient_warmup": -0.1}, "gradient_warmup")]:
         with pytest.raises(ValueError, match=name):
             SearchConfig(**changes)
     with pytest.raises(ValueError, match="fitness"):
@@ -192,3 +193,27 @@ def test_cuda_graph_setting_is_ignored_on_the_cpu(tiny_vit, fmnist):
                for graphed in (False, True)]
     assert not records[1]["cuda_graph"]
     assert records[1]["history"] == records[0]["history"] and records[1]["kept"]
+
+
+def test_warmup_shrinks_the_first_steps(tiny_vit, fmnist):
+    """Adam's early steps move each log-scale by about the rate whatever its gradient: over 4 steps of a cosine
+    from lr, up to 2.5 lr; with the rate rising over all 4 steps (warmup=1), up to 1.2 lr."""
+    from cptv_plugin.gradient import gradient_refine
+
+    calib = fmnist[0][:100]
+    session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W3A8"))
+    handles = session.all_handles
+    given = [h.read().clone() for h in handles]
+    batches = list(calib.split(50))
+    with torch.no_grad():
+        reference = [tiny_vit(b) for b in batches]
+    lr, moves = 0.01, []
+    for warmup in (0.0, 1.0):
+        for handle, value in zip(handles, given):
+            handle.set(value)
+        # checks=1: the last step's scales are the result (kept: they beat the start)
+        record = gradient_refine(handles, session.chain.forward, batches, reference, steps=4, lr=lr, checks=1,
+                                 warmup=warmup)
+        assert record["kept"] and record.get("warmup", 0.0) == warmup
+        moves.append(max(float((h.read() / g).log().abs().max()) for h, g in zip(handles, given)))
+    assert moves[0] > 2.0 * lr and 0.5 * lr < moves[1] < 1.3 * lr, moves

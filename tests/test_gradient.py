@@ -217,3 +217,37 @@ def test_warmup_shrinks_the_first_steps(tiny_vit, fmnist):
         assert record["kept"] and record.get("warmup", 0.0) == warmup
         moves.append(max(float((h.read() / g).log().abs().max()) for h, g in zip(handles, given)))
     assert moves[0] > 2.0 * lr and 0.5 * lr < moves[1] < 1.3 * lr, moves
+
+
+def test_learned_fake_quant_leaves_out_zero_zero_points_with_the_same_values_and_gradients(tiny_vit, fmnist):
+    """Symmetric weight quantizers (zero points all 0) skip adding and subtracting them in the stage: the values
+    and the scale gradients of the handle's own fake quantization, and the rounding is exactly torch.round."""
+    from cptv_plugin.gradient import _LearnedFakeQuant
+    from cptv_plugin.handles import round_values
+
+    values = torch.tensor([-2.5, -1.5, -0.4, 0.5, 1.49, 2.5, 3.7], requires_grad=True)
+    rounded = round_values(values, straight_through=True)
+    assert torch.equal(rounded, torch.round(values.detach()))
+    rounded.sum().backward()
+    assert torch.equal(values.grad, torch.ones_like(values))
+
+    calib = fmnist[0][:100]
+    session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W3A8"))
+    kinds = {"weight": 0, "activation": 0}
+    for handle in session.all_handles:
+        learned = _LearnedFakeQuant(handle, handle.read().clone(), torch.zeros_like(handle.read(), requires_grad=True))
+        kinds[handle.role] += learned.symmetric
+        if handle.role != "weight" or not learned.symmetric:
+            continue
+        weight = handle.weight.detach()
+        own_scale = handle.read().clone().requires_grad_()
+        own = handle.fake_quantize(weight, own_scale, straight_through=True)
+        mine = learned(weight)
+        assert torch.equal(mine, own)
+        own.square().sum().backward()
+        mine.square().sum().backward()
+        # d/dδ of base·exp(δ) at δ = 0 is base: the learned factor's gradient is the scale's times the scale
+        assert torch.allclose(learned.log_factor.grad, own_scale.grad * handle.read(), rtol=1e-5, atol=1e-9)
+    # weights symmetric; activations affine, their zero point 0 only where the range starts at 0 (e.g. softmax)
+    activations = sum(h.role == "activation" for h in session.all_handles)
+    assert kinds["weight"] > 0 and kinds["activation"] < activations

@@ -41,7 +41,9 @@ def stage_twice(session, model, calib):
     return records, given, scales
 
 
-STEPS, LR = 2, 0.01
+# one step: the scales kept are then those after it in both runs (with more, each run keeps its best check, which
+# need not be at the same step in both: their checks after steps differ, below)
+STEPS, LR = 1, 0.01
 
 
 def assert_same_stage(records, given, scales):
@@ -57,10 +59,10 @@ def assert_same_stage(records, given, scales):
     # the same forward and backward kernels; Adam's update differs in rounding (capturable: its bias corrections
     # on the device, in fp32) and the backward's atomic reductions may too: an element whose gradient is near zero
     # can take its ±lr step either way, so the checks after steps are not compared: the calibration KL of torch.ao
-    # models moves by up to 12 % when one activation scale moves by 2e-7 (FINDINGS section 19); the scales are
+    # models moves by up to 20 % when one activation scale moves by 2e-7 (FINDINGS section 19); the scales are
     start, after_eager, after_graphed = (torch.cat([t.float().flatten() for t in ts]) for ts in (given, *scales))
     # the replays moved the scales (a graph replaying stale inputs would leave them where they were), each by at
-    # most Adam's two steps
+    # most Adam's steps
     moved = (after_graphed / start - 1).abs()
     assert (moved > LR / 10).float().mean() > 0.5 and moved.max() < math.exp(STEPS * LR * 1.5) - 1
     agree = ((after_graphed / after_eager - 1).abs() <= 1e-4).float().mean()

@@ -12,13 +12,9 @@ import copy
 import time
 
 import torch
-from torch.ao.quantization.quantize_fx import prepare_fx
 
-from cptv_plugin.datasets import calibration_subset, load_fashion_mnist
-from cptv_plugin.fx.refine import FxSession
+from benchmarks.scale_sensitivity import ci_vit, fx_session
 from cptv_plugin.gradient import gradient_refine
-from cptv_plugin.models import load_reference_model
-from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx
 
 
 def time_stages(session, name: str, batches, reference, steps: int, repeat: int) -> list[float]:
@@ -42,18 +38,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    train_x, _ = load_fashion_mnist("train")
-    calib = calibration_subset(train_x, 200, seed=0)
-    model = prepare_timm_for_fx(load_reference_model("fmnist_vit_tiny"))
-    batches = [b.to(args.device) for b in calib.split(50)]
-    with torch.no_grad():
-        reference = [model.to(args.device)(b) for b in batches]
-    prepared = prepare_fx(copy.deepcopy(model).cpu(), fx_qconfig_mapping("W3A8"), example_inputs=(calib[:1],))
-    with torch.no_grad():
-        for batch in calib.split(50):
-            prepared(batch)
-    time_stages(FxSession(prepared.to(args.device)), "torch.ao FX e2e W3A8", batches, reference, args.steps,
-                args.repeat)
+    model, calib, batches, reference = ci_vit(args.device)
+    time_stages(fx_session(model, calib, "W3A8", args.device), "torch.ao FX e2e W3A8", batches, reference,
+                args.steps, args.repeat)
     try:
         from cptv_plugin.amax.modelopt import modelopt_kind
         from cptv_plugin.amax.session import AmaxSession

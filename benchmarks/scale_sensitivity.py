@@ -32,20 +32,30 @@ from cptv_plugin.models import load_reference_model
 from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx
 
 
-def quantized_vit(bits: str, device: str):
+def ci_vit(device: str) -> tuple[torch.nn.Module, torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """The CI ViT in FP32 on ``device``, its 200 calibration images (CPU), their batches of 50 on ``device`` and
+    the model's outputs on them."""
     train_x, _ = load_fashion_mnist("train")
     calib = calibration_subset(train_x, 200, seed=0)
-    model = prepare_timm_for_fx(load_reference_model("fmnist_vit_tiny"))
-    prepared = prepare_fx(copy.deepcopy(model), fx_qconfig_mapping(bits), example_inputs=(calib[:1],))
+    model = prepare_timm_for_fx(load_reference_model("fmnist_vit_tiny")).to(device)
+    batches = list(calib.to(device).split(50))
+    with torch.no_grad():
+        reference = [model(b) for b in batches]
+    return model, calib, batches, reference
+
+
+def fx_session(model: torch.nn.Module, calib: torch.Tensor, bits: str, device: str) -> FxSession:
+    """torch.ao FX with every op quantized at ``bits`` (MinMax, calibrated on the CPU), as a refinement session."""
+    prepared = prepare_fx(copy.deepcopy(model).cpu(), fx_qconfig_mapping(bits), example_inputs=(calib[:1],))
     with torch.no_grad():
         for batch in calib.split(50):
             prepared(batch)
-    session = FxSession(prepared.to(device))
-    batches = list(calib.to(device).split(50))
-    model = model.to(device)
-    with torch.no_grad():
-        reference = [model(b) for b in batches]
-    return session, batches, reference
+    return FxSession(prepared.to(device))
+
+
+def quantized_vit(bits: str, device: str) -> tuple[FxSession, list[torch.Tensor], list[torch.Tensor]]:
+    model, calib, batches, reference = ci_vit(device)
+    return fx_session(model, calib, bits, device), batches, reference
 
 
 def probe_activations(bits: str, eps: float, device: str) -> dict:

@@ -3,7 +3,8 @@
 Two probes on the CI ViT (``fmnist_vit_tiny``, 200 calibration images, W4A8 by default):
 
 * ``activations`` (any device): each activation scale alone moved by ``±eps`` (relative), the mean KL from the
-  full-precision outputs against the unmoved model's; then every scale at once.
+  full-precision outputs against the unmoved model's, and the share of its inputs that sit on a rounding tie;
+  then every scale at once.
 * ``nudge`` (CPU): test top-1 and calibration KL at W2A8, W3A8, W4A8 with every weight (or activation) scale
   moved by ±1e-4: how much a MinMax baseline's figure depends on where its ties round.
 * ``stage`` (CUDA): the gradient stage from the same scales, eagerly and replayed as CUDA graphs, twice each: the
@@ -58,6 +59,31 @@ def quantized_vit(bits: str, device: str) -> tuple[FxSession, list[torch.Tensor]
     return fx_session(model, calib, bits, device), batches, reference
 
 
+def tie_shares(session: FxSession, forward, images: torch.Tensor) -> dict[str, list[float]]:
+    """For each activation quantizer, per call in one forward: the share of its inputs x with x / s + z within 1e-6
+    of k + 0.5, where round-half-to-even decides and any move of s flips them."""
+    shares: dict[str, list[float]] = {}
+    hooks = []
+    for handle in session.all_handles:
+        if handle.role != "activation" or handle.quantizer_module is None:
+            continue
+
+        def record(module, args, output, handle=handle):
+            scale, zero_point = handle.read().float(), handle.zero_points().float()
+            values = args[0].detach().float() * (1.0 / scale) + zero_point
+            share = ((values - values.floor() - 0.5).abs() < 1e-6).float().mean()
+            shares.setdefault(handle.name, []).append(round(float(share), 5))
+
+        hooks.append(handle.quantizer_module.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            forward(images)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return shares
+
+
 def probe_activations(bits: str, eps: float, device: str) -> dict:
     session, batches, reference = quantized_vit(bits, device)
     forward = functools.partial(session.chain.forward, eager=True)
@@ -66,6 +92,7 @@ def probe_activations(bits: str, eps: float, device: str) -> dict:
     def loss() -> float:
         return mean_fitness(forward, batches, reference, kl, 0.1, True)
 
+    ties = tie_shares(session, forward, batches[0])
     base = loss()
     rows = []
     for handle in session.all_handles:
@@ -78,7 +105,8 @@ def probe_activations(bits: str, eps: float, device: str) -> dict:
             moves.append(loss() / base - 1)
             handle.set(given)
         rows.append({"quantizer": handle.name, "scale": float(given.flatten()[0]),
-                     "kl_change_up": round(moves[0], 5), "kl_change_down": round(moves[1], 5)})
+                     "kl_change_up": round(moves[0], 5), "kl_change_down": round(moves[1], 5),
+                     "inputs_on_ties": ties.get(handle.name)})
     rows.sort(key=lambda r: -max(abs(r["kl_change_up"]), abs(r["kl_change_down"])))
     generator = torch.Generator().manual_seed(0)
     given = [h.read().clone() for h in session.all_handles]

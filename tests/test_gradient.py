@@ -203,7 +203,7 @@ def test_warmup_shrinks_the_first_steps(tiny_vit, fmnist):
     calib = fmnist[0][:100]
     session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W3A8"))
     handles = session.all_handles
-    given = [h.read().clone() for h in handles]
+    given = [h.read() * 1.01 for h in handles]  # off torch.ao's ties (FINDINGS section 19): 0.0323 -> 0.0279 / 0.0217
     batches = list(calib.split(50))
     with torch.no_grad():
         reference = [tiny_vit(b) for b in batches]

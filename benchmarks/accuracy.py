@@ -94,6 +94,10 @@ VARIANTS["fast-stage300"] = ("fast", {"gradient_steps": 300})
 # W2A8, FINDINGS section 19)?
 VARIANTS["default-warmup"] = ("default", {"gradient_warmup": 0.1})
 VARIANTS["default-300-warmup"] = ("default", {"gradient_steps": 300, "gradient_warmup": 0.1})
+# the stage's steps on all 1,000 calibration images at once (ten fitness batches in one forward pass)
+VARIANTS["default-gb1000"] = ("default", {"gradient_batch_size": 1000})
+VARIANTS["default-gb1000-300"] = ("default", {"gradient_batch_size": 1000, "gradient_steps": 300})
+VARIANTS["default-gb1000-100"] = ("default", {"gradient_batch_size": 1000, "gradient_steps": 100})
 PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "default-unseeded", "histogram",

@@ -100,6 +100,9 @@ class SearchConfig:
             (default): no warm-up; 0.1 measured on the Swin- and LeViT-like W2A8 rows at 3 seeds did not make the
             first checks overshoot less often, nor top-1 better beyond the runs' spread (benchmarks/FINDINGS.md,
             section 19).
+        gradient_batch_size: images per gradient step: whole calibration batches (``batch_size``) packed into one
+            forward pass of up to this many images; the step lowers the mean of their fitness (each batch keeps
+            its own negatives). ``None`` (default): one calibration batch per step.
         gradient_cuda_graph: on CUDA, capture the gradient stage's step (forward, backward, Adam update of the
             eager model) as a CUDA graph and replay it, instead of compiling it (``compile``) or launching each
             kernel from Python: nothing to compile, the eager step's arithmetic. Default ``True``: on a machine
@@ -155,6 +158,7 @@ class SearchConfig:
     gradient_fitness: str = "kl"
     gradient_checks: int = 10
     gradient_warmup: float = 0.0
+    gradient_batch_size: int | None = None
     gradient_cuda_graph: bool = True
     lossless_kl: float = 1e-3
     name: str = field(default="default", compare=False)
@@ -204,6 +208,9 @@ class SearchConfig:
             problems.append(f"gradient_lr must be > 0 (got {self.gradient_lr})")
         if not self.lossless_kl >= 0:
             problems.append(f"lossless_kl must be >= 0 (got {self.lossless_kl}); 0 always refines")
+        if self.gradient_batch_size is not None and self.gradient_batch_size < self.batch_size:
+            problems.append(f"gradient_batch_size must be None or >= batch_size={self.batch_size}, a step packs "
+                            f"whole calibration batches (got {self.gradient_batch_size})")
         if not 0.0 <= self.gradient_warmup <= 1.0:
             problems.append(f"gradient_warmup must be a fraction of gradient_steps in [0, 1] (got "
                             f"{self.gradient_warmup})")

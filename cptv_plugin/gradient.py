@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 import torch
 
-from .engine import COMPILE_OPTIONS, _CompiledOrEager, batch_fitness, mean_fitness
+from .engine import COMPILE_OPTIONS, _CompiledOrEager, _as_output_tensor, _group_batches
 from .fitness import get_fitness
 from .handles import ScaleHandle, affine_fake_quantize
 
@@ -35,9 +35,12 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                     reference: list[torch.Tensor], *, steps: int, lr: float, fitness: str = "kl",
                     temperature: float = 0.1, normalize: bool = True, seed: int = 0,
                     checks: int = 10, progress: bool = False, compile: bool = False,
-                    cuda_graph: bool = False, warmup: float = 0.0) -> dict:
+                    cuda_graph: bool = False, warmup: float = 0.0, step_images: int | None = None) -> dict:
     """Move the scales of ``handles`` by ``steps`` Adam steps (cosine-decayed ``lr`` on ``log(scale)``) on
     ``fitness`` between ``forward(batch)`` and ``reference`` (one calibration batch per step, in a seeded order).
+    ``step_images``: consecutive calibration batches packed into steps of up to this many images (one forward
+    pass each; the step's loss is the mean of its batches' fitness, each batch still its own fitness batch);
+    ``None``: one batch per step.
     ``warmup``: the fraction of the steps over which the rate rises linearly to ``lr`` first (Adam's first steps
     move every scale by about the full rate, whatever its gradient's size).
     ``compile``: run the forward and its backward as ``torch.compile`` graphs, the quantizers' replaced forwards
@@ -78,21 +81,44 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                 "cuda_graph": False, "seconds": 0.0, "timing": {"setup": 0.0, "steps": 0.0, "checks": 0.0}}
 
     graphed = cuda_graph and given[0].is_cuda
+    # fitness batches packed into steps; only the last batch may be smaller, so splitting a step's images by the
+    # first batch's size gives its batches back
+    per_batch = len(batches[0])
+    packed = _group_batches([len(b) for b in batches], step_images)
+    if len(packed) < len(batches):
+        record["step_images"] = max(sum(len(batches[i]) for i in members) for members in packed)
+        batches = [torch.cat([batches[i] for i in members]) for members in packed]
+        reference = [torch.cat([reference[i] for i in members]) for members in packed]
+    batches_per_step = [len(members) for members in packed]
+
+    def step_fitness(images: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """The mean fitness of the fitness batches packed in ``images`` (float32 scalar)."""
+        output = _as_output_tensor(forward(images)).float()
+        ref = ref.float()
+        if len(images) <= per_batch:
+            return loss_fn(output, ref, temperature=temperature, normalize=normalize)
+        values = [loss_fn(out, target, temperature=temperature, normalize=normalize)
+                  for out, target in zip(output.split(per_batch), ref.split(per_batch))]
+        return torch.stack(values).mean()
 
     def batch_loss(images: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return batch_fitness(forward, images, ref, loss_fn, temperature, normalize)
+            return step_fitness(images, ref)
 
     check_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None  # the checks' captured forward
 
-    def mean_loss() -> float:  # compiled: through the training graph (an inference graph would compile again)
+    def mean_loss() -> float:
+        """The mean fitness over every calibration batch (compiled: through the training graph, as an inference
+        graph would compile again)."""
         if check_fn is None:
-            return mean_fitness(forward, batches, reference, loss_fn, temperature, normalize,
-                                record_gradients=compile and not graphed)
+            with torch.set_grad_enabled(compile):
+                values = [float(step_fitness(images, ref).detach()) * count
+                          for images, ref, count in zip(batches, reference, batches_per_step)]
+            return sum(values) / sum(batches_per_step)
         total = torch.zeros((), device=given[0].device)
-        for images, ref in zip(batches, reference):
-            total = total + check_fn(images, ref)  # queued before the next replay overwrites the output
-        return float(total) / len(batches)
+        for images, ref, count in zip(batches, reference, batches_per_step):
+            total = total + check_fn(images, ref) * count  # queued before the next replay overwrites the output
+        return float(total) / sum(batches_per_step)
 
     # a rate held in a device tensor and Adam's step counter on the device: a captured update reads both
     optimizer = torch.optim.Adam(log_factors, lr=torch.tensor(lr, device=given[0].device) if graphed else lr,
@@ -112,7 +138,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                     value.zero_()
 
     def train_step(images: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        loss = batch_fitness(forward, images, ref, loss_fn, temperature, normalize)
+        loss = step_fitness(images, ref)
         gradients = torch.autograd.grad(loss, log_factors, allow_unused=True)
         for log_factor, gradient in zip(log_factors, gradients):
             log_factor.grad = gradient

@@ -220,7 +220,7 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
                 steps=config.gradient_steps, lr=config.gradient_lr, fitness=config.gradient_fitness,
                 checks=config.gradient_checks, temperature=config.temperature, normalize=config.normalize,
                 seed=config.seed, progress=config.progress, compile=compile, cuda_graph=config.gradient_cuda_graph,
-                warmup=config.gradient_warmup)
+                warmup=config.gradient_warmup, step_images=config.gradient_batch_size)
     except KeyboardInterrupt:
         result.interrupted = True
         result.gradient = {"steps": config.gradient_steps, "interrupted": True}
@@ -314,7 +314,7 @@ def fingerprint(session: RefinementSession, config: SearchConfig, batches: list[
             digest.update(f"{handle.name}:{handle.role}:{handle.quant_min}:{handle.quant_max}".encode())
             digest.update(handle.read().detach().cpu().float().numpy().tobytes())
     ignored = {"progress", "checkpoint_path", "device", "compile", "name", "on_interrupt", "agreement_guard",
-               "lossless_kl", "gradient_cuda_graph", "gradient_warmup"}
+               "lossless_kl", "gradient_cuda_graph", "gradient_warmup", "gradient_batch_size"}
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
     digest.update(repr(sorted(settings.items())).encode())
     for batch in batches:

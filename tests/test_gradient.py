@@ -177,7 +177,8 @@ def test_gradient_settings_are_validated_and_the_paper_preset_has_no_stage():
     for changes, name in [({"gradient_steps": -1}, "gradient_steps"), ({"gradient_lr": 0.0}, "gradient_lr"),
                           ({"gradient_fitness": "nope"}, "gradient_fitness"),
                           ({"gradient_checks": 0}, "gradient_checks"), ({"gradient_warmup": 1.5}, "gradient_warmup"),
-                          ({"gradient_warmup": -0.1}, "gradient_warmup")]:
+                          ({"gradient_warmup": -0.1}, "gradient_warmup"),
+                          ({"gradient_batch_size": 50}, "gradient_batch_size")]:
         with pytest.raises(ValueError, match=name):
             SearchConfig(**changes)
     with pytest.raises(ValueError, match="fitness"):
@@ -251,3 +252,45 @@ def test_learned_fake_quant_leaves_out_zero_zero_points_with_the_same_values_and
     # weights symmetric; activations affine, their zero point 0 only where the range starts at 0 (e.g. softmax)
     activations = sum(h.role == "activation" for h in session.all_handles)
     assert kinds["weight"] > 0 and kinds["activation"] < activations
+
+
+def test_steps_packing_batches_keep_each_batch_its_own_fitness_batch(tiny_vit, fmnist):
+    """``step_images`` packs whole calibration batches into one forward pass per step; InfoNCE still takes its
+    negatives from each batch alone, so the checks equal the one-batch-per-step stage's (and not the fitness of
+    merged batches), and the reported loss is the model's own mean fitness at the kept scales."""
+    from cptv_plugin.fitness import infonce
+    from cptv_plugin.gradient import gradient_refine
+
+    calib = fmnist[0][:130]
+    session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W3A8"))
+    handles = session.all_handles
+    given = [h.read() * 1.01 for h in handles]  # off torch.ao's ties (FINDINGS section 19)
+    batches = list(calib.split(50))  # 50, 50, 30: the last batch smaller
+    with torch.no_grad():
+        reference = [tiny_vit(b) for b in batches]
+
+    def mean_infonce(images: list[torch.Tensor], targets: list[torch.Tensor]) -> float:
+        with torch.no_grad():
+            values = [float(infonce(session.chain.forward(b), r, temperature=0.1, normalize=True))
+                      for b, r in zip(images, targets)]
+        return sum(values) / len(values)
+
+    records = {}
+    for step_images in (None, 100, 130):
+        for handle, value in zip(handles, given):
+            handle.set(value)
+        records[step_images] = gradient_refine(handles, session.chain.forward, batches, reference, steps=3, lr=0.003,
+                                               fitness="infonce", checks=1, step_images=step_images)
+        assert records[step_images]["kept"]
+        assert mean_infonce(batches, reference) == pytest.approx(records[step_images]["loss_after"], rel=1e-4)
+    assert "step_images" not in records[None]
+    assert records[100]["step_images"] == 100 and records[130]["step_images"] == 130
+    for handle, value in zip(handles, given):
+        handle.set(value)
+    start = mean_infonce(batches, reference)
+    merged = mean_infonce([calib[:100], calib[100:]], [torch.cat(reference[:2]), reference[2]])
+    assert abs(merged - start) > 0.05  # 100 negatives are not 50: the packing must not merge the batches
+    for record in records.values():
+        assert record["loss_before"] == pytest.approx(start, rel=1e-5)
+    # the packed steps are different steps: the runs end apart
+    assert records[130]["loss_after"] != records[None]["loss_after"]

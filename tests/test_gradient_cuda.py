@@ -89,3 +89,31 @@ def test_graphed_modelopt_stage_equals_the_eager_one(tiny_vit, fmnist):
     model = copy.deepcopy(tiny_vit).cuda()
     session = AmaxSession(quantize_linear(copy.deepcopy(model), calib.cuda(), "W2A8", "baseline"), modelopt_kind())
     assert_same_stage(*stage_twice(session, model, calib))
+
+
+def test_graphed_stage_packing_every_batch_into_one_step(tiny_vit, fmnist):
+    """``step_images``: one captured step over all calibration batches; its checks are the mean over the batches
+    (the eager one-batch-per-step stage's start) and, after the step, the model's own forward at the kept scales."""
+    from cptv_plugin.fx.refine import FxSession
+
+    calib = fmnist[0]
+    model = copy.deepcopy(tiny_vit).cuda()
+    session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W4A8").cuda())
+    handles = [h for g in session.groups for h in g.handles]
+    given = [h.read() * 1.01 for h in handles]
+    batches = list(calib.cuda().split(50))
+    with torch.no_grad():
+        reference = [model(b) for b in batches]
+    forward = functools.partial(session.chain.forward, eager=True)
+    with session.compilable():
+        for handle, value in zip(handles, given):
+            handle.set(value)
+        start = mean_fitness(forward, batches, reference, get_fitness("kl"), 0.1, True)
+        record = gradient_refine(handles, forward, batches, reference, steps=STEPS, lr=LR, checks=STEPS,
+                                 cuda_graph=True, step_images=len(calib))
+        assert record["cuda_graph"] and record["step_images"] == len(calib) and record["kept"]
+        assert record["history"][0]["loss"] == pytest.approx(start, abs=2e-6)
+        assert record["loss_after"] == pytest.approx(
+            mean_fitness(forward, batches, reference, get_fitness("kl"), 0.1, True), rel=1e-4)
+    moved = torch.cat([(h.read() / g - 1).abs().flatten() for h, g in zip(handles, given)])
+    assert (moved > LR / 10).float().mean() > 0.5

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["ScaleHandle", "Group", "SearchState", "set_groups", "affine_fake_quantize"]
+__all__ = ["ScaleHandle", "Group", "SearchState", "set_groups", "affine_fake_quantize",
+           "affine_fake_quantize_with_mask"]
 
 
 class _RoundStraightThrough(torch.autograd.Function):
@@ -33,6 +34,17 @@ def affine_fake_quantize(inputs: torch.Tensor, scale: torch.Tensor, zero_point: 
     """``(clamp(round(x · (1/s)) + z, low, high) − z) · s`` in the input's dtype, per tensor (``axis`` None) or per
     channel along ``axis`` (see :meth:`ScaleHandle.fake_quantize`). ``zero_point`` None: 0 everywhere, two ops
     fewer (the same values; for a symmetric quantizer that is known to be so)."""
+    return _affine(inputs, scale, zero_point, low, high, axis, straight_through, with_mask=False)[0]
+
+
+def affine_fake_quantize_with_mask(inputs: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None,
+                                   low: int, high: int, axis: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`affine_fake_quantize` and where its rounded value lies inside ``[low, high]`` (not clipped)."""
+    return _affine(inputs, scale, zero_point, low, high, axis, False, with_mask=True)
+
+
+def _affine(inputs: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, low: int, high: int,
+            axis: int | None, straight_through: bool, with_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     scale = scale.to(inputs.device, inputs.dtype)
     if zero_point is not None:
         zero_point = zero_point.to(inputs.device, inputs.dtype)
@@ -44,9 +56,11 @@ def affine_fake_quantize(inputs: torch.Tensor, scale: torch.Tensor, zero_point: 
     elif zero_point is not None:
         zero_point = zero_point.reshape(())
     rounded = round_values(inputs * (1.0 / scale), straight_through)
-    if zero_point is None:
-        return torch.clamp(rounded, low, high) * scale
-    return (torch.clamp(rounded + zero_point, low, high) - zero_point) * scale
+    if zero_point is not None:
+        rounded = rounded + zero_point
+    clamped = torch.clamp(rounded, low, high)
+    output = clamped * scale if zero_point is None else (clamped - zero_point) * scale
+    return output, (rounded == clamped) if with_mask else None
 
 
 class ScaleHandle(ABC):
@@ -113,6 +127,13 @@ class ScaleHandle(ABC):
         differentiable in ``scale`` (LSQ's gradient) and ``inputs``."""
         return affine_fake_quantize(inputs, scale, self.zero_points(), *self.clamp_range(), self.axis,
                                     straight_through)
+
+    def fake_quantize_with_mask(self, inputs: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`fake_quantize` (no gradient) and where the rounded value lies inside the integer range: there
+        the straight-through gradient passes to the input, elsewhere the output is the clipped bound. A handle
+        that overrides :meth:`fake_quantize` overrides this too, or the gradient stage differentiates its
+        :meth:`fake_quantize` op by op (slower, the same gradients)."""
+        return affine_fake_quantize_with_mask(inputs, scale, self.zero_points(), *self.clamp_range(), self.axis)
 
     def describe(self) -> str:
         grain = "per-tensor" if self.axis is None else f"per-channel(axis={self.axis})"

@@ -220,17 +220,55 @@ def test_warmup_shrinks_the_first_steps(tiny_vit, fmnist):
     assert moves[0] > 2.0 * lr and 0.5 * lr < moves[1] < 1.3 * lr, moves
 
 
-def test_learned_fake_quant_leaves_out_zero_zero_points_with_the_same_values_and_gradients(tiny_vit, fmnist):
-    """Symmetric weight quantizers (zero points all 0) skip adding and subtracting them in the stage: the values
-    and the scale gradients of the handle's own fake quantization, and the rounding is exactly torch.round."""
-    from cptv_plugin.gradient import _LearnedFakeQuant
-    from cptv_plugin.handles import round_values
+def lsq_reference(inputs, scale, zero_point, low, high, axis):
+    """torch's own LSQ kernels (``torch._fake_quantize_learnable_per_*_affine``, gradient factor 1): the output
+    and a function of the output's gradient giving the input's and the scale's."""
+    inputs = inputs.detach().clone().requires_grad_()
+    scale = scale.detach().clone().requires_grad_()
+    zero_point = zero_point.detach().float().clone().requires_grad_()
+    if axis is None:
+        output = torch._fake_quantize_learnable_per_tensor_affine(inputs, scale, zero_point, low, high, 1.0)
+    else:
+        output = torch._fake_quantize_learnable_per_channel_affine(inputs, scale, zero_point, axis, low, high, 1.0)
+
+    def gradients(gradient):
+        return torch.autograd.grad(output, (inputs, scale), gradient)
+    return output.detach(), gradients
+
+
+def test_learned_fake_quant_has_the_values_of_the_handle_and_the_gradients_of_torchs_lsq(tiny_vit, fmnist):
+    """The stage's fake quant: the handle's own values, and the straight-through gradients of torch's LSQ kernels
+    (∂y/∂x = 1 where the rounded value is inside the integer range, bounds included; ∂y/∂s = round(x/s) − x/s
+    there, the clipped bound outside), fixed whatever torch's version (torch.clamp's gradient at its bounds is
+    1 in torch 2.11, 0 in 2.14). Symmetric quantizers (zero points all 0) skip adding and subtracting them."""
+    from cptv_plugin.gradient import _LearnedFakeQuant, _StraightThroughFakeQuant
+    from cptv_plugin.handles import affine_fake_quantize_with_mask, round_values
 
     values = torch.tensor([-2.5, -1.5, -0.4, 0.5, 1.49, 2.5, 3.7], requires_grad=True)
     rounded = round_values(values, straight_through=True)
     assert torch.equal(rounded, torch.round(values.detach()))
     rounded.sum().backward()
     assert torch.equal(values.grad, torch.ones_like(values))
+
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randn(4, 6, 5, generator=generator)
+    inputs[0, :, 0] = torch.tensor([1.0, 0.5, -1.0, 0.25, 0.3, 1.0])  # on the range's bounds after rounding
+    for axis, base, zero_point in [(1, torch.rand(6, generator=generator) * 0.3 + 0.2,
+                                    torch.tensor([0, 1, -1, 0, -2, 0])),
+                                   (None, torch.tensor([0.3]), torch.tensor([1]))]:
+        log_factor = torch.zeros_like(base, requires_grad=True)
+        mine_inputs = inputs.clone().requires_grad_()
+        mine = _StraightThroughFakeQuant.apply(
+            mine_inputs, log_factor, base,
+            lambda x, s: affine_fake_quantize_with_mask(x, s, zero_point, -2, 1, axis), axis)
+        output, gradients = lsq_reference(inputs, base, zero_point, -2, 1, axis)
+        assert torch.equal(mine.detach(), output)
+        weights = torch.randn(inputs.shape, generator=generator)
+        (mine * weights).sum().backward()
+        input_gradient, scale_gradient = gradients(weights)
+        assert torch.equal(mine_inputs.grad, input_gradient)
+        # d/dδ of base·exp(δ) at δ = 0 is base: the learned factor's gradient is the scale's times the scale
+        assert torch.allclose(log_factor.grad, scale_gradient * base, rtol=1e-5, atol=1e-6)
 
     calib = fmnist[0][:100]
     session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W3A8"))
@@ -241,14 +279,13 @@ def test_learned_fake_quant_leaves_out_zero_zero_points_with_the_same_values_and
         if handle.role != "weight" or not learned.symmetric:
             continue
         weight = handle.weight.detach()
-        own_scale = handle.read().clone().requires_grad_()
-        own = handle.fake_quantize(weight, own_scale, straight_through=True)
         mine = learned(weight)
-        assert torch.equal(mine, own)
-        own.square().sum().backward()
+        assert torch.equal(mine, handle.fake_quantize(weight, handle.read()))
+        output, gradients = lsq_reference(weight, handle.read(), handle.zero_points(), *handle.clamp_range(),
+                                          handle.axis)
         mine.square().sum().backward()
-        # d/dδ of base·exp(δ) at δ = 0 is base: the learned factor's gradient is the scale's times the scale
-        assert torch.allclose(learned.log_factor.grad, own_scale.grad * handle.read(), rtol=1e-5, atol=1e-9)
+        scale_gradient = gradients(2 * output)[1]
+        assert torch.allclose(learned.log_factor.grad, scale_gradient * handle.read(), rtol=1e-5, atol=1e-7)
     # weights symmetric; activations affine, their zero point 0 only where the range starts at 0 (e.g. softmax)
     activations = sum(h.role == "activation" for h in session.all_handles)
     assert kinds["weight"] > 0 and kinds["activation"] < activations
@@ -279,7 +316,7 @@ def test_steps_packing_batches_keep_each_batch_its_own_fitness_batch(tiny_vit, f
     for step_images in (None, 100, 130):
         for handle, value in zip(handles, given):
             handle.set(value)
-        records[step_images] = gradient_refine(handles, session.chain.forward, batches, reference, steps=3, lr=0.003,
+        records[step_images] = gradient_refine(handles, session.chain.forward, batches, reference, steps=6, lr=0.001,
                                                fitness="infonce", checks=1, step_images=step_images)
         assert records[step_images]["kept"]
         assert mean_infonce(batches, reference) == pytest.approx(records[step_images]["loss_after"], rel=1e-4)
@@ -294,3 +331,32 @@ def test_steps_packing_batches_keep_each_batch_its_own_fitness_batch(tiny_vit, f
         assert record["loss_before"] == pytest.approx(start, rel=1e-5)
     # the packed steps are different steps: the runs end apart
     assert records[130]["loss_after"] != records[None]["loss_after"]
+
+
+def test_learned_fake_quant_of_modelopt_has_its_values_and_the_gradients_of_torchs_lsq(tiny_vit, fmnist):
+    """ModelOpt's arithmetic (x · (maxbound / amax), round, clamp, divide) through the stage's fake quant: the
+    handle's own values, and the scale gradients of torch's LSQ kernel at scale = amax / maxbound."""
+    pytest.importorskip("modelopt")
+    from cptv_plugin.amax.modelopt import modelopt_kind
+    from cptv_plugin.amax.session import AmaxSession
+    from cptv_plugin.gradient import _LearnedFakeQuant
+
+    session = AmaxSession(modelopt_w2a8(tiny_vit, fmnist[0]), modelopt_kind())
+    checked = 0
+    for handle in session.all_handles:
+        if handle.role != "weight" or handle.quantizer_module is None:
+            continue
+        weight = handle.weight
+        learned = _LearnedFakeQuant(handle, handle.read().clone(), torch.zeros_like(handle.read(), requires_grad=True))
+        assert learned.quantize is not None and not learned.symmetric
+        mine = learned(weight.detach())
+        assert torch.equal(mine, handle.fake_quantize(weight.detach(), handle.read()))
+        output, gradients = lsq_reference(weight, handle.read().flatten(), torch.zeros(handle.read().numel()),
+                                          handle.quant_min, handle.quant_max, handle.axis)
+        assert torch.allclose(mine, output, rtol=1e-6, atol=0)  # q / (maxbound / amax) is not always q · amax
+        mine.square().sum().backward()
+        scale_gradient = gradients(2 * output)[1]
+        assert torch.allclose(learned.log_factor.grad.flatten(), scale_gradient * handle.read().flatten(),
+                              rtol=1e-4, atol=1e-6)
+        checked += 1
+    assert checked == 4 * 4 + 2  # qkv, proj, fc1, fc2 of four blocks, the patch embedding, the head

@@ -97,10 +97,17 @@ class AmaxHandle(ScaleHandle):
                       straight_through: bool = False) -> torch.Tensor:
         """The framework's integer arithmetic (``integer_fake_quant``) at ``amax = scale × maxbound`` (per tensor:
         any ``scale`` shape that broadcasts against ``inputs``)."""
+        return _integer_fake_quant(inputs, self._amax(scale, inputs), float(self.quant_min), float(self.quant_max),
+                                   straight_through)
+
+    def fake_quantize_with_mask(self, inputs: torch.Tensor, scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return _integer_fake_quant(inputs, self._amax(scale, inputs), float(self.quant_min), float(self.quant_max),
+                                   with_mask=True)
+
+    def _amax(self, scale: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """``scale × maxbound`` on the input's device, shaped as the quantizer's amax where per channel."""
         amax = scale.to(inputs.device, torch.float32) * self.maxbound
-        if self.axis is not None:
-            amax = amax.reshape(self.quantizer.amax.shape)
-        return _integer_fake_quant(inputs, amax, float(self.quant_min), float(self.quant_max), straight_through)
+        return amax.reshape(self.quantizer.amax.shape) if self.axis is not None else amax
 
     @property
     def quantizer_module(self) -> nn.Module | None:
@@ -133,10 +140,14 @@ def integer_fake_quant(inputs: torch.Tensor, quantizer: nn.Module) -> torch.Tens
 
 
 def _integer_fake_quant(inputs: torch.Tensor, amax: torch.Tensor, minbound: float, maxbound: float,
-                        straight_through: bool = False) -> torch.Tensor:
+                        straight_through: bool = False, with_mask: bool = False):
+    """The arithmetic of :func:`integer_fake_quant`; ``with_mask``: also where the rounded value lies inside the
+    integer range, as ``(output, mask)``."""
     scale = torch.full_like(amax, maxbound) / amax  # a true division: ``float / tensor`` multiplies by a reciprocal
     rounded = round_values(inputs.float() * scale, straight_through)
-    return (torch.clamp(rounded, minbound, maxbound) / scale).to(inputs.dtype)
+    clamped = torch.clamp(rounded, minbound, maxbound)
+    output = (clamped / scale).to(inputs.dtype)
+    return (output, rounded == clamped) if with_mask else output
 
 
 def _owner_node(path: str, nodes: dict[str, fx.Node]) -> fx.Node | None:

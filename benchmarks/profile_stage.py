@@ -1,8 +1,9 @@
 """Seconds of the gradient stage alone on the CI ViT (``fmnist_vit_tiny``, 200 calibration images): torch.ao FX
 with every op quantized (W3A8) and ModelOpt's linear placement (W2A8), ``--steps`` steps, each stage ``--repeat``
 times from the same scales (the first includes warm-up). Prints one line per stage with its checks.
-``--op-by-op``: the learned fake quant differentiated op by op through torch's own ops (its gradient at the
-integer range's bounds is torch.clamp's, which changed between torch releases) instead of the closed form.
+``--op-by-op``: the learned fake quant differentiated op by op (the stage's fallback) instead of in closed form.
+(Recorded at 720be8b, before the op-by-op path clamped with its own gradient, it showed what torch.clamp's
+gradient at the range's bounds does: stage_gradient_convention_cpu.json, FINDINGS section 20.)
 
     python -m benchmarks.profile_stage --steps 40 --repeat 3 [--op-by-op] [--out records.json]
 """

@@ -24,6 +24,29 @@ class _RoundStraightThrough(torch.autograd.Function):
         return gradient
 
 
+class _ClampStraightThrough(torch.autograd.Function):
+    """``torch.clamp`` whose gradient passes where the value lies inside ``[low, high]``, bounds included (as in
+    torch's own fake quantize kernels), whatever torch's version: torch.clamp's own gradient at its bounds is 1 in
+    torch 2.11 and 0 in 2.14, and at low bits many rounded values sit on a bound."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, low: float, high: float) -> torch.Tensor:
+        ctx.save_for_backward(values)
+        ctx.low, ctx.high = low, high
+        return torch.clamp(values, low, high)
+
+    @staticmethod
+    def backward(ctx, gradient: torch.Tensor):
+        values, = ctx.saved_tensors
+        return gradient * ((values >= ctx.low) & (values <= ctx.high)), None, None
+
+
+def clamp_values(values: torch.Tensor, low: float, high: float, straight_through: bool = False) -> torch.Tensor:
+    """``clamp(values, low, high)``; with ``straight_through`` its gradient is 1 inside the range, bounds included
+    (the straight-through estimator of a fake quantization's clipping)."""
+    return _ClampStraightThrough.apply(values, low, high) if straight_through else torch.clamp(values, low, high)
+
+
 def round_values(values: torch.Tensor, straight_through: bool = False) -> torch.Tensor:
     """``round(values)`` (half to even); with ``straight_through`` its gradient is the identity (STE)."""
     return _RoundStraightThrough.apply(values) if straight_through else torch.round(values)
@@ -58,7 +81,7 @@ def _affine(inputs: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor 
     rounded = round_values(inputs * (1.0 / scale), straight_through)
     if zero_point is not None:
         rounded = rounded + zero_point
-    clamped = torch.clamp(rounded, low, high)
+    clamped = clamp_values(rounded, low, high, straight_through)
     output = clamped * scale if zero_point is None else (clamped - zero_point) * scale
     return output, (rounded == clamped) if with_mask else None
 

@@ -286,6 +286,10 @@ def test_learned_fake_quant_has_the_values_of_the_handle_and_the_gradients_of_to
         mine.square().sum().backward()
         scale_gradient = gradients(2 * output)[1]
         assert torch.allclose(learned.log_factor.grad, scale_gradient * handle.read(), rtol=1e-5, atol=1e-7)
+        # the handle's own straight-through fake quant (op by op, the stage's fallback) has them too
+        own_scale = handle.read().clone().requires_grad_()
+        handle.fake_quantize(weight, own_scale, straight_through=True).square().sum().backward()
+        assert torch.allclose(own_scale.grad, scale_gradient, rtol=1e-4, atol=1e-5)
     # weights symmetric; activations affine, their zero point 0 only where the range starts at 0 (e.g. softmax)
     activations = sum(h.role == "activation" for h in session.all_handles)
     assert kinds["weight"] > 0 and kinds["activation"] < activations

@@ -18,7 +18,7 @@ from torch import fx, nn
 from ..blocks import ModelStructure, discover_blocks
 from ..engine import Segment, SegmentedModel
 from ..fx.graph import GraphSplitError, assign_groups, split_graph
-from ..handles import Group, ScaleHandle, round_values
+from ..handles import Group, ScaleHandle, clamp_values, round_values
 
 __all__ = ["AmaxHandle", "AmaxSession", "QuantizerKind", "NotCalibratedError", "UnsupportedQuantizerError",
            "integer_fake_quant"]
@@ -145,7 +145,7 @@ def _integer_fake_quant(inputs: torch.Tensor, amax: torch.Tensor, minbound: floa
     integer range, as ``(output, mask)``."""
     scale = torch.full_like(amax, maxbound) / amax  # a true division: ``float / tensor`` multiplies by a reciprocal
     rounded = round_values(inputs.float() * scale, straight_through)
-    clamped = torch.clamp(rounded, minbound, maxbound)
+    clamped = clamp_values(rounded, minbound, maxbound, straight_through)
     output = (clamped / scale).to(inputs.dtype)
     return (output, rounded == clamped) if with_mask else output
 

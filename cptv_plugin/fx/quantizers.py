@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..handles import round_values
+from ..handles import clamp_values, round_values
 from torch.ao.quantization.observer import ObserverBase
 
 __all__ = ["SimulatedQuantizer", "SimulatedWeightModule", "RefinedObserver", "FakeQuantizeView",
@@ -76,7 +76,8 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
         x = x.float()
     zero_point = zero_point.to(x.dtype)
     if x.requires_grad:  # the gradient stage: rounding passes gradients straight through, as ATen's kernel does
-        q = torch.clamp(round_values(x * (1.0 / scale), straight_through=True) + zero_point, quant_min, quant_max)
+        q = clamp_values(round_values(x * (1.0 / scale), straight_through=True) + zero_point, quant_min, quant_max,
+                         straight_through=True)
         return ((q - zero_point) * scale).to(dtype)
     q = torch.round(x * (1.0 / scale)).add_(zero_point).clamp_(quant_min, quant_max)
     return q.sub_(zero_point).mul_(scale).to(dtype)

@@ -263,11 +263,12 @@ class _LearnedFakeQuant:
 
 class _StraightThroughFakeQuant(torch.autograd.Function):
     """``y = q(x, s)`` at ``s = base · exp(δ)`` with LSQ's straight-through gradients in closed form: ``∂y/∂x = m``
-    and ``∂y/∂δ = s · ∂y/∂s = y − m · x``, ``m`` where the rounded value lies inside the integer range (there
-    ``y = s · round(x / s)``; outside, ``y`` is the clipped bound times ``s``). The same gradients as recording
-    the fake quantization's ops with straight-through rounding (up to rounding in the last bits: ``x · (1/s) · s``
-    is not always ``x``), in 5 backward kernels instead of about 20: a CUDA-graphed step of a model with every op
-    quantized is mostly these."""
+    and ``∂y/∂δ = s · ∂y/∂s = y − m · x``, ``m`` where the rounded value lies inside the integer range, its bounds
+    included (there ``y = s · round(x / s)``; outside, ``y`` is the clipped bound times ``s``): the gradients of
+    torch's own LSQ kernels (``torch._fake_quantize_learnable_per_*_affine``) and of recording the fake
+    quantization's ops with straight-through rounding and clipping (up to rounding in the last bits: ``x · (1/s) ·
+    s`` is not always ``x``), in 5 backward kernels instead of about 20: a CUDA-graphed step of a model with every
+    op quantized is mostly these."""
 
     @staticmethod
     def forward(ctx, inputs: torch.Tensor, log_factor: torch.Tensor, base: torch.Tensor,

@@ -68,6 +68,16 @@ def affine_fake_quantize_with_mask(inputs: torch.Tensor, scale: torch.Tensor, ze
 
 def _affine(inputs: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, low: int, high: int,
             axis: int | None, straight_through: bool, with_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if with_mask and axis is None and inputs.is_cuda and inputs.dtype == torch.float32 and scale.numel() == 1:
+        # on CUDA torch's fused kernel, output and mask in one (eight kernels in plain ops; the gradient stage's
+        # CUDA-graphed step is mostly these). The same arithmetic as torch.ao's FakeQuantize, bit for bit. Its
+        # scale, zero point and switch are read on the device: a CUDA graph can capture it (the per-channel kernel
+        # reads its zero points on the host and cannot be captured)
+        zero = (torch.zeros(1, dtype=torch.int32, device=inputs.device) if zero_point is None
+                else zero_point.to(inputs.device, torch.int32).reshape(1))
+        return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
+            inputs, scale.to(inputs.device, torch.float32).reshape(1), zero,
+            torch.ones(1, dtype=torch.long, device=inputs.device), low, high)
     scale = scale.to(inputs.device, inputs.dtype)
     if zero_point is not None:
         zero_point = zero_point.to(inputs.device, inputs.dtype)

@@ -117,3 +117,25 @@ def test_graphed_stage_packing_every_batch_into_one_step(tiny_vit, fmnist):
             mean_fitness(forward, batches, reference, get_fitness("kl"), 0.1, True), rel=1e-4)
     moved = torch.cat([(h.read() / g - 1).abs().flatten() for h, g in zip(handles, given)])
     assert (moved > LR / 10).float().mean() > 0.5
+
+
+def test_per_tensor_fake_quantize_with_mask_on_cuda_is_the_plain_arithmetic():
+    """On CUDA the stage's per-tensor fake quant is torch's fused kernel: the values and the in-range mask of the
+    plain ops (the CPU's path), bit for bit, with and without a zero point, also inside a captured CUDA graph."""
+    from cptv_plugin.handles import affine_fake_quantize_with_mask
+
+    inputs = torch.randn(4096, 97, generator=torch.Generator().manual_seed(0)) * 3
+    for scale, zero_point in [(0.0371, torch.tensor([3])), (0.1, None), (0.02371, torch.tensor([-5]))]:
+        scale = torch.tensor([scale])
+        expected = affine_fake_quantize_with_mask(inputs, scale, zero_point, -128, 127, None)
+        on_cuda = affine_fake_quantize_with_mask(inputs.cuda(), scale.cuda(), zero_point, -128, 127, None)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(on_cuda, expected))
+        # what a captured step reads lives on the device already (a quantizer's buffers do)
+        static, scale = inputs.cuda(), scale.cuda()
+        zero_point = None if zero_point is None else zero_point.cuda()
+        graph = torch.cuda.CUDAGraph()
+        affine_fake_quantize_with_mask(static, scale, zero_point, -128, 127, None)  # warm-up
+        with torch.cuda.graph(graph):
+            captured = affine_fake_quantize_with_mask(static, scale, zero_point, -128, 127, None)
+        graph.replay()
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(captured, expected))

@@ -93,12 +93,17 @@ def test_graphed_modelopt_stage_equals_the_eager_one(tiny_vit, fmnist):
 
 def test_graphed_stage_packing_every_batch_into_one_step(tiny_vit, fmnist):
     """``step_images``: one captured step over all calibration batches; its checks are the mean over the batches
-    (the eager one-batch-per-step stage's start) and, after the step, the model's own forward at the kept scales."""
-    from cptv_plugin.fx.refine import FxSession
+    (the eager one-batch-per-step stage's start) and, after the step, the model's own forward at the kept scales.
+    ModelOpt at W2A8, whose KL falls at once (torch.ao's W4A8 model from 1 % off kept nothing after one packed step
+    at this rate on the H200: its first step moves every scale by ~1 %, across ties)."""
+    pytest.importorskip("modelopt")
+    from benchmarks.accuracy import quantize_linear
+    from cptv_plugin.amax.modelopt import modelopt_kind
+    from cptv_plugin.amax.session import AmaxSession
 
     calib = fmnist[0]
     model = copy.deepcopy(tiny_vit).cuda()
-    session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W4A8").cuda())
+    session = AmaxSession(quantize_linear(copy.deepcopy(model), calib.cuda(), "W2A8", "baseline"), modelopt_kind())
     handles = [h for g in session.groups for h in g.handles]
     given = [h.read() * 1.01 for h in handles]
     batches = list(calib.cuda().split(50))
@@ -111,8 +116,9 @@ def test_graphed_stage_packing_every_batch_into_one_step(tiny_vit, fmnist):
         start = mean_fitness(forward, batches, reference, get_fitness("kl"), 0.1, True)
         record = gradient_refine(handles, forward, batches, reference, steps=STEPS, lr=LR, checks=STEPS,
                                  cuda_graph=True, step_images=len(calib))
-        assert record["cuda_graph"] and record["step_images"] == len(calib) and record["kept"]
+        assert record["cuda_graph"] and record["step_images"] == len(calib)
         assert record["history"][0]["loss"] == pytest.approx(start, abs=2e-6)
+        assert record["kept"], record["history"]
         assert record["loss_after"] == pytest.approx(
             mean_fitness(forward, batches, reference, get_fitness("kl"), 0.1, True), rel=1e-4)
     moved = torch.cat([(h.read() / g - 1).abs().flatten() for h, g in zip(handles, given)])

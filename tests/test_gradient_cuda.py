@@ -16,18 +16,32 @@ from conftest import prepare_and_calibrate
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 
 
-def stage_twice(session, model, calib):
-    """The stage from the same scales, eagerly and replayed as CUDA graphs, under the switches a refinement
-    enters on CUDA: (records, the given scales, the scales after each)."""
+def stage_inputs(session, model, calib):
+    """What a stage on CUDA takes: (handles, the scales to start from, batches of 50, their FP32 outputs, the eager
+    forward). The start is 1 % off the given scales: torch.ao's MinMax puts each channel's largest weight exactly
+    between two levels (FINDINGS section 18); from there the eager and the graphed steps moved 99 % of the scales
+    apart by up to 0.5 % (an H200), from 1 % off by at most 2.4e-7."""
     handles = [h for g in session.groups for h in g.handles]
-    # 1 % off the given scales: torch.ao's MinMax puts each channel's largest weight exactly between two levels
-    # (FINDINGS section 18); from there the eager and the graphed steps moved 99 % of the scales apart by up to
-    # 0.5 % (an H200), from 1 % off by at most 2.4e-7
-    given = [h.read() * 1.01 for h in handles]
     batches = list(calib.cuda().split(50))
     with torch.no_grad():
         reference = [model(b) for b in batches]
-    forward = functools.partial(session.chain.forward, eager=True)
+    return (handles, [h.read() * 1.01 for h in handles], batches, reference,
+            functools.partial(session.chain.forward, eager=True))
+
+
+def modelopt_session(model, calib):
+    """ModelOpt's default placement at W2A8 on ``model`` (on CUDA), as a refinement session."""
+    from benchmarks.accuracy import quantize_linear
+    from cptv_plugin.amax.modelopt import modelopt_kind
+    from cptv_plugin.amax.session import AmaxSession
+
+    return AmaxSession(quantize_linear(copy.deepcopy(model), calib.cuda(), "W2A8", "baseline"), modelopt_kind())
+
+
+def stage_twice(session, model, calib):
+    """The stage from the same scales, eagerly and replayed as CUDA graphs, under the switches a refinement
+    enters on CUDA: (records, the given scales, the scales after each)."""
+    handles, given, batches, reference, forward = stage_inputs(session, model, calib)
     records, scales = [], []
     with session.compilable():
         for graphed in (False, True):
@@ -81,14 +95,9 @@ def test_graphed_fx_stage_equals_the_eager_one(tiny_vit, fmnist):
 
 def test_graphed_modelopt_stage_equals_the_eager_one(tiny_vit, fmnist):
     pytest.importorskip("modelopt")
-    from benchmarks.accuracy import quantize_linear
-    from cptv_plugin.amax.modelopt import modelopt_kind
-    from cptv_plugin.amax.session import AmaxSession
-
     calib = fmnist[0]
     model = copy.deepcopy(tiny_vit).cuda()
-    session = AmaxSession(quantize_linear(copy.deepcopy(model), calib.cuda(), "W2A8", "baseline"), modelopt_kind())
-    assert_same_stage(*stage_twice(session, model, calib))
+    assert_same_stage(*stage_twice(modelopt_session(model, calib), model, calib))
 
 
 def test_graphed_stage_packing_every_batch_into_one_step(tiny_vit, fmnist):
@@ -97,19 +106,10 @@ def test_graphed_stage_packing_every_batch_into_one_step(tiny_vit, fmnist):
     ModelOpt at W2A8, whose KL falls at once (torch.ao's W4A8 model from 1 % off kept nothing after one packed step
     at this rate on the H200: its first step moves every scale by ~1 %, across ties)."""
     pytest.importorskip("modelopt")
-    from benchmarks.accuracy import quantize_linear
-    from cptv_plugin.amax.modelopt import modelopt_kind
-    from cptv_plugin.amax.session import AmaxSession
-
     calib = fmnist[0]
     model = copy.deepcopy(tiny_vit).cuda()
-    session = AmaxSession(quantize_linear(copy.deepcopy(model), calib.cuda(), "W2A8", "baseline"), modelopt_kind())
-    handles = [h for g in session.groups for h in g.handles]
-    given = [h.read() * 1.01 for h in handles]
-    batches = list(calib.cuda().split(50))
-    with torch.no_grad():
-        reference = [model(b) for b in batches]
-    forward = functools.partial(session.chain.forward, eager=True)
+    session = modelopt_session(model, calib)
+    handles, given, batches, reference, forward = stage_inputs(session, model, calib)
     with session.compilable():
         for handle, value in zip(handles, given):
             handle.set(value)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -68,13 +67,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         records += modelopt_stages(model, calib, batches, reference, args)
     finally:
-        if args.out:
+        if args.out:  # appended, written atomically (the accuracy benchmark's record file helpers)
+            from benchmarks.accuracy import load_records, save_records
+
             path = Path(args.out)
-            previous = json.loads(path.read_text()) if path.exists() else []
             gradients = "op by op" if args.op_by_op else "closed form"
-            path.write_text(json.dumps(previous + [
+            save_records(path, load_records(path) + [
                 {**r, "gradients": gradients, "device": args.device, "torch": torch.__version__.split("+")[0]}
-                for r in records], indent=1) + "\n")
+                for r in records])
 
 
 def modelopt_stages(model, calib, batches, reference, args) -> list[dict]:

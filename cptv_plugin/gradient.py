@@ -91,8 +91,11 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
         reference = [torch.cat([reference[i] for i in members]) for members in packed]
     batches_per_step = [len(members) for members in packed]
 
+    learned = _LearnedScales(given, log_factors)
+
     def step_fitness(images: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """The mean fitness of the fitness batches packed in ``images`` (float32 scalar)."""
+        learned.update()
         output = _as_output_tensor(forward(images)).float()
         ref = ref.float()
         if len(images) <= per_batch:
@@ -145,8 +148,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
         optimizer.step()
         return loss
 
-    undo = [_run_instead(handle.quantizer_module, _LearnedFakeQuant(handle, base, log_factor))
-            for handle, base, log_factor in zip(movable, given, log_factors)]
+    undo = [_run_instead(handle.quantizer_module, _LearnedFakeQuant(handle, learned, index))
+            for index, handle in enumerate(movable)]
     check_every = max(1, steps // checks)
     try:
         step_fn = train_step
@@ -235,14 +238,32 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     return record
 
 
+class _LearnedScales:
+    """Every learned scale ``given · exp(δ)``, computed once per forward pass by two foreach ops for all of them
+    (computed in each quantizer call, they cost two kernels a call, and torch.ao calls a shared quantizer up to
+    three times a block), outside autograd: the gradient reaches ``δ`` through :class:`_StraightThroughFakeQuant`,
+    which returns it directly."""
+
+    def __init__(self, given: list[torch.Tensor], log_factors: list[torch.Tensor]):
+        self.given, self.log_factors = given, log_factors
+        self.values: list[torch.Tensor] = []
+
+    def update(self) -> None:
+        with torch.no_grad():
+            values = torch._foreach_exp(self.log_factors)
+            torch._foreach_mul_(values, self.given)  # exp(δ) · given: the same product as given · exp(δ)
+        self.values = values
+
+
 class _LearnedFakeQuant:
     """A quantizer's forward during the stage: ``handle.fake_quantize(x, given · exp(δ))`` with the
     straight-through gradients of :class:`_StraightThroughFakeQuant`. Where the handle keeps the base class's
     arithmetic (torch.ao's) and its zero points are all 0 (symmetric weights), they are left out: the same values,
     two ops fewer (a kernel each, every step, in a CUDA-graphed step)."""
 
-    def __init__(self, handle: ScaleHandle, base: torch.Tensor, log_factor: torch.Tensor):
-        self.handle, self.base, self.log_factor = handle, base, log_factor
+    def __init__(self, handle: ScaleHandle, learned: _LearnedScales, index: int):
+        self.handle, self.learned, self.index = handle, learned, index
+        self.base, self.log_factor = learned.given[index], learned.log_factors[index]
         own_arithmetic = type(handle).fake_quantize is ScaleHandle.fake_quantize
         self.symmetric = own_arithmetic and not bool(handle.zero_points().ne(0).any())  # read before any capture
         self.quantize: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None
@@ -258,7 +279,8 @@ class _LearnedFakeQuant:
         if self.quantize is None:
             scale = self.base * self.log_factor.exp()
             return self.handle.fake_quantize(inputs, scale, straight_through=True).to(inputs.dtype)
-        return _StraightThroughFakeQuant.apply(inputs, self.log_factor, self.base, self.quantize, self.handle.axis)
+        return _StraightThroughFakeQuant.apply(inputs, self.log_factor, self.learned.values[self.index],
+                                               self.quantize, self.handle.axis)
 
 
 class _StraightThroughFakeQuant(torch.autograd.Function):
@@ -271,10 +293,10 @@ class _StraightThroughFakeQuant(torch.autograd.Function):
     op quantized is mostly these."""
 
     @staticmethod
-    def forward(ctx, inputs: torch.Tensor, log_factor: torch.Tensor, base: torch.Tensor,
+    def forward(ctx, inputs: torch.Tensor, log_factor: torch.Tensor, scale: torch.Tensor,
                 quantize: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
                 axis: int | None) -> torch.Tensor:
-        output, in_range = quantize(inputs, base * log_factor.exp())
+        output, in_range = quantize(inputs, scale)  # scale = given · exp(log_factor), computed outside autograd
         output = output.to(inputs.dtype)
         ctx.save_for_backward(inputs, output, in_range)
         ctx.axis, ctx.factor_shape = axis, log_factor.shape

@@ -66,6 +66,21 @@ def affine_fake_quantize_with_mask(inputs: torch.Tensor, scale: torch.Tensor, ze
     return _affine(inputs, scale, zero_point, low, high, axis, False, with_mask=True)
 
 
+_FUSED_CONSTANTS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _fused_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused kernel's zero point 0 and its on switch, made once per device (two fill kernels fewer in every
+    call of a CUDA-graphed step); never made while a CUDA graph is being captured (memory of the graph's pool is
+    reused once the graph is gone)."""
+    if device not in _FUSED_CONSTANTS:
+        constants = (torch.zeros(1, dtype=torch.int32, device=device), torch.ones(1, dtype=torch.long, device=device))
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return constants
+        _FUSED_CONSTANTS[device] = constants
+    return _FUSED_CONSTANTS[device]
+
+
 def _affine(inputs: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, low: int, high: int,
             axis: int | None, straight_through: bool, with_mask: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     if with_mask and axis is None and inputs.is_cuda and inputs.dtype == torch.float32 and scale.numel() == 1:
@@ -73,11 +88,10 @@ def _affine(inputs: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor 
         # CUDA-graphed step is mostly these). The same arithmetic as torch.ao's FakeQuantize, bit for bit. Its
         # scale, zero point and switch are read on the device: a CUDA graph can capture it (the per-channel kernel
         # reads its zero points on the host and cannot be captured)
-        zero = (torch.zeros(1, dtype=torch.int32, device=inputs.device) if zero_point is None
-                else zero_point.to(inputs.device, torch.int32).reshape(1))
+        zero_default, enabled = _fused_constants(inputs.device)
+        zero = zero_default if zero_point is None else zero_point.to(inputs.device, torch.int32).reshape(1)
         return torch._fake_quantize_per_tensor_affine_cachemask_tensor_qparams(
-            inputs, scale.to(inputs.device, torch.float32).reshape(1), zero,
-            torch.ones(1, dtype=torch.long, device=inputs.device), low, high)
+            inputs, scale.to(inputs.device, torch.float32).reshape(1), zero, enabled, low, high)
     scale = scale.to(inputs.device, inputs.dtype)
     if zero_point is not None:
         zero_point = zero_point.to(inputs.device, inputs.dtype)

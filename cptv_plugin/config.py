@@ -16,7 +16,8 @@ class SearchConfig:
     """Settings of the block-wise evolutionary search (CPT-V, the paper's Algorithm 1).
 
     Args:
-        passes: K, passes over all groups of scales.
+        passes: K, passes over all groups of scales. 0: no evolutionary search; the start candidates, when any, are
+            still judged and the gradient stage still runs (a gradient-only refinement).
         population: P, population size per group visit (the current scales are one member).
         cycles: C, evolution cycles per group visit.
         samples: S, members drawn per tournament; the fittest is the parent.
@@ -169,7 +170,9 @@ class SearchConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming every impossible setting."""
         problems = []
-        for attr in ("passes", "population", "samples", "batch_size"):
+        if self.passes < 0:
+            problems.append(f"passes must be >= 0 (got {self.passes}); 0 skips the evolutionary search")
+        for attr in ("population", "samples", "batch_size"):
             if getattr(self, attr) < 1:
                 problems.append(f"{attr} must be >= 1 (got {getattr(self, attr)})")
         if self.cycles < 0:

@@ -58,7 +58,9 @@ def visit_plan(groups: list[Group], passes: int, granularity: str,
     ``"block"``: the groups themselves, every pass. ``"fine_to_coarse"``: the first 30 % of the passes (at least
     one) visit :func:`sub_units`, the last 30 % (at least one, where three passes or more) :func:`pairs`, the rest
     whole groups. ``reverse`` visits each pass's units last to first."""
-    if granularity == "block":
+    if passes == 0:
+        levels = []
+    elif granularity == "block":
         levels = [list(groups)] * passes
     elif granularity == "fine_to_coarse":
         fine = [unit for group in groups for unit in sub_units(group)]

@@ -127,7 +127,7 @@ def _search(session: RefinementSession, config: SearchConfig, device: torch.devi
         if obstacle:  # a warning only where the user asked for it
             log = logger.warning if config.compile is True else logger.info
             log("compile=%s ignored: %s; the search runs eagerly", config.compile, obstacle)
-        else:
+        elif config.passes:  # without a search the few evaluations would wait for compiling for nothing
             # segments before the first searched group only fill the cache, once per pass: left eager
             session.chain.compile(start=min((g.segment for g in session.groups), default=0))
     precision = config.resolved_precision(device.type)

@@ -12,7 +12,7 @@ from cptv_plugin.fx.refine import FxSession
 from conftest import prepare_and_calibrate
 
 # one visit of one member per group (the search changes nothing), then the gradient stage alone
-GRADIENT_ONLY = SearchConfig(passes=1, population=1, cycles=0, samples=1, batch_size=50, progress=False,
+GRADIENT_ONLY = SearchConfig(passes=0, population=1, cycles=0, samples=1, batch_size=50, progress=False,
                              search_outside_blocks=False, seed_candidates=(), start_candidates=(),
                              gradient_steps=60, gradient_lr=0.01)
 
@@ -42,6 +42,7 @@ def test_gradient_stage_lowers_the_fitness_the_framework_itself_computes(tiny_vi
     result = cptv_plugin.refine(model, calib, config=GRADIENT_ONLY)
     record = result.gradient
     assert record["kept"] and record["loss_after"] < record["loss_before"]
+    assert result.evaluations == 1 and result.history == []  # passes=0: the initial fitness, no search visit
     searched = [name for name in given if name.startswith("blocks.")]  # not the patch embedding and head
     assert record["scales"] == len(searched) == 4 * 8 and record["fixed"] == 0
     moved = amax_of(model)
@@ -236,12 +237,21 @@ def lsq_reference(inputs, scale, zero_point, low, high, axis):
     return output.detach(), gradients
 
 
+def learned_fake_quant(handle):
+    """The stage's forward for ``handle``'s quantizer at its own scale (log factor 0, whose gradient it fills)."""
+    from cptv_plugin.gradient import _LearnedFakeQuant, _LearnedScales
+
+    learned = _LearnedScales([handle.read().clone()], [torch.zeros_like(handle.read(), requires_grad=True)])
+    learned.update()
+    return _LearnedFakeQuant(handle, learned, 0)
+
+
 def test_learned_fake_quant_has_the_values_of_the_handle_and_the_gradients_of_torchs_lsq(tiny_vit, fmnist):
     """The stage's fake quant: the handle's own values, and the straight-through gradients of torch's LSQ kernels
     (∂y/∂x = 1 where the rounded value is inside the integer range, bounds included; ∂y/∂s = round(x/s) − x/s
     there, the clipped bound outside), fixed whatever torch's version (torch.clamp's gradient at its bounds is
     1 in torch 2.11, 0 in 2.14). Symmetric quantizers (zero points all 0) skip adding and subtracting them."""
-    from cptv_plugin.gradient import _LearnedFakeQuant, _StraightThroughFakeQuant
+    from cptv_plugin.gradient import _StraightThroughFakeQuant
     from cptv_plugin.handles import affine_fake_quantize_with_mask, round_values
 
     values = torch.tensor([-2.5, -1.5, -0.4, 0.5, 1.49, 2.5, 3.7], requires_grad=True)
@@ -274,7 +284,7 @@ def test_learned_fake_quant_has_the_values_of_the_handle_and_the_gradients_of_to
     session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W3A8"))
     kinds = {"weight": 0, "activation": 0}
     for handle in session.all_handles:
-        learned = _LearnedFakeQuant(handle, handle.read().clone(), torch.zeros_like(handle.read(), requires_grad=True))
+        learned = learned_fake_quant(handle)
         kinds[handle.role] += learned.symmetric
         if handle.role != "weight" or not learned.symmetric:
             continue
@@ -343,15 +353,13 @@ def test_learned_fake_quant_of_modelopt_has_its_values_and_the_gradients_of_torc
     pytest.importorskip("modelopt")
     from cptv_plugin.amax.modelopt import modelopt_kind
     from cptv_plugin.amax.session import AmaxSession
-    from cptv_plugin.gradient import _LearnedFakeQuant
-
     session = AmaxSession(modelopt_w2a8(tiny_vit, fmnist[0]), modelopt_kind())
     checked = 0
     for handle in session.all_handles:
         if handle.role != "weight" or handle.quantizer_module is None:
             continue
         weight = handle.weight
-        learned = _LearnedFakeQuant(handle, handle.read().clone(), torch.zeros_like(handle.read(), requires_grad=True))
+        learned = learned_fake_quant(handle)
         assert learned.quantize is not None and not learned.symmetric
         mine = learned(weight.detach())
         assert torch.equal(mine, handle.fake_quantize(weight.detach(), handle.read()))

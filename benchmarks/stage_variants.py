@@ -1,0 +1,145 @@
+"""Gradient-stage variants from one search: per model, placement, bits and seed, the baseline, the paper preset and
+the default's search (``gradient_steps=0``) run once; each variant's stage then starts from a copy of the searched
+model (``SearchConfig(passes=0)``: no search, no starts, the stage only). Every run alone in this process, so the
+seconds are comparable (seconds per point gained = (search + stage) / (top-1 − baseline)).
+
+Variants are names of dash-joined settings: ``s600`` (``gradient_steps``), ``gb200`` (``gradient_batch_size``),
+``lr0.005`` (``gradient_lr``), ``wu0.1`` (``gradient_warmup``), ``c5`` (``gradient_checks``); ``s1000`` is the
+default's stage. ``only-s1000``: the stage from the baseline with the default's starts and no search.
+
+    python -m benchmarks.stage_variants --models fmnist_swin_tiny --placements e2e --bits W2A8 --seeds 0 1 2 \\
+        --variants s1000 s600 gb200-s500 --out benchmarks/results/experiments/stage_variants_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.accuracy import (data_for, evaluation_model, fx_target, load_records, outcome_on_test_set,
+                                 quantize_e2e, quantize_linear, save_records, search_config)
+
+SETTINGS = {"s": ("gradient_steps", int), "gb": ("gradient_batch_size", int), "lr": ("gradient_lr", float),
+            "wu": ("gradient_warmup", float), "c": ("gradient_checks", int)}
+
+
+def variant_settings(name: str) -> tuple[bool, dict]:
+    """``(from_baseline, overrides)`` of a variant name such as ``gb200-s500`` or ``only-s1000``."""
+    overrides, from_baseline = {}, False
+    for token in name.split("-"):
+        if token == "only":
+            from_baseline = True
+            continue
+        prefix = next((p for p in sorted(SETTINGS, key=len, reverse=True) if token.startswith(p)), None)
+        if prefix is None:
+            raise ValueError(f"unknown setting {token!r} in variant {name!r}; known prefixes: {sorted(SETTINGS)}")
+        attribute, kind = SETTINGS[prefix]
+        overrides[attribute] = kind(token[len(prefix):])
+    return from_baseline, overrides
+
+
+def measure(quantized, placement: str, bits: str, test_x, test_y, fp32_logits) -> dict:
+    from cptv_plugin.train import predict_logits
+
+    outcome = outcome_on_test_set(predict_logits(evaluation_model(quantized, placement, bits), test_x), test_y,
+                                  fp32_logits)
+    return {k: v for k, v in outcome.items() if k != "correct"}
+
+
+def refine(quantized, calib, placement: str, bits: str, config) -> tuple[dict, float]:
+    import cptv_plugin
+
+    target = fx_target(placement, bits)
+    options = {"target": target} if target is not None else {}
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.time()
+    result = cptv_plugin.refine(quantized, calib, config=config, **options)
+    seconds = time.time() - start
+    return result, seconds
+
+
+def run_seed(args, model_name: str, model, placement: str, bits: str, seed: int, device) -> list[dict]:
+    from cptv_plugin.train import predict_logits
+
+    calib, test_x, test_y = data_for(args, model_name, model, seed, device)
+    fp32_logits = predict_logits(model, test_x)
+    quantize = {"e2e": quantize_e2e, "linear": quantize_linear}[placement]
+    common = {"model": model_name, "placement": placement, "bits": bits, "seed": seed,
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "torch": torch.__version__.split("+")[0]}
+    records = []
+
+    def record(method: str, quantized, seconds: float, result=None, **extra) -> None:
+        entry = {**common, "method": method, "seconds": round(seconds, 2),
+                 **measure(quantized, placement, bits, test_x, test_y, fp32_logits), **extra}
+        if result is not None:
+            entry["evaluations"] = result.evaluations
+            if result.gradient is not None:
+                entry["gradient"] = result.gradient
+        records.append(entry)
+        print(json.dumps({k: v for k, v in entry.items() if k not in ("gradient",)}), flush=True)
+
+    torch.manual_seed(seed)
+    baseline = quantize(model, calib, bits, "baseline")
+    if args.warmup and seed == args.seeds[0]:  # compiles the segments the searches run, so no run below waits
+        refine(copy.deepcopy(baseline), calib, placement, bits,
+               search_config("default", seed, device).replace(passes=1, gradient_steps=0))
+    record("baseline", baseline, 0.0)
+    paper = copy.deepcopy(baseline)
+    result, seconds = refine(paper, calib, placement, bits, search_config("paper", seed, device))
+    record("paper", paper, seconds, result)
+    searched = copy.deepcopy(baseline)
+    result, search_seconds = refine(searched, calib, placement, bits,
+                                    search_config("default", seed, device).replace(gradient_steps=0))
+    record("search", searched, search_seconds, result)
+    for name in args.variants:
+        from_baseline, overrides = variant_settings(name)
+        config = search_config("default", seed, device).replace(passes=0, **overrides)
+        if not from_baseline:
+            config = config.replace(start_candidates=(), seed_candidates=(), lossless_kl=0.0)
+        quantized = copy.deepcopy(baseline if from_baseline else searched)
+        result, seconds = refine(quantized, calib, placement, bits, config)
+        stage = (result.gradient or {}).get("seconds", 0.0)
+        total = seconds if from_baseline else search_seconds + seconds
+        record(name, quantized, total, result, stage_seconds=stage, refine_seconds=round(seconds, 2))
+    return records
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=["fmnist_swin_tiny"])
+    parser.add_argument("--placements", nargs="+", default=["e2e"], choices=["e2e", "linear"])
+    parser.add_argument("--bits", nargs="+", default=["W2A8"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--variants", nargs="+", default=["s1000"])
+    parser.add_argument("--calibration", type=int, default=1000)
+    parser.add_argument("--test-images", type=int, default=10000)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-warmup", dest="warmup", action="store_false",
+                        help="skip the unrecorded one-pass search that fills inductor's caches first")
+    parser.add_argument("--out", required=True, help="append the records to this JSON file (written atomically)")
+    args = parser.parse_args(argv)
+    args.imagenet = None
+    for name in args.variants:  # a typo fails before any run
+        variant_settings(name)
+    from cptv_plugin.models import load_reference_model
+
+    device = torch.device(args.device)
+    out = Path(args.out)
+    for model_name in args.models:
+        model = load_reference_model(model_name).eval().to(device)
+        for placement in args.placements:
+            for bits in args.bits:
+                for seed in args.seeds:
+                    records = run_seed(args, model_name, model, placement, bits, seed, device)
+                    save_records(out, load_records(out) + records)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,7 +1,9 @@
 """Gradient-stage variants from one search: per model, placement, bits and seed, the baseline, the paper preset and
 the default's search (``gradient_steps=0``) run once; each variant's stage then starts from a copy of the searched
 model (``SearchConfig(passes=0)``: no search, no starts, the stage only). Every run alone in this process, so the
-seconds are comparable (seconds per point gained = (search + stage) / (top-1 − baseline)).
+seconds are comparable: ``seconds`` is wall time of the ``refine`` calls (a variant's: the search's plus its own),
+``result_seconds`` what ``RefineResult.seconds`` says (the accuracy benchmark's seconds), ``stage_seconds`` the
+stage's own. Seconds per point gained = seconds / (top-1 − baseline).
 
 Variants are names of dash-joined settings: ``s600`` (``gradient_steps``), ``gb200`` (``gradient_batch_size``),
 ``lr0.005`` (``gradient_lr``), ``wu0.1`` (``gradient_warmup``), ``c5`` (``gradient_checks``); ``s1000`` is the
@@ -51,7 +53,9 @@ def measure(quantized, placement: str, bits: str, test_x, test_y, fp32_logits) -
     return {k: v for k, v in outcome.items() if k != "correct"}
 
 
-def refine(quantized, calib, placement: str, bits: str, config) -> tuple[dict, float]:
+def refine(quantized, calib, placement: str, bits: str, config, fp_model) -> tuple[dict, float]:
+    """``cptv_plugin.refine`` against ``fp_model`` (a refined FX model's weights are clipped onto their grid: with
+    quantization off it is not the float model any more) and its wall time."""
     import cptv_plugin
 
     target = fx_target(placement, bits)
@@ -59,7 +63,7 @@ def refine(quantized, calib, placement: str, bits: str, config) -> tuple[dict, f
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.time()
-    result = cptv_plugin.refine(quantized, calib, config=config, **options)
+    result = cptv_plugin.refine(quantized, calib, config=config, fp_model=fp_model, **options)
     seconds = time.time() - start
     return result, seconds
 
@@ -78,8 +82,8 @@ def run_seed(args, model_name: str, model, placement: str, bits: str, seed: int,
     def record(method: str, quantized, seconds: float, result=None, **extra) -> None:
         entry = {**common, "method": method, "seconds": round(seconds, 2),
                  **measure(quantized, placement, bits, test_x, test_y, fp32_logits), **extra}
-        if result is not None:
-            entry["evaluations"] = result.evaluations
+        if result is not None:  # RefineResult.seconds: what the accuracy benchmark records as a run's seconds
+            entry["evaluations"], entry["result_seconds"] = result.evaluations, round(result.seconds, 2)
             if result.gradient is not None:
                 entry["gradient"] = result.gradient
         records.append(entry)
@@ -89,14 +93,14 @@ def run_seed(args, model_name: str, model, placement: str, bits: str, seed: int,
     baseline = quantize(model, calib, bits, "baseline")
     if args.warmup and seed == args.seeds[0]:  # compiles the segments the searches run, so no run below waits
         refine(copy.deepcopy(baseline), calib, placement, bits,
-               search_config("default", seed, device).replace(passes=1, gradient_steps=0))
+               search_config("default", seed, device).replace(passes=1, gradient_steps=0), model)
     record("baseline", baseline, 0.0)
     paper = copy.deepcopy(baseline)
-    result, seconds = refine(paper, calib, placement, bits, search_config("paper", seed, device))
+    result, seconds = refine(paper, calib, placement, bits, search_config("paper", seed, device), model)
     record("paper", paper, seconds, result)
     searched = copy.deepcopy(baseline)
     result, search_seconds = refine(searched, calib, placement, bits,
-                                    search_config("default", seed, device).replace(gradient_steps=0))
+                                    search_config("default", seed, device).replace(gradient_steps=0), model)
     record("search", searched, search_seconds, result)
     for name in args.variants:
         from_baseline, overrides = variant_settings(name)
@@ -104,7 +108,7 @@ def run_seed(args, model_name: str, model, placement: str, bits: str, seed: int,
         if not from_baseline:
             config = config.replace(start_candidates=(), seed_candidates=(), lossless_kl=0.0)
         quantized = copy.deepcopy(baseline if from_baseline else searched)
-        result, seconds = refine(quantized, calib, placement, bits, config)
+        result, seconds = refine(quantized, calib, placement, bits, config, model)
         stage = (result.gradient or {}).get("seconds", 0.0)
         total = seconds if from_baseline else search_seconds + seconds
         record(name, quantized, total, result, stage_seconds=stage, refine_seconds=round(seconds, 2))

@@ -247,6 +247,22 @@ def test_fake_quant_target_honours_four_bit_activations(tiny_vit, fmnist):
     assert all(h.quantizer.quant_max == 255 for h in session.all_handles if h.role == "activation")
 
 
+def test_refining_a_refined_model_again_needs_the_float_model(refined_w3a8, fmnist, tiny_vit):
+    """A commit clips 3-bit weights onto their grid, so the refined model with quantization off is not the float
+    model any more: refining it again without ``fp_model`` would match the clipped one (on the H200 a stage run
+    so ended 20 points under the scales it started from). It is refused; with ``fp_model`` the refinement
+    starts where the first one ended."""
+    _, prepared, result = refined_w3a8
+    again = copy.deepcopy(prepared)
+    calib = fmnist[0]
+    with pytest.raises(ValueError, match="fp_model=") as raised:
+        cptv_plugin.refine_fx(again, calib, config=TINY_SEARCH)
+    assert "clipped onto their narrowed grid" in str(raised.value)
+    resumed = cptv_plugin.refine_fx(again, calib, fp_model=tiny_vit,
+                                    config=TINY_SEARCH.replace(passes=0, start_candidates=(), gradient_steps=0))
+    assert resumed.initial_fitness == pytest.approx(result.final_fitness, rel=1e-4)
+
+
 def test_explicit_fp_model_is_used_as_reference(tiny_vit, fmnist):
     calib = fmnist[0][:100]
     prepared = prepare_and_calibrate(tiny_vit, calib, "W4A8")

@@ -86,6 +86,11 @@ class _QuantizerInfo:
         low, high = DTYPE_RANGES.get(self.dtype, (self.quant_min, self.quant_max))
         return (self.quant_min, self.quant_max) != (low, high)
 
+    @property
+    def clamps_weight(self) -> bool:
+        """Whether :meth:`commit` clips the module's weight onto the narrowed grid (in place)."""
+        return getattr(self, "weight", None) is not None and getattr(self, "clamp_weights", False) and self.narrowed
+
 
 class ObserverHandle(_QuantizerInfo, ScaleHandle):
     """An activation observer of a ``prepare_fx`` model. The search moves a :class:`SimulatedQuantizer`;
@@ -178,7 +183,7 @@ class WeightObserverHandle(_QuantizerInfo, ScaleHandle):
                 eps=float(frozen.eps), averaging_constant=frozen.averaging_constant,
             ),
         )
-        if self.clamp_weights and self.narrowed:
+        if self.clamps_weight:
             clamp_weight_to_grid(self.weight, self.quantizer.scale, self.quantizer.zero_point, self.quant_min,
                                  self.quant_max, self.axis)
 
@@ -226,5 +231,5 @@ class FakeQuantizeHandle(_QuantizerInfo, ScaleHandle):
         fq.activation_post_process = self.refined_cls.like(fq.activation_post_process, fq.scale.detach().clone(),
                                                            fq.zero_point.detach().clone())
         fq.disable_observer()
-        if self.weight is not None and self.clamp_weights and self.narrowed:
+        if self.clamps_weight:
             clamp_weight_to_grid(self.weight, fq.scale, fq.zero_point, self.quant_min, self.quant_max, self.axis)

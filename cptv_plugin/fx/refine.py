@@ -26,6 +26,7 @@ __all__ = ["refine_fx", "NotPreparedError", "NoQuantizersError", "FxSession"]
 logger = logging.getLogger(__name__)
 
 Target = Literal["convert_fx", "fake_quant"]
+CLAMPED_WEIGHTS = "cptv_plugin.clamped_weights"  # GraphModule.meta key: weights a commit clipped (kept by deepcopy)
 
 
 class NotPreparedError(TypeError):
@@ -312,6 +313,9 @@ class FxSession:
         self._unswap()
         for handle in self.all_handles:
             handle.commit()
+        clamped = [h.name for h in self.all_handles if getattr(h, "clamps_weight", False)]
+        if clamped:  # with quantization off the model no longer computes the full-precision one: see refine_fx
+            self.prepared.meta[CLAMPED_WEIGHTS] = clamped
 
 
 def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | None = None,
@@ -328,7 +332,8 @@ def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | No
         calib_data: calibration images: a tensor ``(N, C, H, W)``, a list of tensors, or a DataLoader
             yielding tensors or ``(images, labels)``.
         config: search settings; ``None`` means ``SearchConfig()``, our default preset.
-        fp_model: the full-precision model to match; ``None`` uses ``prepared`` with quantization off.
+        fp_model: the full-precision model to match; ``None`` uses ``prepared`` with quantization off (not
+            possible once a refinement clipped its weights: refining such a model again needs ``fp_model``).
         blocks: module paths of the blocks, to skip automatic block discovery.
         target: what the search optimizes. ``"convert_fx"`` (default) simulates what ``convert_fx``'s kernels
             compute; ``"fake_quant"`` simulates the quantizers' own ranges (narrowed activation ranges such as
@@ -348,6 +353,13 @@ def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | No
     """
     config = config or SearchConfig()
     config.validate()
+    clamped = getattr(prepared, "meta", {}).get(CLAMPED_WEIGHTS)
+    if clamped and fp_model is None:
+        raise ValueError(
+            f"this model was refined before and its weights were clipped onto their narrowed grid "
+            f"(clamp_weights=True; {len(clamped)} weights, e.g. {clamped[0]}), so with quantization off it no longer "
+            "computes the full-precision model, the reference a refinement matches: pass fp_model=<the float "
+            "model> to refine it again, or refine a fresh prepare_fx copy of the float model")
     session = FxSession(prepared, blocks=blocks, target=target, clamp_weights=clamp_weights, roles=config.roles,
                         search_outside_blocks=config.search_outside_blocks)
     return run_refinement(session, calib_data, config, fp_model)

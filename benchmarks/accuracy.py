@@ -8,7 +8,9 @@
 
 Records go to ``benchmarks/results/accuracy.json`` (one per model, bit setting, placement, method and seed:
 ``model, bits, placement, framework, method, seed, top1, seconds, evaluations, device, fitness, history``; since
-session 13 also ``correct``, the per-image verdicts, and ``fp32_fidelity``, the distance from the FP32 model);
+session 13 also ``correct``, the per-image verdicts, and ``fp32_fidelity``, the distance from the FP32 model; since
+session 18 ``seconds`` is ``RefineResult.seconds`` as it now counts, the whole refinement, and ``refine_seconds`` the
+wall time of the ``refine`` call; before, ``seconds`` left out the reference outputs and the start candidates);
 runs already recorded are skipped, so the benchmark can be continued across sessions. ``--report`` writes
 ``accuracy.md`` (mean ± std over seeds; for runs that recorded which test images they got right, paired tests and
 the distance from the full-precision model) and ``accuracy.png`` / ``fitness.png``.
@@ -259,7 +261,9 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
     if search is not None:
         options = {"target": target} if target is not None else {}
         config = search_config(search, seed, device).replace(compile=compile)
+        called = time.time()
         result = cptv_plugin.refine(quantized, calib, config=config, **options)
+        record["refine_seconds"] = round(time.time() - called, 2)  # the call, the framework's analysis included
         if result.interrupted:  # the search keeps its best scales on Ctrl-C: a shortened run is no record
             raise KeyboardInterrupt(f"{method} {bits} seed {seed} interrupted after {result.evaluations} "
                                     "evaluations: not recorded")

@@ -58,6 +58,7 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
 
     On any failure (including Ctrl-C before the search starts) the model is restored as it was given.
     """
+    started = time.time()
     config.validate()
     model_device = device_of(session.module)
     device = torch.device(config.device) if config.device else model_device
@@ -91,21 +92,18 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
                 f"pass at least {config.batch_size} images or set SearchConfig(batch_size={len(images)})")
         session.begin()
         reference = _reference(session, fp_model, batches)
-        checked = time.time()
         lossless = _lossless(session, config, batches, reference)
         if lossless is not None and lossless["skipped"]:
             result, precision = _unchanged(session, config, batches, reference, lossless), "fp32"
-            result.seconds = time.time() - checked
         else:
-            check_seconds = time.time() - checked
             result, precision = _search(session, config, device, batches, reference, held_out, fp_model, min_batch,
                                         compiling)
             result.lossless = lossless
-            result.seconds += check_seconds
         result.device = _device_name(device)
         result.precision = precision
         result.compiled = session.chain.compiled_fraction
         session.commit()
+        result.seconds = time.time() - started  # everything the user waited for, the framework's analysis aside
     except BaseException:
         compiling.close()
         session.restore(state)
@@ -231,7 +229,6 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
         else:
             logger.warning("gradient stage interrupted: keeping the search's scales")
         return
-    result.seconds += result.gradient["seconds"]
     if result.gradient["kept"]:
         # the search fitness of the committed scales (eager fp32, like the stage)
         result.final_fitness = mean_fitness(forward, batches, reference, get_fitness(config.fitness),

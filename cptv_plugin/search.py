@@ -37,7 +37,9 @@ class RefineResult:
         history: one record per group visit: ``{"pass", "group", "fitness", "evaluations", "step", "seconds"}``
             (``seconds`` since the start of this run: a resumed search counts again from 0).
         evaluations: number of fitness evaluations (each over the whole calibration set).
-        seconds: wall time of the lossless check, the search and the gradient stage.
+        seconds: wall time of the refinement: reference outputs, the lossless check, the start candidates, the
+            search, its guards and the gradient stage (from :func:`~cptv_plugin.refinement.run_refinement`'s start
+            to its commit; the framework's analysis of the model before it is not counted).
         groups: names of the searched groups, in model order, with their number of scales.
         interrupted: the search was stopped early (Ctrl-C); the best scales found so far were kept.
         device: where the search ran (GPU name or "cpu"); precision: the arithmetic of candidate evaluations.

@@ -610,7 +610,9 @@ def cost_report(records: list[dict], methods: tuple[str, ...] = ("paper", "fast"
             cells.append(f"{gain:+.2f} / {seconds:.0f} / {per_point}")
         lines.append(f"| {' | '.join(row)} | " + " | ".join(cells) + " |")
     return ("\n## Seconds per point gained over the baseline\n\nMeans over the seeds that have a baseline record; "
-            "seconds of the refinement (wall time, with the other runs of its device call sharing the GPU).\n\n"
+            "seconds of the refinement (wall time, with the other runs of its device call sharing the GPU; "
+            "records from session 18 on count the whole refinement, earlier ones the lossless check, the search and "
+            "the gradient stage only).\n\n"
             + "\n".join(lines) + "\n")
 
 

@@ -154,3 +154,15 @@ def test_speed_benchmark_runs_small_on_the_cpu(tmp_path, framework):
         cold, warm = records[0], records[1]
         assert (cold["inductor_cache"], warm["inductor_cache"], warm["engine"]) == ("cold", "warm", "fast")
         assert warm["fitness"] == cold["fitness"] and warm["seconds"] != cold["seconds"]
+
+
+def test_stage_variant_names_parse_into_settings_and_a_typo_is_refused():
+    from benchmarks.stage_variants import variant_settings
+
+    assert variant_settings("s600") == (False, {"gradient_steps": 600})
+    assert variant_settings("gb200-s400-lr0.005") == (False, {"gradient_batch_size": 200, "gradient_steps": 400,
+                                                             "gradient_lr": 0.005})
+    assert variant_settings("only-s1000-wu0.1-c5") == (True, {"gradient_steps": 1000, "gradient_warmup": 0.1,
+                                                             "gradient_checks": 5})
+    with pytest.raises(ValueError, match="unknown setting 'x3'"):
+        variant_settings("s600-x3")

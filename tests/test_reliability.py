@@ -286,7 +286,7 @@ def test_search_invariants(passes, population, cycles, groups, seed, data):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"samples": 20}, "samples"), ({"passes": 0}, "passes"), ({"mutation": -1e-3}, "mutation"),
+    ({"samples": 20}, "samples"), ({"passes": -1}, "passes"), ({"mutation": -1e-3}, "mutation"),
     ({"validation_fraction": 1.5}, "validation_fraction"), ({"precision": "int4"}, "precision"),
     ({"on_interrupt": "ignore"}, "on_interrupt"), ({"compile": "yes"}, "compile"),
 ])

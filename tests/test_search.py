@@ -176,7 +176,7 @@ def test_paper_preset_is_table_2():
 
 @pytest.mark.parametrize("changes, message", [
     ({"samples": 20, "population": 15}, "samples"),
-    ({"passes": 0}, "passes"),
+    ({"passes": -1}, "passes"),
     ({"mutation": -1.0}, "mutation"),
     ({"batch_size": 0}, "batch_size"),
     ({"roles": ("bias",)}, "roles"),

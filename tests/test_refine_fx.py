@@ -263,6 +263,14 @@ def test_refining_a_refined_model_again_needs_the_float_model(refined_w3a8, fmni
     assert resumed.initial_fitness == pytest.approx(result.final_fitness, rel=1e-4)
 
 
+def test_a_refinement_that_left_the_weights_alone_can_be_refined_again(tiny_vit, fmnist):
+    calib = fmnist[0][:100]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W3A8")
+    once = TINY_SEARCH.replace(passes=1, population=2, cycles=0)
+    cptv_plugin.refine_fx(prepared, calib, config=once, clamp_weights=False)
+    assert cptv_plugin.refine_fx(prepared, calib, config=once, clamp_weights=False).evaluations > 0
+
+
 def test_explicit_fp_model_is_used_as_reference(tiny_vit, fmnist):
     calib = fmnist[0][:100]
     prepared = prepare_and_calibrate(tiny_vit, calib, "W4A8")

@@ -313,9 +313,8 @@ class FxSession:
         self._unswap()
         for handle in self.all_handles:
             handle.commit()
-        clamped = [h.name for h in self.all_handles if getattr(h, "clamps_weight", False)]
-        if clamped:  # with quantization off the model no longer computes the full-precision one: see refine_fx
-            self.prepared.meta[CLAMPED_WEIGHTS] = clamped
+        # with clipped weights the model with quantization off is no longer the full-precision one: see refine_fx
+        self.prepared.meta[CLAMPED_WEIGHTS] = [h.name for h in self.all_handles if getattr(h, "clamps_weight", False)]
 
 
 def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | None = None,
@@ -353,13 +352,21 @@ def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | No
     """
     config = config or SearchConfig()
     config.validate()
-    clamped = getattr(prepared, "meta", {}).get(CLAMPED_WEIGHTS)
-    if clamped and fp_model is None:
-        raise ValueError(
-            f"this model was refined before and its weights were clipped onto their narrowed grid "
-            f"(clamp_weights=True; {len(clamped)} weights, e.g. {clamped[0]}), so with quantization off it no longer "
-            "computes the full-precision model, the reference a refinement matches: pass fp_model=<the float "
-            "model> to refine it again, or refine a fresh prepare_fx copy of the float model")
+    if fp_model is None:
+        _refuse_clipped_reference(prepared)
     session = FxSession(prepared, blocks=blocks, target=target, clamp_weights=clamp_weights, roles=config.roles,
                         search_outside_blocks=config.search_outside_blocks)
     return run_refinement(session, calib_data, config, fp_model)
+
+
+def _refuse_clipped_reference(prepared: fx.GraphModule) -> None:
+    """A model whose low-bit weights an earlier commit clipped is, with quantization off, no longer the float model a
+    refinement must match. The commit notes what it clipped in ``prepared.meta``, which ``copy.deepcopy`` keeps
+    (``torch.save`` cannot pickle a prepared model at all: torch.ao's qconfig factories are local functions)."""
+    clamped = getattr(prepared, "meta", {}).get(CLAMPED_WEIGHTS)
+    if clamped:
+        raise ValueError(
+            f"this model was refined before and its low-bit weights were clipped onto their narrowed grid "
+            f"(clamp_weights=True; {len(clamped)} weights, e.g. {clamped[0]}), so with quantization off it no longer "
+            "computes the full-precision model, the reference a refinement matches: pass fp_model=<the float "
+            "model> to refine it again, or refine a fresh prepare_fx copy of the float model")

@@ -92,6 +92,9 @@ VARIANTS["default-300"] = ("default", {"gradient_steps": 300})
 VARIANTS["default-lr003"] = ("default", {"gradient_lr": 0.003})
 # the quick preset with a short stage: most of the stage's W2A8 gain at a fraction of the default's cost?
 VARIANTS["fast-stage300"] = ("fast", {"gradient_steps": 300})
+# ... and with the default's lossless check (a model already within KL 1e-3 of FP32 is left alone): the candidate
+# for the next `fast`, measured at every row (session 19)
+VARIANTS["fast-stage300-lossless"] = ("fast", {"gradient_steps": 300, "lossless_kl": 1e-3})
 # a linear warm-up of the stage's rate over its first tenth: do fewer first checks overshoot (Swin- and LeViT-like
 # W2A8, FINDINGS section 19)?
 VARIANTS["default-warmup"] = ("default", {"gradient_warmup": 0.1})

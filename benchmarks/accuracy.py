@@ -79,9 +79,13 @@ VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
                                           "seed_candidates": (), "start_candidates": ()}),
             # the default before the lossless check (session 12; FINDINGS section 16)
             "default-nolossless": ("default", {})}
-# every variant of the default ran before the lossless check: it always refined
-VARIANTS = {name: (preset, {"lossless_kl": 0.0, **overrides} if preset == "default" else overrides)
-            for name, (preset, overrides) in VARIANTS.items()}
+# every variant of the default and of fast ran before the lossless check: it always refined; the fast variants
+# also ran before fast had a gradient stage (session 20)
+_FROZEN = {"default": {"lossless_kl": 0.0}, "fast": {"lossless_kl": 0.0, **_NO_GRADIENT}}
+VARIANTS = {name: (preset, {**_FROZEN.get(preset, {}), **overrides}) for name, (preset, overrides) in VARIANTS.items()}
+# fast as it was until session 20: no gradient stage, no lossless check. Every `fast` record in results/experiments
+# before session 20 is this preset; accuracy.json's were renamed to it
+VARIANTS["fast-nostage"] = ("fast", {"lossless_kl": 0.0, **_NO_GRADIENT})
 # the gradient stage's step replayed as a CUDA graph instead of compiled (session 14: measured under this name, then
 # made the default) and the default's compiled stage before it (every `default` record of sessions 10-13)
 VARIANTS["default-graph"] = ("default", {"gradient_cuda_graph": True})
@@ -91,9 +95,9 @@ VARIANTS["default-compiled-stage"] = ("default", {"gradient_cuda_graph": False})
 VARIANTS["default-300"] = ("default", {"gradient_steps": 300})
 VARIANTS["default-lr003"] = ("default", {"gradient_lr": 0.003})
 # the quick preset with a short stage: most of the stage's W2A8 gain at a fraction of the default's cost?
-VARIANTS["fast-stage300"] = ("fast", {"gradient_steps": 300})
-# ... and with the default's lossless check (a model already within KL 1e-3 of FP32 is left alone): the candidate
-# for the next `fast`, measured at every row (session 19)
+VARIANTS["fast-stage300"] = ("fast", {"gradient_steps": 300, "lossless_kl": 0.0})
+# ... and with the default's lossless check (a model already within KL 1e-3 of FP32 is left alone): measured at
+# every row in session 19, it became `fast` in session 20 (the two names run the same settings)
 VARIANTS["fast-stage300-lossless"] = ("fast", {"gradient_steps": 300, "lossless_kl": 1e-3})
 # a linear warm-up of the stage's rate over its first tenth: do fewer first checks overshoot (Swin- and LeViT-like
 # W2A8, FINDINGS section 19)?

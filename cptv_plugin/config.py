@@ -289,18 +289,22 @@ class SearchConfig:
 
     @classmethod
     def fast(cls, **overrides) -> "SearchConfig":
-        """A quick preset for a first look: 3 passes, P=8, C=3, S=4 (about a sixth of the default's work), the
-        default's activation start, no seed candidates (with this small population the weight seed measured −2.6
-        points on the CPU ViT at linear W2A8; on the reference models it gained 11-27 points at linear W2A8,
-        other rows not measured yet), no gradient stage and no lossless check (neither measured with this preset)."""
-        settings = dict(passes=3, population=8, cycles=3, samples=4, seed_candidates=(), gradient_steps=0,
-                        lossless_kl=0.0, name="fast")
+        """A quick preset for a first look: 3 passes, P=8, C=3, S=4 (about a sixth of the default's search), the
+        default's activation start and lossless check, no seed candidates (with this small population the weight
+        seed measured −2.6 points on the CPU ViT at linear W2A8), and a 300-step gradient stage (the default runs
+        1,000). Measured on the three reference models at every bit width (benchmarks/FINDINGS.md, section 22) the
+        stage is never worse beyond noise and gains 7-51 points at W2A8, for two to three times the seconds."""
+        settings = dict(passes=3, population=8, cycles=3, samples=4, seed_candidates=(), gradient_steps=300,
+                        name="fast")
         settings.update(overrides)
         return cls(**settings)
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "SearchConfig":
-        """A preset by name: ``"default"``, ``"paper"`` or ``"fast"``."""
+    def preset(cls, name: "str | SearchConfig", **overrides) -> "SearchConfig":
+        """A preset by name: ``"default"``, ``"paper"`` or ``"fast"``; a ``SearchConfig`` is taken as it is (so that
+        recipes and commands that take a preset name also take a tuned config), ``overrides`` applied to either."""
+        if isinstance(name, SearchConfig):
+            return name.replace(**overrides)
         presets = {"default": cls.default, "paper": cls.paper, "fast": cls.fast}
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")

@@ -30,8 +30,9 @@ from cptv_plugin.qconfigs import modelopt_config
 from cptv_plugin.train import evaluate_top1
 
 
-def run(bits: str = "W4A8", preset: str = "fast", calibration: int = 1000, test_images: int = 10000,
-        model_name: str = "fmnist_vit_tiny", out_dir: str | Path = "modelopt-out", algorithm: str = "max") -> dict:
+def run(bits: str = "W4A8", preset: str | cptv_plugin.SearchConfig = "fast", calibration: int = 1000,
+        test_images: int = 10000, model_name: str = "fmnist_vit_tiny", out_dir: str | Path = "modelopt-out",
+        algorithm: str = "max") -> dict:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = load_reference_model(model_name)
@@ -44,11 +45,12 @@ def run(bits: str = "W4A8", preset: str = "fast", calibration: int = 1000, test_
 
     model = mtq.quantize(model, modelopt_config(bits, algorithm), forward_loop)      # 1. quantize + calibrate
     before = evaluate_top1(model, test_x, test_y)
-    result = cptv_plugin.refine_modelopt(model, calib, config=cptv_plugin.SearchConfig.preset(preset))  # 2.
+    config = cptv_plugin.SearchConfig.preset(preset)
+    result = cptv_plugin.refine_modelopt(model, calib, config=config)  # 2.
     after = evaluate_top1(model, test_x, test_y)
     mto.save(model, str(out_dir / "refined.pth"))                                    # 3. save
     onnx_path = cptv_plugin.export_onnx(model, out_dir / "model.onnx", calib[:2])    # 4. ONNX for TensorRT
-    return {"bits": bits, "algorithm": algorithm, "preset": preset, "top1_before": before, "top1_after": after,
+    return {"bits": bits, "algorithm": algorithm, "preset": config.name, "top1_before": before, "top1_after": after,
             "fitness": [result.initial_fitness, result.final_fitness], "seconds": result.seconds,
             "checkpoint": str(out_dir / "refined.pth"), "onnx": str(onnx_path),
             "tensorrt_violations": cptv_plugin.check_tensorrt_onnx(onnx_path)}

@@ -17,18 +17,18 @@ from cptv_plugin.models import load_reference_model
 from cptv_plugin.train import evaluate_top1
 
 
-def run(bits: str = "W4A8", preset: str = "fast", calibration: int = 1000, test_images: int = 10000,
-        model_name: str = "fmnist_vit_tiny", out: str = "model.onnx") -> dict:
+def run(bits: str = "W4A8", preset: str | cptv_plugin.SearchConfig = "fast", calibration: int = 1000,
+        test_images: int = 10000, model_name: str = "fmnist_vit_tiny", out: str = "model.onnx") -> dict:
     model = load_reference_model(model_name)
     calib, test_x, test_y = fashion_mnist_splits(calibration, test_images)
 
     model = cptv_plugin.quantize_pytorch_quantization(model, bits, calib)            # 1. swap + calibrate
     before = evaluate_top1(model, test_x, test_y)
-    result = cptv_plugin.refine_pytorch_quantization(model, calib,                    # 2. refine
-                                                     config=cptv_plugin.SearchConfig.preset(preset))
+    config = cptv_plugin.SearchConfig.preset(preset)
+    result = cptv_plugin.refine_pytorch_quantization(model, calib, config=config)  # 2. refine
     after = evaluate_top1(model, test_x, test_y)
     onnx_path = cptv_plugin.export_onnx(model, out, calib[:2])                       # 3. ONNX for TensorRT
-    return {"bits": bits, "preset": preset, "top1_before": before, "top1_after": after,
+    return {"bits": bits, "preset": config.name, "top1_before": before, "top1_after": after,
             "fitness": [result.initial_fitness, result.final_fitness], "seconds": result.seconds,
             "onnx": str(onnx_path), "tensorrt_violations": cptv_plugin.check_tensorrt_onnx(onnx_path)}
 

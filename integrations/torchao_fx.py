@@ -22,8 +22,8 @@ from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx
 from cptv_plugin.train import evaluate_top1
 
 
-def run(bits: str = "W3A8", preset: str = "fast", calibration: int = 1000, test_images: int = 10000,
-        model_name: str = "fmnist_vit_tiny") -> dict:
+def run(bits: str = "W3A8", preset: str | cptv_plugin.SearchConfig = "fast", calibration: int = 1000,
+        test_images: int = 10000, model_name: str = "fmnist_vit_tiny") -> dict:
     warnings.simplefilter("ignore", DeprecationWarning)
     model = prepare_timm_for_fx(load_reference_model(model_name))      # expose softmax to FX tracing
     calib, test_x, test_y = fashion_mnist_splits(calibration, test_images)
@@ -33,10 +33,11 @@ def run(bits: str = "W3A8", preset: str = "fast", calibration: int = 1000, test_
         for batch in calib.split(100):
             prepared(batch)
     before = evaluate_top1(convert_fx(copy.deepcopy(prepared)), test_x, test_y)
-    result = cptv_plugin.refine_fx(prepared, calib, config=cptv_plugin.SearchConfig.preset(preset))  # 3. refine
+    config = cptv_plugin.SearchConfig.preset(preset)
+    result = cptv_plugin.refine_fx(prepared, calib, config=config)  # 3. refine
     quantized = convert_fx(prepared)                                                      # 4. convert
     after = evaluate_top1(quantized, test_x, test_y)
-    return {"bits": bits, "preset": preset, "top1_before": before, "top1_after": after,
+    return {"bits": bits, "preset": config.name, "top1_before": before, "top1_after": after,
             "fitness": [result.initial_fitness, result.final_fitness], "seconds": result.seconds}
 
 

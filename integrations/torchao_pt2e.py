@@ -31,8 +31,8 @@ def xnnpack_quantizer(bits: str):
         is_per_channel=True, weight_qmin=-(2 ** (weight_bits - 1)), weight_qmax=2 ** (weight_bits - 1) - 1))
 
 
-def run(bits: str = "W3A8", preset: str = "fast", calibration: int = 1000, test_images: int = 10000,
-        model_name: str = "fmnist_vit_tiny") -> dict:
+def run(bits: str = "W3A8", preset: str | cptv_plugin.SearchConfig = "fast", calibration: int = 1000,
+        test_images: int = 10000, model_name: str = "fmnist_vit_tiny") -> dict:
     model = load_reference_model(model_name)
     calib, test_x, test_y = fashion_mnist_splits(calibration, test_images)
 
@@ -43,10 +43,11 @@ def run(bits: str = "W3A8", preset: str = "fast", calibration: int = 1000, test_
         for images in calib.split(100):
             prepared(images)
     before = evaluate_top1(convert_pt2e(copy.deepcopy(prepared)), test_x, test_y)
-    result = cptv_plugin.refine_pt2e(prepared, calib, config=cptv_plugin.SearchConfig.preset(preset))  # 4. refine
+    config = cptv_plugin.SearchConfig.preset(preset)
+    result = cptv_plugin.refine_pt2e(prepared, calib, config=config)  # 4. refine
     quantized = convert_pt2e(prepared)                                                           # 5. convert
     after = evaluate_top1(quantized, test_x, test_y)
-    return {"bits": bits, "preset": preset, "top1_before": before, "top1_after": after,
+    return {"bits": bits, "preset": config.name, "top1_before": before, "top1_after": after,
             "fitness": [result.initial_fitness, result.final_fitness], "seconds": result.seconds}
 
 

@@ -130,7 +130,8 @@ def test_modelopt_checkpoint_post_processing(tiny_vit, fmnist, tmp_path, capsys)
     from cptv_plugin.cli import main
 
     main(["refine-modelopt", str(source), "--model", "cptv:fmnist_vit_tiny", "--calibration", "fashion-mnist",
-          "--calibration-size", "100", "--out", str(tmp_path / "cli.pth"), "--preset", "fast"])
+          "--calibration-size", "100", "--out", str(tmp_path / "cli.pth"), "--preset", "fast",
+          "--gradient-steps", "20"])
     assert "wrote" in capsys.readouterr().out
     assert (tmp_path / "cli.pth").exists() and sha256(source) == digest
 

@@ -172,9 +172,9 @@ def test_stage_runs_the_learned_fake_quant_instead_of_the_quantizers_own(tiny_vi
     assert set(nothing) == set(record) and not nothing["kept"] and not nothing["cuda_graph"]
 
 
-def test_gradient_settings_are_validated_and_the_paper_preset_has_no_stage():
+def test_gradient_settings_are_validated_the_paper_preset_has_no_stage_and_fast_a_short_one():
     assert SearchConfig().gradient_steps == 1000 and SearchConfig.paper().gradient_steps == 0
-    assert SearchConfig.fast().gradient_steps == 0
+    assert SearchConfig.fast().gradient_steps == 300
     for changes, name in [({"gradient_steps": -1}, "gradient_steps"), ({"gradient_lr": 0.0}, "gradient_lr"),
                           ({"gradient_fitness": "nope"}, "gradient_fitness"),
                           ({"gradient_checks": 0}, "gradient_checks"), ({"gradient_warmup": 1.5}, "gradient_warmup"),

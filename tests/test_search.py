@@ -174,6 +174,17 @@ def test_paper_preset_is_table_2():
     assert paper.mutation_for_bits(3) == 1e-4 and paper.mutation_kind == "absolute"
 
 
+def test_presets_by_name_or_as_a_config():
+    assert SearchConfig.preset("fast", seed=3) == SearchConfig.fast(seed=3)
+    tuned = SearchConfig.fast(gradient_steps=20)
+    assert SearchConfig.preset(tuned) is not tuned and SearchConfig.preset(tuned) == tuned
+    assert SearchConfig.preset(tuned, seed=5) == SearchConfig.fast(gradient_steps=20, seed=5)
+    with pytest.raises(ValueError, match="unknown preset 'quick'; choose from"):
+        SearchConfig.preset("quick")
+    with pytest.raises(ValueError, match="gradient_steps"):
+        SearchConfig.preset(tuned, gradient_steps=-1)
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"samples": 20, "population": 15}, "samples"),
     ({"passes": -1}, "passes"),

@@ -87,9 +87,18 @@ class RefineResult:
         return 1.0 - self.final_fitness / self.initial_fitness if self.initial_fitness else 0.0
 
     def __str__(self) -> str:
-        return (f"RefineResult(fitness {self.initial_fitness:.5f} -> {self.final_fitness:.5f}, "
-                f"{self.evaluations} evaluations, {self.seconds:.1f} s"
-                + (", interrupted" if self.interrupted else "") + ")")
+        """One line: the search's fitness, and the gradient stage's own (it lowers another fitness, which is why
+        the search's can end higher than it started) or why the model was left as it was."""
+        parts = [f"{self.config.fitness if self.config else 'fitness'} {self.initial_fitness:.5f} -> "
+                 f"{self.final_fitness:.5f}"]
+        if self.lossless and self.lossless.get("skipped"):
+            parts.append(f"left as given: KL {self.lossless['kl']:.2g} < lossless_kl={self.lossless['threshold']:g}")
+        stage = self.gradient
+        if stage and stage.get("loss_before") is not None:
+            parts.append(f"gradient stage {stage['fitness']} {stage['loss_before']:.4g} -> {stage['loss_after']:.4g} "
+                         f"in {stage['steps']} steps ({'kept' if stage['kept'] else 'not kept'})")
+        parts += [f"{self.evaluations} evaluations", f"{self.seconds:.1f} s"]
+        return "RefineResult(" + ", ".join(parts + (["interrupted"] if self.interrupted else [])) + ")"
 
 
 def mutate(parent: torch.Tensor, gamma: float, kind: str, generator: torch.Generator) -> torch.Tensor:

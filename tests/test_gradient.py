@@ -65,6 +65,8 @@ def test_gradient_stage_moves_fx_scales_and_convert_fx_carries_them(tiny_vit, fm
     record = result.gradient
     assert record["kept"] and record["loss_after"] < record["loss_before"]
     assert record["loss_after"] == pytest.approx(min(check["loss"] for check in record["history"]), abs=1e-6)
+    assert (f"gradient stage kl {record['loss_before']:.4g} -> {record['loss_after']:.4g} in "
+            f"{GRADIENT_ONLY.gradient_steps} steps (kept)") in str(result)
     # the committed scales, in the simulated model without hooks (its weights are cached when no gradient is
     # recorded: a stale cache once hid every weight move from the stage's checks), give the loss it reported
     assert mean_kl(FxSession(refined).eval_module, tiny_vit, calib) == pytest.approx(record["loss_after"], rel=1e-4)

@@ -26,6 +26,7 @@ def test_below_the_threshold_modelopt_scales_are_untouched_and_the_divergence_is
     assert result.evaluations == 0 and result.gradient is None
     assert result.initial_fitness == result.final_fitness
     assert result.seconds > 0  # the check's own pass is what a skipped refinement cost
+    assert f"left as given: KL {result.lossless['kl']:.2g} < lossless_kl=" in str(result)
     given, after = amax_of(given_model), amax_of(model)
     assert given.keys() == after.keys() and all(torch.equal(given[name], after[name]) for name in given)
 

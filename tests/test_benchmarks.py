@@ -12,8 +12,8 @@ def test_accuracy_benchmark_cpu_path_records_and_reports(tmp_path):
 
     out = tmp_path / "accuracy.json"
     argv = ["--models", "fmnist_vit_tiny", "--bits", "W3A8", "--methods", "fp32", "baseline", "fast-nostage",
-            "modelopt-mse+fast-nostage", "--seeds", "0", "--calibration", "100", "--test-images", "300", "--device", "cpu",
-            "--out", str(out)]
+            "modelopt-mse+fast-nostage", "--seeds", "0", "--calibration", "100", "--test-images", "300",
+            "--device", "cpu", "--out", str(out)]
     main(argv)
     records = json.loads(out.read_text())
     methods = {(r["placement"], r["method"]) for r in records}

@@ -32,6 +32,7 @@ def test_custom_adapter_example_finds_its_blocks():
     example = load(ROOT / "examples" / "custom_block_adapter.py")
     result = example.main(QUICK.replace(progress=False, lossless_kl=0.0))
     assert [g for g in result.groups if g.startswith("layers.")] == ["layers.0", "layers.1", "layers.2"]
+    assert result.final_fitness <= result.initial_fitness
     assert result.evaluations > 0 and result.gradient["steps"] == 20
 
 

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("this diagnostic times CUDA kernels; run it on a machine with a CUDA GPU")
     torch.manual_seed(0)
     tensor = torch.randn(args.rows, args.features, device="cuda", dtype=torch.bfloat16)
     moved = tensor.numel() * tensor.element_size() * 2  # read once, write once

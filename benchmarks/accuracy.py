@@ -99,6 +99,11 @@ VARIANTS["fast-stage300"] = ("fast", {"gradient_steps": 300, "lossless_kl": 0.0}
 # ... and with the default's lossless check (a model already within KL 1e-3 of FP32 is left alone): measured at
 # every row in session 19, it became `fast` in session 20 (the two names run the same settings)
 VARIANTS["fast-stage300-lossless"] = ("fast", {"gradient_steps": 300, "lossless_kl": 1e-3})
+# the current fast with the default's weight seed in its first population: does it lift fast where its stage barely
+# moves the search's result (LeViT-like e2e A4, FINDINGS section 22)? (`fast-seeded` is the older, stage-less one)
+VARIANTS["fast-weightseed"] = ("fast", {"seed_candidates": ("weight_mse",)})
+# ... or with a third of the stage's rate (its first check overshoots there and each later check divides the rate by 10)
+VARIANTS["fast-lr003"] = ("fast", {"gradient_lr": 0.003})
 # a linear warm-up of the stage's rate over its first tenth: do fewer first checks overshoot (Swin- and LeViT-like
 # W2A8, FINDINGS section 19)?
 VARIANTS["default-warmup"] = ("default", {"gradient_warmup": 0.1})

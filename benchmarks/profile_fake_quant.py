@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from cptv_plugin._io import atomic_path
 from cptv_plugin.amax.session import _integer_fake_quant
 
 
@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                         "torch": torch.__version__})
         print(json.dumps(records[-1]), flush=True)
     if args.out:
-        Path(args.out).write_text(json.dumps(records, indent=1))
+        with atomic_path(args.out) as temporary:
+            temporary.write_text(json.dumps(records, indent=1))
 
 
 if __name__ == "__main__":

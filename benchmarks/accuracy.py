@@ -85,7 +85,7 @@ _FROZEN = {"default": {"lossless_kl": 0.0}, "fast": {"lossless_kl": 0.0, **_NO_G
 VARIANTS = {name: (preset, {**_FROZEN.get(preset, {}), **overrides}) for name, (preset, overrides) in VARIANTS.items()}
 # fast as it was until session 20: no gradient stage, no lossless check. Every `fast` record in results/experiments
 # before session 20 is this preset; accuracy.json's were renamed to it
-VARIANTS["fast-nostage"] = ("fast", {"lossless_kl": 0.0, **_NO_GRADIENT})
+VARIANTS["fast-nostage"] = ("fast", dict(_FROZEN["fast"]))
 # the gradient stage's step replayed as a CUDA graph instead of compiled (session 14: measured under this name, then
 # made the default) and the default's compiled stage before it (every `default` record of sessions 10-13)
 VARIANTS["default-graph"] = ("default", {"gradient_cuda_graph": True})

@@ -15,6 +15,8 @@ inputs and weights), then the paper preset (K=10, P=15, C=3, S=10):
 Records (``benchmarks/results/speed.json``): model, framework, engine, seconds, evaluations, device, peak_memory_gb,
 precision, and for the fast engine the achieved fraction of the GPU's dense bf16 matmul peak
 (``matmul_tflops`` / ``bf16_peak_tflops``), counting the matmul FLOPs of every evaluated suffix.
+With ``--compile`` the fast records also give ``compile_phases_seconds``: torch.compile's time per phase (dynamo's
+tracing, AOT autograd, inductor's lowering, code generation and kernel compiles), summed over the graphs compiled.
 """
 
 from __future__ import annotations
@@ -75,6 +77,24 @@ def _first_pass_excess(history: list[dict]) -> float | None:
     return round(durations[0] - sum(durations[1:]) / (len(durations) - 1), 2)
 
 
+# torch.compile's phases as dynamo times them (torch._dynamo.utils.compilation_time_metrics, seconds summed over the
+# graphs compiled): tracing, AOT autograd, inductor's lowering and code generation, and the kernel compiles
+COMPILE_PHASES = ("_compile.compile_inner", "bytecode_tracing", "aot_collect_metadata",
+                  "_recursive_joint_graph_passes", "GraphLowering.run", "GraphLowering.codegen",
+                  "PyCodeCache.load_by_key_path", "async_compile.precompile", "async_compile.wait")
+
+
+def _compile_phases(metrics) -> dict[str, float]:
+    """Seconds per compile phase from dynamo's metrics (name -> one duration per compiled graph); phases this torch
+    does not time are left out (the names are torch's own and change between versions)."""
+    return {phase: round(sum(metrics[phase]), 2) for phase in COMPILE_PHASES if metrics.get(phase)}
+
+
+def _compile_metrics():
+    """Dynamo's (private) compile-time table, or an empty dict where this torch has none."""
+    return getattr(getattr(torch._dynamo, "utils", None), "compilation_time_metrics", {})
+
+
 def _quantized(model: torch.nn.Module, calib: torch.Tensor, framework: str, bits: str):
     """(quantized model, its refine function, a session factory for an evaluation copy) for ``framework``."""
     import cptv_plugin
@@ -127,6 +147,7 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
+    _compile_metrics().clear()
     _sync(device)
     start = time.perf_counter()
     result = refine(prepared, calib, config=config)
@@ -158,10 +179,13 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
         "matmul_tflops": round(tflops, 1), "bf16_peak_tflops": peak_tflops,
         "fraction_of_bf16_peak": peak_tflops and round(tflops / peak_tflops, 3),
     })
+    if compile:  # where the compile time went (FINDINGS section 24: no single phase dominates)
+        records[-1]["compile_phases_seconds"] = _compile_phases(_compile_metrics())
     logging.info("%s fast: %.1f s, %d evaluations, %s", name, seconds, result.evaluations, records[-1])
     if warm:  # the same search again: what a user's next refinement of this model costs
         records[-1]["inductor_cache"] = "cold"
         torch._dynamo.reset()  # dynamo traces again; inductor's on-disk graph and kernel caches are warm
+        _compile_metrics().clear()
         again = copy.deepcopy(literal_model)
         _sync(device)
         start = time.perf_counter()
@@ -174,6 +198,8 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
                         "fitness": [round(repeated.initial_fitness, 5), round(repeated.final_fitness, 5)],
                         "matmul_tflops": round(warm_tflops, 1),
                         "fraction_of_bf16_peak": peak_tflops and round(warm_tflops / peak_tflops, 3)})
+        if compile:
+            records[-1]["compile_phases_seconds"] = _compile_phases(_compile_metrics())
         del again
 
     # literal: full forward per candidate, fp32, batches of 100; time a measured number of evaluations

@@ -156,6 +156,14 @@ def test_speed_benchmark_runs_small_on_the_cpu(tmp_path, framework):
         assert warm["fitness"] == cold["fitness"] and warm["seconds"] != cold["seconds"]
 
 
+def test_speed_compile_phases_sum_each_phase_over_graphs_and_leave_out_untimed_ones():
+    from benchmarks.speed import _compile_phases
+
+    metrics = {"bytecode_tracing": [0.5, 0.25], "GraphLowering.codegen": [1.0], "async_compile.wait": [],
+               "some_other_phase": [9.0]}
+    assert _compile_phases(metrics) == {"bytecode_tracing": 0.75, "GraphLowering.codegen": 1.0}
+
+
 def test_stage_variant_names_parse_into_settings_and_a_typo_is_refused():
     from benchmarks.stage_variants import variant_settings
 
@@ -166,3 +174,15 @@ def test_stage_variant_names_parse_into_settings_and_a_typo_is_refused():
                                                              "gradient_checks": 5})
     with pytest.raises(ValueError, match="unknown setting 'x3'"):
         variant_settings("s600-x3")
+
+
+@pytest.mark.parametrize("module", ["profile_attention", "profile_fake_quant"])
+def test_cuda_only_diagnostics_refuse_a_machine_without_cuda_by_name(module, monkeypatch, capsys):
+    import importlib
+
+    main = importlib.import_module(f"benchmarks.{module}").main
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "run it on a machine with a CUDA GPU" in capsys.readouterr().err

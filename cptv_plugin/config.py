@@ -293,7 +293,9 @@ class SearchConfig:
         default's activation start and lossless check, no seed candidates (with this small population the weight
         seed measured −2.6 points on the CPU ViT at linear W2A8), and a 300-step gradient stage (the default runs
         1,000). Measured on the three reference models at every bit width (benchmarks/FINDINGS.md, section 22) the
-        stage is never worse beyond noise and gains 7-51 points at W2A8, for two to three times the seconds."""
+        stage is never worse beyond noise and gains 7-51 points at W2A8, for two to three times the seconds. With
+        every op quantized at 4-bit activations (torch.ao FX's global qconfig), ``passes=6`` gained 1.3 points on
+        average for 10-21 % more GPU time (section 24); elsewhere it did not help."""
         settings = dict(passes=3, population=8, cycles=3, samples=4, seed_candidates=(), gradient_steps=300,
                         name="fast")
         settings.update(overrides)

@@ -114,6 +114,9 @@ VARIANTS["default-300-warmup"] = ("default", {"gradient_steps": 300, "gradient_w
 VARIANTS["default-gb1000"] = ("default", {"gradient_batch_size": 1000})
 VARIANTS["default-gb1000-300"] = ("default", {"gradient_batch_size": 1000, "gradient_steps": 300})
 VARIANTS["default-gb1000-100"] = ("default", {"gradient_batch_size": 1000, "gradient_steps": 100})
+# PFCR's fine-to-coarse schedule in the current default (start, seed, lossless check and gradient stage kept): does the
+# schedule that `default-f2c` measured on the search alone pay where the default still leaves a gap (e2e A4)?
+VARIANTS["default-f2c-full"] = ("default", {"granularity": "fine_to_coarse"})
 PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "default-unseeded", "histogram",

@@ -4,12 +4,17 @@
 #   bash benchmarks/gpu_session.sh OUT_DIR SECONDS WORKERS [benchmarks.accuracy arguments...]
 set -u
 out=$1; seconds=$2; workers=$3; shift 3
+# Two sessions may run side by side in one device call (different matrices into different OUT_DIRs): the first
+# installs the wheels and starts MPS, a second finds both done (flock) and leaves the running daemon alone
 if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  install='[ -e /tmp/site/.done ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.done; }'
+  if command -v flock >/dev/null; then flock /tmp/site.lock sh -c "$install"; else sh -c "$install"; fi
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 CPTV_FASHION_MNIST_DIR=${CPTV_FASHION_MNIST_DIR:-$PWD/.fmnist}
-if nvidia-cuda-mps-control -d 2>/dev/null && python3 -c "import torch; torch.ones(1, device='cuda')"; then
+# (a process's name is cut to 15 characters: nvidia-cuda-mps is the control daemon or its server)
+if { pgrep -x nvidia-cuda-mps >/dev/null || nvidia-cuda-mps-control -d 2>/dev/null; } && python3 -c "import torch; torch.ones(1, device='cuda')"; then
   echo "MPS on"
 else
   echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "MPS off"

@@ -73,8 +73,9 @@ class SearchConfig:
         granularity: which scales move together. ``"block"`` (the paper): each group. ``"fine_to_coarse"``
             (PFCR's schedule applied to the search): the first 30 % of the passes move each block's sub-units
             (attention, MLP) on their own, the last 30 % pairs of consecutive groups, the rest whole groups.
-            Sub-unit passes make twice the visits and pair passes half. Not yet measured on the reference models
-            (the CI ViT at linear W2A8, one seed: 73.8 % against the block schedule's 80.0 %).
+            Sub-unit passes make twice the visits and pair passes half. Measured on the reference models it does
+            not pay: −0.19 points on the search alone over 36 paired runs, −0.11 inside the default preset at
+            the e2e 4-bit-activation rows, for 7-50 % more evaluations (benchmarks/FINDINGS.md, section 25).
         validation_fraction: hold out this share of the calibration images (drawn by ``seed``); the search
             never sees them, and if the refined scales are worse than the initial ones on them, the initial
             scales are restored (``RefineResult.validation`` says so). 0 disables the guard.

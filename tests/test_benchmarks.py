@@ -186,3 +186,27 @@ def test_cuda_only_diagnostics_refuse_a_machine_without_cuda_by_name(module, mon
         main([])
     assert exit_info.value.code == 2
     assert "run it on a machine with a CUDA GPU" in capsys.readouterr().err
+
+
+def test_accuracy_report_puts_variants_in_their_own_table_beside_the_reference_methods(tmp_path):
+    from benchmarks.accuracy import report
+
+    def record(method, bits, top1, seed=0):
+        return {"model": "m", "placement": "e2e", "bits": bits, "method": method, "seed": seed, "top1": top1,
+                "seconds": 1.0, "evaluations": 1, "calibration_images": 100, "test_images": 100}
+
+    matrix_only = [record("fp32", "W8A8", 90.0), record("baseline", "W4A4", 50.0), record("default", "W4A4", 80.0),
+                   record("paper", "W4A4", 51.0)]
+    text = report(matrix_only, tmp_path, "matrix")
+    assert "## Variants" not in text and "| m | e2e | W4A4 |  | 50.00 | 80.00 | 51.00 |" in text
+    with_variants = matrix_only + [record("default-f2c-full", "W2A8", 70.0), record("default-f2c-full", "W2A8", 72.0,
+                                                                                   seed=1)]
+    text = report(with_variants, tmp_path, "both")
+    matrix, variants = text.split("## Variants")
+    assert "default-f2c-full" not in matrix and "| m | e2e | W4A4 |  | 50.00 | 80.00 | 51.00 |" in matrix
+    header = next(line for line in variants.splitlines() if line.startswith("| model"))
+    assert header == "| model | placement | bits | fp32 | baseline | default | default-f2c-full |"
+    assert "| m | e2e | W2A8 |  |  |  | 71.00 ± 1.41 (n=2) |" in variants
+    assert "W4A4" not in variants  # rows without a variant stay in the first table only
+    assert "| m | e2e | W2A8 |" not in matrix  # ... and rows with no matrix method stay out of the first
+    assert (tmp_path / "both.md").read_text().count("## Variants") == 1

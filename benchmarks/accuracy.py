@@ -71,6 +71,11 @@ VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
             "default-guarded": ("default", {"agreement_guard": True, "start_candidates": (), **_NO_GRADIENT}),
             "default-fine": ("default", {"mutation": 0.02, "start_candidates": (), **_NO_GRADIENT}),
             "default-f2c": ("default", {"granularity": "fine_to_coarse", "start_candidates": (), **_NO_GRADIENT}),
+            # PTQ4ViT's Hessian-guided metric (label-free, at the logits) as the search's fitness (session 23):
+            # against `paper`, `default-nograd` and `fast-nostage`, which differ only in the fitness
+            "paper-hessian": ("paper", {"fitness": "hessian"}),
+            "default-hessian": ("default", {"fitness": "hessian", **_NO_GRADIENT}),
+            "fast-hessian": ("fast", {"fitness": "hessian"}),
             "default-heldout": ("default", {"validation_fraction": 0.2, "start_candidates": (), **_NO_GRADIENT}),
             "default-unseeded-guarded": ("default", {"seed_candidates": (), "agreement_guard": True,
                                                      "start_candidates": (), **_NO_GRADIENT}),

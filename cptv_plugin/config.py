@@ -25,7 +25,7 @@ class SearchConfig:
             (``mutation_8bit`` for 8-bit weights, ``mutation_low_bit`` below), as the paper does.
         mutation_kind: ``"absolute"`` adds U(−γ, γ) to every scale (the paper); ``"relative"`` multiplies each
             scale by exp(U(−γ, γ)), a move of the same relative size for large and small scales.
-        fitness: name of a registered fitness (``"infonce"``, ``"mse"``, ``"cosine"``, ``"kl"``).
+        fitness: name of a registered fitness (``"infonce"``, ``"mse"``, ``"cosine"``, ``"kl"``, ``"hessian"``).
         temperature: InfoNCE temperature τ.
         normalize: L2-normalize outputs before the InfoNCE dot products.
         batch_size: calibration images per fitness batch (for InfoNCE, the other images are the negatives).

@@ -10,7 +10,8 @@ from typing import Callable, Protocol
 import torch
 import torch.nn.functional as F
 
-__all__ = ["register_fitness", "get_fitness", "list_fitness", "infonce", "infonce_batches", "mse", "cosine", "kl"]
+__all__ = ["register_fitness", "get_fitness", "list_fitness", "infonce", "infonce_batches", "mse", "cosine", "kl",
+           "hessian"]
 
 
 class Fitness(Protocol):
@@ -87,3 +88,16 @@ def kl(quantized: torch.Tensor, reference: torch.Tensor, **_) -> torch.Tensor:
     log_q = F.log_softmax(_flat(quantized), dim=-1)
     log_p = F.log_softmax(_flat(reference), dim=-1)
     return F.kl_div(log_q, log_p, log_target=True, reduction="batchmean")
+
+
+@register_fitness
+def hessian(quantized: torch.Tensor, reference: torch.Tensor, **_) -> torch.Tensor:
+    """PTQ4ViT's Hessian-guided metric at the logits, label-free: the squared logit error weighted by the squared
+    gradient of the cross-entropy at the full-precision logits (the diagonal Fisher approximation of the task
+    loss's Hessian), with the full-precision model's own top-1 as the label, since calibration images come
+    unlabeled. Sum over classes, mean over images. An image the full-precision model predicts with certainty weighs
+    nearly nothing: the metric is local, a second-order expansion around the full-precision output."""
+    logits = _flat(reference)
+    label = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    weight = (logits.softmax(-1) - label).square()
+    return (weight * (_flat(quantized) - logits).square()).sum(-1).mean()

@@ -7,8 +7,9 @@ out=$1; seconds=$2; workers=$3; shift 3
 # Two sessions may run side by side in one device call (different matrices into different OUT_DIRs): the first
 # installs the wheels and starts MPS, a second finds both done (flock) and leaves the running daemon alone
 if ls .whl/*.whl >/dev/null 2>&1; then
-  install='[ -e /tmp/site/.done ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl && touch /tmp/site/.done; }'
+  stamp=/tmp/site/.installed-$(ls .whl | md5sum | cut -c1-12)  # other wheels on a warm machine: install again
+  install="[ -e $stamp ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+    --upgrade --target /tmp/site .whl/*.whl && touch $stamp; }"
   if command -v flock >/dev/null; then flock /tmp/site.lock sh -c "$install"; else sh -c "$install"; fi
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi

@@ -76,6 +76,10 @@ VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
             "paper-hessian": ("paper", {"fitness": "hessian"}),
             "default-hessian": ("default", {"fitness": "hessian", **_NO_GRADIENT}),
             "fast-hessian": ("fast", {"fitness": "hessian"}),
+            # the issue's "larger batches of negatives" and "temperature of InfoNCE", each alone (session 23;
+            # the default's τ = 0.1 and batches of 100 were measured only as part of section 1's bundle)
+            "fast-batch500": ("fast", {"batch_size": 500}),
+            "fast-tau1": ("fast", {"temperature": 1.0}),
             "default-heldout": ("default", {"validation_fraction": 0.2, "start_candidates": (), **_NO_GRADIENT}),
             "default-unseeded-guarded": ("default", {"seed_candidates": (), "agreement_guard": True,
                                                      "start_candidates": (), **_NO_GRADIENT}),

@@ -80,6 +80,10 @@ VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
             # the default's τ = 0.1 and batches of 100 were measured only as part of section 1's bundle)
             "fast-batch500": ("fast", {"batch_size": 500}),
             "fast-tau1": ("fast", {"temperature": 1.0}),
+            # the issue's "fitness on features before the head as well as logits" (session 24): an InfoNCE on the
+            # last block's output tokens added, with the logits' weight; against `fast-nostage` / `default-nograd`
+            "fast-features": ("fast", {"feature_weight": 1.0}),
+            "default-features": ("default", {"feature_weight": 1.0, **_NO_GRADIENT}),
             "default-heldout": ("default", {"validation_fraction": 0.2, "start_candidates": (), **_NO_GRADIENT}),
             "default-unseeded-guarded": ("default", {"seed_candidates": (), "agreement_guard": True,
                                                      "start_candidates": (), **_NO_GRADIENT}),

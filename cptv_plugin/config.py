@@ -27,6 +27,11 @@ class SearchConfig:
             scale by exp(U(−γ, γ)), a move of the same relative size for large and small scales.
         fitness: name of a registered fitness (``"infonce"``, ``"mse"``, ``"cosine"``, ``"kl"``, ``"hessian"``).
         temperature: InfoNCE temperature τ.
+        feature_weight: add to the search's fitness this multiple of an InfoNCE between the quantized and the
+            full-precision *features before the head* (the values that enter the model's last segment: the last
+            block's output tokens), so that a candidate must also keep the representation, not only the logits.
+            The full-precision features come from the model with its quantizers off. 0 (default): logits only.
+            Needs a model the engine can cut between blocks; the gradient stage keeps ``gradient_fitness``.
         normalize: L2-normalize outputs before the InfoNCE dot products.
         batch_size: calibration images per fitness batch (for InfoNCE, the other images are the negatives).
         block_order: ``"forward"`` (first block first) or ``"reverse"`` (last first, as the authors' code).
@@ -135,6 +140,7 @@ class SearchConfig:
     mutation_low_bit: float = 1e-4
     fitness: str = "infonce"
     temperature: float = 0.1
+    feature_weight: float = 0.0
     normalize: bool = True
     batch_size: int = 100
     block_order: Literal["forward", "reverse"] = "forward"
@@ -190,6 +196,8 @@ class SearchConfig:
             problems.append(f"block_order must be 'forward' or 'reverse' (got {self.block_order!r})")
         if not self.temperature > 0:
             problems.append(f"temperature must be > 0 (got {self.temperature})")
+        if not self.feature_weight >= 0:
+            problems.append(f"feature_weight must be >= 0 (got {self.feature_weight}); 0 scores the logits only")
         if self.engine not in ("fast", "literal"):
             problems.append(f"engine must be 'fast' or 'literal' (got {self.engine!r})")
         if self.compile not in (True, False, "auto"):

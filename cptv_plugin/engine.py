@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .fitness import get_fitness, infonce, infonce_batches
 
-__all__ = ["Segment", "SegmentedModel", "Evaluator", "ModelOutputError"]
+__all__ = ["Segment", "SegmentedModel", "Evaluator", "FeatureTerm", "ModelOutputError"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,30 @@ class SegmentedModel:
 
     def forward(self, images: torch.Tensor, eager: bool = False) -> Any:
         return self.run(self.initial_env(images), eager=eager)
+
+    @property
+    def feature_segment(self) -> int | None:
+        """The segment whose inputs are the features before the head (the last one); ``None`` for a model that
+        is one segment, whose inputs are the images."""
+        return len(self.segments) - 1 if len(self.segments) > 1 else None
+
+    def features(self, env: dict[str, Any]) -> torch.Tensor:
+        """The features before the head in ``env`` (the live values at :attr:`feature_segment`): every tensor
+        among them that has a batch dimension, flattened per image and concatenated in name order."""
+        live = self.live[len(self.segments) - 1]
+        tensors = [env[name] for name in sorted(live) if isinstance(env[name], torch.Tensor) and env[name].dim() > 1]
+        if not tensors:
+            raise ModelOutputError("nothing with a batch dimension enters the model's last segment: no features "
+                                   "before the head to score; set SearchConfig(feature_weight=0)")
+        return torch.cat([t.float().flatten(1) for t in tensors], dim=1)
+
+    def forward_with_features(self, images: torch.Tensor, eager: bool = False) -> tuple[Any, torch.Tensor]:
+        """The model output and the features before the head (:meth:`features`) of ``images``."""
+        if self.feature_segment is None:
+            raise ValueError("the model runs as one segment (it could not be cut between blocks): it has no "
+                             "features before the head to score; set SearchConfig(feature_weight=0)")
+        env = self.run(self.initial_env(images), 0, self.feature_segment, eager=eager)
+        return self.run(env, self.feature_segment, eager=eager), self.features(env)
 
     @property
     def compiled_fraction(self) -> float:
@@ -154,6 +178,15 @@ class _SharedCompiled:
         return self.compiled(*args)
 
 
+@dataclass
+class FeatureTerm:
+    """A second InfoNCE term of the fitness, on the features before the head: ``weight`` times the InfoNCE of the
+    quantized features against ``reference`` (the full-precision features of each calibration batch)."""
+
+    weight: float
+    reference: list[torch.Tensor]
+
+
 def _as_output_tensor(output: Any) -> torch.Tensor:
     if isinstance(output, torch.Tensor):
         return output
@@ -169,11 +202,15 @@ class Evaluator:
     of up to ``compute_batch_size`` images; each pass's output is split back into its fitness batches. The
     inputs of the segment being searched are cached per pass (:meth:`prepare` / :meth:`advance`), so a candidate
     runs only the segments from there on. ``precision`` is ``"fp32"``, ``"tf32"``, ``"bf16"`` or ``"fp16"``.
+    ``features``: add an InfoNCE term on the features before the head (the last segment's inputs).
     """
 
     def __init__(self, model: SegmentedModel, batches: list[torch.Tensor], reference_outputs: list[torch.Tensor],
                  fitness: str, temperature: float, normalize: bool, compute_batch_size: int | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", features: FeatureTerm | None = None):
+        if features is not None and model.feature_segment is None:
+            raise ValueError("the model runs as one segment (it could not be cut between blocks): it has no "
+                             "features before the head to score; set SearchConfig(feature_weight=0)")
         self.model = model
         self.sizes = [len(b) for b in batches]  # the batches themselves live on in the (concatenated) passes
         self.reference = reference_outputs
@@ -187,6 +224,10 @@ class Evaluator:
         self._cache_segment: int | None = None
         self._cache: list[dict[str, Any]] = []
         self._stacked: dict[int, torch.Tensor | None] = {}
+        self.features = features
+        self._feature_reference = None if features is None else [
+            F.normalize(torch.stack([features.reference[m].float().reshape(self.sizes[m], -1) for m in members]), dim=-1)
+            if len({self.sizes[m] for m in members}) == 1 else None for members in self.passes]
 
     def invalidate(self) -> None:
         """Forget cached segment inputs (call after scales of an earlier segment changed)."""
@@ -237,8 +278,10 @@ class Evaluator:
         if segment is not None:
             self.advance(segment)
         total = torch.zeros((), dtype=torch.float64, device=self._inputs[0].device)
-        for index, output in self._pass_outputs(segment):
+        for index, output, features in self._pass_outputs(segment, with_features=self.features is not None):
             total += self._pass_fitness(index, output)
+            if features is not None:
+                total += self._pass_feature_fitness(index, features)
         self.evaluations += 1
         return total / sum(self.sizes)
 
@@ -267,6 +310,23 @@ class Evaluator:
             offset += size
         return total
 
+    def _pass_feature_fitness(self, index: int, features: torch.Tensor) -> torch.Tensor:
+        """``features.weight`` times the summed InfoNCE of one forward pass's features (float64 scalar)."""
+        members, stacked = self.passes[index], self._feature_reference[index]
+        if stacked is not None:
+            size = self.sizes[members[0]]
+            losses = infonce_batches(features.reshape(len(members), size, -1), stacked, reference_normalized=True,
+                                     temperature=self.fitness_kwargs["temperature"])
+            total = losses.double().sum() * size
+        else:
+            total, offset = torch.zeros((), dtype=torch.float64, device=features.device), 0
+            for member in members:
+                size = self.sizes[member]
+                total += infonce(features[offset:offset + size], self.features.reference[member],
+                                 temperature=self.fitness_kwargs["temperature"]).double() * size
+                offset += size
+        return total * self.features.weight
+
     def _stacked_reference(self, index: int) -> torch.Tensor | None:
         """The references of a pass as one (batches, batch size, features) tensor, normalized as InfoNCE
         normalizes them; ``None`` where the batched path does not apply (another fitness, unequal batches)."""
@@ -285,24 +345,33 @@ class Evaluator:
         """Share of the calibration images on which the current model's top-1 class (argmax of the output)
         equals the full-precision model's. A full forward; not counted as a fitness evaluation."""
         agreeing, count = 0, 0
-        for output, reference in self._outputs(None):
+        for output, reference in self._outputs():
             agreeing += int((output.flatten(1).argmax(1) == reference.flatten(1).argmax(1)).sum())
             count += len(output)
         return agreeing / count
 
-    def _pass_outputs(self, segment: int | None):
-        """``(pass index, output)`` per forward pass: the model run from ``segment``'s cached inputs (``None``:
-        from the images), in fp32."""
+    def _pass_outputs(self, segment: int | None, with_features: bool = False):
+        """``(pass index, output, features)`` per forward pass: the model run from ``segment``'s cached inputs
+        (``None``: from the images), in fp32; ``features`` before the head only ``with_features`` (else ``None``)."""
         start = 0 if segment is None else segment
+        cut = self.model.feature_segment if with_features else None
         for index in range(len(self.passes)):
             env = self._cache[index] if segment is not None else self.model.initial_env(self._inputs[index])
+            features = None
             with self._context():
-                output = _as_output_tensor(self.model.run(env, start))
-            yield index, output.float()
+                if cut is not None:
+                    if start < cut:
+                        env = self.model.run(env, start, cut)
+                    features = self.model.features(env)
+                    start_here = max(start, cut)
+                else:
+                    start_here = start
+                output = _as_output_tensor(self.model.run(env, start_here))
+            yield index, output.float(), features
 
-    def _outputs(self, segment: int | None):
-        """``(output, reference)`` per fitness batch: each forward pass's output split back into its batches."""
-        for index, output in self._pass_outputs(segment):
+    def _outputs(self):
+        """``(output, reference)`` per fitness batch of a full forward: each pass's output split into its batches."""
+        for index, output, _ in self._pass_outputs(None):
             offset = 0
             for member in self.passes[index]:
                 size = self.sizes[member]
@@ -352,4 +421,19 @@ def mean_fitness(forward: Callable[[torch.Tensor], Any], batches: list[torch.Ten
     with torch.set_grad_enabled(record_gradients):
         values = [float(batch_fitness(forward, images, ref, fitness, temperature, normalize).detach())
                   for images, ref in zip(batches, reference)]
+    return sum(values) / len(values)
+
+
+@torch.no_grad()
+def mean_fitness_with_features(model: SegmentedModel, batches: list[torch.Tensor], reference: list[torch.Tensor],
+                               fitness: Callable, temperature: float, normalize: bool,
+                               features: FeatureTerm) -> float:
+    """:func:`mean_fitness` of ``model`` run eagerly, plus the :class:`FeatureTerm` on its features before the
+    head: what the search's evaluator computes with ``features``, one plain forward per batch, in fp32."""
+    values = []
+    for images, ref, feature_ref in zip(batches, reference, features.reference):
+        output, quantized_features = model.forward_with_features(images, eager=True)
+        value = fitness(_as_output_tensor(output).float(), ref.float(), temperature=temperature, normalize=normalize)
+        value = value + features.weight * infonce(quantized_features, feature_ref, temperature=temperature)
+        values.append(float(value))
     return sum(values) / len(values)

@@ -18,7 +18,8 @@ from torch import nn
 
 from .config import SearchConfig
 from .data import CalibrationError, calibration_images, split_batches
-from .engine import Evaluator, SegmentedModel, mean_fitness, reference_outputs
+from .engine import (Evaluator, FeatureTerm, SegmentedModel, mean_fitness, mean_fitness_with_features,
+                     reference_outputs)
 from .fitness import get_fitness, needs_negatives
 from .gradient import gradient_refine
 from .handles import Group, set_groups
@@ -133,12 +134,14 @@ def _search(session: RefinementSession, config: SearchConfig, device: torch.devi
         precision = "fp32"  # the reference implementation: full forward, fp32, one fitness batch at a time
     evaluator = Evaluator(session.chain, batches, reference, config.fitness, config.temperature,
                           config.normalize, compute_batch_size=config.resolved_compute_batch_size(device.type)
-                          if config.engine == "fast" else None, precision=precision)
+                          if config.engine == "fast" else None, precision=precision,
+                          features=_feature_term(session, config, batches))
     validator = None
     if held_out is not None:
         held_batches = [b.to(device) for b in split_batches(held_out, config.batch_size, min_batch)]
         validator = Evaluator(session.chain, held_batches, _reference(session, fp_model, held_batches),
-                              config.fitness, config.temperature, config.normalize, precision=precision)
+                              config.fitness, config.temperature, config.normalize, precision=precision,
+                              features=_feature_term(session, config, held_batches))
     with compiling:  # the gradient stage compiles the whole model under the same switches
         with _matmul_precision(precision):
             initial_validation = validator(None) if validator is not None else None
@@ -191,9 +194,7 @@ def _lossless(session: RefinementSession, config: SearchConfig, batches: list[to
 def _unchanged(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
                reference: list[torch.Tensor], lossless: dict) -> RefineResult:
     """The result of a refinement that left the given scales as they are: their fitness (eager, fp32)."""
-    forward = functools.partial(session.chain.forward, eager=True)
-    fitness = mean_fitness(forward, batches, reference, get_fitness(config.fitness), config.temperature,
-                           config.normalize)
+    fitness = _search_fitness(session, config, batches, reference)
     return RefineResult(initial_fitness=fitness, final_fitness=fitness, config=config,
                         groups={g.name: len(g) for g in session.groups}, lossless=lossless)
 
@@ -231,8 +232,7 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
         return
     if result.gradient["kept"]:
         # the search fitness of the committed scales (eager fp32, like the stage)
-        result.final_fitness = mean_fitness(forward, batches, reference, get_fitness(config.fitness),
-                                            config.temperature, config.normalize)
+        result.final_fitness = _search_fitness(session, config, batches, reference)
 
 
 def _check_start(agreement: float) -> None:
@@ -263,6 +263,33 @@ def _reference(session: RefinementSession, fp_model: nn.Module | None, batches: 
         return reference_outputs(fp_model.eval(), batches)
     with _full_precision(session):
         return reference_outputs(functools.partial(session.chain.forward, eager=True), batches)
+
+
+def _feature_term(session: RefinementSession, config: SearchConfig,
+                  batches: list[torch.Tensor]) -> FeatureTerm | None:
+    """With ``config.feature_weight``: the full-precision features before the head of ``batches`` (the model with
+    its quantizers off, eager, fp32) and their weight in the fitness."""
+    if not config.feature_weight:
+        return None
+    if session.chain.feature_segment is None:
+        raise ValueError("feature_weight needs the model cut between its blocks, and this one runs as one segment "
+                         "(see the warning above on why it could not be traced): set SearchConfig(feature_weight=0)")
+    with _full_precision(session), torch.no_grad():
+        reference = [session.chain.forward_with_features(images, eager=True)[1] for images in batches]
+    return FeatureTerm(weight=config.feature_weight, reference=reference)
+
+
+def _search_fitness(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
+                    reference: list[torch.Tensor]) -> float:
+    """The search's fitness of the current scales (eager, fp32, one plain forward per batch), its feature term
+    included when ``config.feature_weight`` asks for one."""
+    fitness = get_fitness(config.fitness)
+    features = _feature_term(session, config, batches)
+    if features is not None:
+        return mean_fitness_with_features(session.chain, batches, reference, fitness, config.temperature,
+                                          config.normalize, features)
+    forward = functools.partial(session.chain.forward, eager=True)
+    return mean_fitness(forward, batches, reference, fitness, config.temperature, config.normalize)
 
 
 @contextlib.contextmanager

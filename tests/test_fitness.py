@@ -75,3 +75,91 @@ def test_a_search_and_a_gradient_stage_each_lower_the_hessian_metric(tiny_vit, f
         passes=0, fitness="hessian", gradient_fitness="hessian", gradient_steps=40, gradient_lr=1e-4, **common))
     stage = result.gradient
     assert stage["fitness"] == "hessian" and stage["loss_after"] < stage["loss_before"] and stage["kept"]
+
+
+def test_feature_term_scores_the_last_blocks_output_in_every_evaluation_path(tiny_vit, fmnist):
+    """With a feature term the fitness is InfoNCE(logits) + w * InfoNCE(features before the head), the features
+    being the last block's output; the grouped and per-batch paths, the cached suffix and the plain eager
+    measurement all give that value."""
+    from conftest import prepare_and_calibrate
+
+    from cptv_plugin.engine import Evaluator, FeatureTerm, mean_fitness_with_features, reference_outputs
+    from cptv_plugin.fitness import infonce
+    from cptv_plugin.fx.refine import FxSession
+
+    images = fmnist[0][:200]
+    session = FxSession(prepare_and_calibrate(tiny_vit, images, "W3A8"))
+    chain = session.chain
+    batches = list(images.split(40))
+    reference = reference_outputs(tiny_vit, batches)
+    session.set_quantization(False)
+    with torch.no_grad():
+        fp_features = [chain.forward_with_features(b)[1] for b in batches]
+        seen = []
+        hook = tiny_vit.blocks[-1].register_forward_hook(lambda module, args, output: seen.append(output))
+        tiny_vit(batches[0])
+        hook.remove()
+    session.set_quantization(True)
+    torch.testing.assert_close(fp_features[0], seen[0].flatten(1), rtol=0, atol=1e-5)
+
+    with torch.no_grad():
+        pairs = [chain.forward_with_features(b) for b in batches]
+    logits_only = sum(float(infonce(o, r, temperature=0.5)) for (o, _), r in zip(pairs, reference)) / 5
+    feature_part = sum(float(infonce(f, r, temperature=0.5)) for (_, f), r in zip(pairs, fp_features)) / 5
+    assert feature_part > 0.01  # the 3-bit model's features differ from the FP ones: the term is not a constant
+    expected = logits_only + 2.0 * feature_part
+    term = FeatureTerm(weight=2.0, reference=fp_features)
+    grouped = Evaluator(chain, batches, reference, "infonce", 0.5, True, compute_batch_size=120, features=term)
+    assert grouped(None) == pytest.approx(expected, rel=1e-5)
+    one_by_one = Evaluator(chain, batches, reference, "infonce", 0.5, True, features=term)
+    for group in session.groups:  # from each group's cached inputs, the head's group's included
+        assert one_by_one(group.segment) == pytest.approx(expected, rel=1e-5), group.name
+    assert mean_fitness_with_features(chain, batches, reference, infonce, 0.5, True, term) == \
+        pytest.approx(expected, rel=1e-5)
+    plain = Evaluator(chain, batches, reference, "infonce", 0.5, True)
+    assert plain(None) == pytest.approx(logits_only, rel=1e-5)
+
+
+def test_feature_weight_adds_a_term_the_search_lowers_and_bad_input_is_rejected(tiny_vit, fmnist):
+    import cptv_plugin
+    from conftest import prepare_and_calibrate
+
+    from cptv_plugin.engine import Evaluator, FeatureTerm, Segment, SegmentedModel, reference_outputs
+    from cptv_plugin.fx.refine import FxSession
+
+    calibration = fmnist[0][:100]
+    common = dict(passes=1, population=3, cycles=1, samples=2, progress=False, start_candidates=(),
+                  seed_candidates=(), lossless_kl=0.0, gradient_steps=0, batch_size=50)
+    results = {}
+    for weight in (0.0, 1.0):
+        model = prepare_and_calibrate(tiny_vit, calibration, bits="W2A8")
+        results[weight] = cptv_plugin.refine_fx(model, calibration, config=cptv_plugin.SearchConfig(
+            feature_weight=weight, **common))
+    with_features = results[1.0]
+    assert with_features.initial_fitness > results[0.0].initial_fitness + 0.01  # the term is added
+    assert with_features.final_fitness < with_features.initial_fitness
+    # the held-out guard scores the term too (the logits alone score ~2.2 on these images)
+    model = prepare_and_calibrate(tiny_vit, calibration, bits="W2A8")
+    guarded = cptv_plugin.refine_fx(model, fmnist[0][:200], config=cptv_plugin.SearchConfig(
+        feature_weight=1.0, validation_fraction=0.5, **common))
+    assert guarded.validation["initial"] > results[0.0].initial_fitness + 0.5
+    # after a kept gradient stage, the reported fitness is what a fresh evaluation of the committed model measures
+    model = prepare_and_calibrate(tiny_vit, calibration, bits="W2A8")
+    staged = cptv_plugin.refine_fx(model, calibration, config=cptv_plugin.SearchConfig(
+        feature_weight=1.0, **{**common, "passes": 0, "gradient_steps": 20, "gradient_lr": 1e-4}))
+    assert staged.gradient["kept"]
+    batches = list(calibration.split(50))
+    seen = []
+    hook = tiny_vit.blocks[-1].register_forward_hook(lambda module, args, output: seen.append(output.flatten(1)))
+    reference = reference_outputs(tiny_vit, batches)
+    hook.remove()
+    fresh = Evaluator(FxSession(model).chain, batches, reference, "infonce", 0.1, True,
+                      features=FeatureTerm(weight=1.0, reference=seen))
+    assert fresh(None) == pytest.approx(staged.final_fitness, rel=1e-5)
+
+    with pytest.raises(ValueError, match="feature_weight must be >= 0"):
+        cptv_plugin.SearchConfig(feature_weight=-1.0)
+    whole = SegmentedModel([Segment(tiny_vit, ["images"], None)], lambda images: {"images": images})
+    with pytest.raises(ValueError, match="feature_weight=0"):
+        Evaluator(whole, [calibration], [calibration], "infonce", 0.1, True,
+                  features=FeatureTerm(weight=1.0, reference=[calibration]))

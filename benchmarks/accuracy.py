@@ -84,6 +84,9 @@ VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
             # last block's output tokens added, with the logits' weight; against `fast-nostage` / `default-nograd`
             "fast-features": ("fast", {"feature_weight": 1.0}),
             "default-features": ("default", {"feature_weight": 1.0, **_NO_GRADIENT}),
+            # the issue's CMA-ES (session 24): separable CMA-ES per group visit, the tournament's evaluations
+            "fast-cma": ("fast", {"strategy": "cma"}),
+            "default-cma": ("default", {"strategy": "cma", **_NO_GRADIENT}),
             "default-heldout": ("default", {"validation_fraction": 0.2, "start_candidates": (), **_NO_GRADIENT}),
             "default-unseeded-guarded": ("default", {"seed_candidates": (), "agreement_guard": True,
                                                      "start_candidates": (), **_NO_GRADIENT}),

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_path
+from .cma import SepCMA
 from .config import SearchConfig
 from .engine import Evaluator
 from .granularity import visit_plan
@@ -162,6 +163,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     units, visits = visit_plan(groups, config.passes, config.granularity, reverse=config.block_order == "reverse")
     initial_vectors = [g.read() for g in groups]
     gammas = [gamma] * len(units)  # per unit; moved only by config.step_adaptation
+    cma_states: list[SepCMA | None] = [None] * len(units)  # per unit, with config.strategy == "cma"
     checkpoint_path = Path(config.checkpoint_path) if config.checkpoint_path else None
     saved = _load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
     if saved is not None:
@@ -173,6 +175,10 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
         best_fitness = saved["best_fitness"]
         initial_fitness = saved["initial_fitness"]
         gammas = list(saved.get("gammas", gammas))
+        for index, state in enumerate(saved.get("cma", [])):
+            if state is not None:
+                cma_states[index] = SepCMA(state["mean"], state["sigma"], _cma_population(config))
+                cma_states[index].load_state_dict(state)
         resume_at = saved["next_visit"]
         logger.info("resuming the search from %s at visit %d (fitness %.5f)", checkpoint_path, resume_at,
                     best_fitness)
@@ -213,21 +219,31 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                     evaluator.advance(segment)
                 # first pass: data-free seeds (e.g. MSE-clipped weights) take the place of mutated members
                 seeds = seed_vectors(group, config.seed_candidates) if pass_index == 0 else []
-                members = [seed.to(current.device, current.dtype) for seed in seeds[:config.population - 1]]
-                members += [mutate(current, step, config.mutation_kind, generator)
-                            for _ in range(config.population - 1 - len(members))]
-                fitnesses = _evaluate_all(group, members, evaluator, segment)
-                population.extend(zip(members, fitnesses))
-                tried.extend(fitnesses)
-                for _ in range(config.cycles):
-                    drawn = rng.sample(range(len(population)), min(config.samples, len(population)))
-                    parent = min(drawn, key=lambda i: population[i][1])
-                    child = mutate(population[parent][0], step, config.mutation_kind, generator)
-                    group.set(child)
-                    population.append((child, evaluator(segment)))
-                    tried.append(population[-1][1])
-                    worst = max(range(len(population)), key=lambda i: population[i][1])
-                    population.pop(worst)
+                seeds = [seed.to(current.device, current.dtype) for seed in seeds]
+                if config.strategy == "cma":
+                    if cma_states[unit_index] is None:
+                        cma_states[unit_index] = SepCMA(current.double().clamp_min(MIN_SCALE).log(),
+                                                        gamma / math.sqrt(3), _cma_population(config))
+                    population.extend(_cma_generation(cma_states[unit_index], group, current, seeds, evaluator,
+                                                      segment, generator))
+                    tried.extend(f for _, f in population[1:])
+                    step = cma_states[unit_index].sigma
+                else:  # the paper's tournament
+                    members = seeds[:config.population - 1]
+                    members += [mutate(current, step, config.mutation_kind, generator)
+                                for _ in range(config.population - 1 - len(members))]
+                    fitnesses = _evaluate_all(group, members, evaluator, segment)
+                    population.extend(zip(members, fitnesses))
+                    tried.extend(fitnesses)
+                    for _ in range(config.cycles):
+                        drawn = rng.sample(range(len(population)), min(config.samples, len(population)))
+                        parent = min(drawn, key=lambda i: population[i][1])
+                        child = mutate(population[parent][0], step, config.mutation_kind, generator)
+                        group.set(child)
+                        population.append((child, evaluator(segment)))
+                        tried.append(population[-1][1])
+                        worst = max(range(len(population)), key=lambda i: population[i][1])
+                        population.pop(worst)
             finally:
                 # whatever happened, leave the group at the best member evaluated so far
                 if population:
@@ -244,7 +260,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                     "vectors": [g.read().cpu() for g in groups], "best_fitness": best_fitness,
                     "initial_fitness": initial_fitness, "history": result.history,
                     "evaluations": evaluator.evaluations, "torch_rng": generator.get_state(), "gammas": gammas,
-                    "py_rng": rng.getstate()})
+                    "py_rng": rng.getstate(), "cma": [c.state_dict() if c else None for c in cma_states]})
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(fitness=f"{best_fitness:.4f}")
@@ -323,6 +339,26 @@ def _evaluate_all(group: Group, vectors: list[torch.Tensor], evaluator: Evaluato
         group.set(vector)
         values.append(queue(segment) if queue is not None else evaluator(segment))
     return evaluator.collect(values) if queue is not None else values
+
+
+def _cma_population(config: SearchConfig) -> int:
+    """λ of the CMA strategy: a visit evaluates λ candidates and the new mean, the tournament's P − 1 + C."""
+    return max(2, config.population - 2 + config.cycles)
+
+
+def _cma_generation(state: SepCMA, group: Group, current: torch.Tensor, seeds: list[torch.Tensor],
+                    evaluator: Evaluator, segment: int | None,
+                    generator: torch.Generator) -> list[tuple[torch.Tensor, float]]:
+    """One sep-CMA-ES generation on ``group``: the seeds and ``λ`` sampled candidates evaluated (queued together),
+    the state told the sampled ones' ranking, then the moved mean evaluated. Returns every evaluated member."""
+    samples = state.ask(max(0, state.population - len(seeds)), generator)
+    vectors = seeds + [sample.exp().to(current.device, current.dtype).clamp_min(MIN_SCALE) for sample in samples]
+    fitnesses = _evaluate_all(group, vectors, evaluator, segment)
+    if samples:
+        state.tell(samples, fitnesses[len(seeds):])
+    mean = state.mean.exp().to(current.device, current.dtype).clamp_min(MIN_SCALE)
+    group.set(mean)
+    return list(zip(vectors, fitnesses)) + [(mean, evaluator(segment))]
 
 
 def adapt_step(step: float, initial: float, fitnesses: list[float], reference: float) -> float:

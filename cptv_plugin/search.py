@@ -224,8 +224,8 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                     if cma_states[unit_index] is None:
                         cma_states[unit_index] = SepCMA(current.double().clamp_min(MIN_SCALE).log(),
                                                         gamma / math.sqrt(3), _cma_population(config))
-                    population.extend(_cma_generation(cma_states[unit_index], group, current, seeds, evaluator,
-                                                      segment, generator))
+                    population.extend(_cma_generation(cma_states[unit_index], group, population[0], seeds,
+                                                      evaluator, segment, generator))
                     tried.extend(f for _, f in population[1:])
                     step = cma_states[unit_index].sigma
                 else:  # the paper's tournament
@@ -346,19 +346,28 @@ def _cma_population(config: SearchConfig) -> int:
     return max(2, config.population - 2 + config.cycles)
 
 
-def _cma_generation(state: SepCMA, group: Group, current: torch.Tensor, seeds: list[torch.Tensor],
+def _cma_generation(state: SepCMA, group: Group, current: tuple[torch.Tensor, float], seeds: list[torch.Tensor],
                     evaluator: Evaluator, segment: int | None,
                     generator: torch.Generator) -> list[tuple[torch.Tensor, float]]:
-    """One sep-CMA-ES generation on ``group``: the seeds and ``λ`` sampled candidates evaluated (queued together),
-    the state told the sampled ones' ranking, then the moved mean evaluated. Returns every evaluated member."""
+    """One sep-CMA-ES generation on ``group`` from its ``current`` (scales, fitness): the seeds first, and the mean
+    moved to the best of them if it beats the current scales (so the generation samples around it), then ``λ``
+    sampled candidates (queued together), the state told their ranking, then the moved mean evaluated. Returns
+    every evaluated member."""
+    members: list[tuple[torch.Tensor, float]] = []
+    if seeds:
+        members = list(zip(seeds, _evaluate_all(group, seeds, evaluator, segment)))
+        best_seed, best_fitness = min(members, key=lambda member: member[1])
+        if best_fitness < current[1]:
+            state.mean = best_seed.double().cpu().clamp_min(MIN_SCALE).log()
     samples = state.ask(max(0, state.population - len(seeds)), generator)
-    vectors = seeds + [sample.exp().to(current.device, current.dtype).clamp_min(MIN_SCALE) for sample in samples]
+    device, dtype = current[0].device, current[0].dtype
+    vectors = [sample.exp().to(device, dtype).clamp_min(MIN_SCALE) for sample in samples]
     fitnesses = _evaluate_all(group, vectors, evaluator, segment)
     if samples:
-        state.tell(samples, fitnesses[len(seeds):])
-    mean = state.mean.exp().to(current.device, current.dtype).clamp_min(MIN_SCALE)
+        state.tell(samples, fitnesses)
+    mean = state.mean.exp().to(device, dtype).clamp_min(MIN_SCALE)
     group.set(mean)
-    return list(zip(vectors, fitnesses)) + [(mean, evaluator(segment))]
+    return members + list(zip(vectors, fitnesses)) + [(mean, evaluator(segment))]
 
 
 def adapt_step(step: float, initial: float, fitnesses: list[float], reference: float) -> float:

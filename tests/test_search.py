@@ -356,3 +356,21 @@ def test_cma_strategy_searches_with_the_tournaments_evaluations_and_survives_a_r
         SearchConfig(strategy="cma", mutation_kind="absolute")
     with pytest.raises(ValueError, match="strategy must be 'tournament' or 'cma'"):
         SearchConfig(strategy="cmaes")
+
+
+def test_cma_moves_its_mean_to_a_seed_that_beats_the_current_scales(monkeypatch):
+    """A data-free seed better than the current scales re-centres the first generation on it."""
+    from cptv_plugin import search
+
+    groups, evaluator = make_problem(n_groups=1)
+    monkeypatch.setattr(search, "seed_vectors", lambda group, names: [torch.full((5,), 1.2)])  # the optimum
+    config = SearchConfig(passes=1, population=6, cycles=3, samples=3, mutation=0.01, progress=False,
+                          strategy="cma", seed_candidates=("weight_mse",))
+    seen = []
+    original = search.SepCMA.ask
+    monkeypatch.setattr(search.SepCMA, "ask", lambda self, count, generator: seen.append(self.mean.clone())
+                        or original(self, count, generator))
+    result = evolutionary_search(groups, evaluator, config)
+    torch.testing.assert_close(seen[0].exp(), torch.full((5,), 1.2, dtype=torch.float64))
+    assert result.final_fitness < 1e-9  # the seed (the optimum) was kept
+    assert result.evaluations == 1 + (6 - 1 + 3)

@@ -87,6 +87,10 @@ VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
             # the CMA-ES (session 24): separable CMA-ES per group visit, the tournament's evaluations
             "fast-cma": ("fast", {"strategy": "cma"}),
             "default-cma": ("default", {"strategy": "cma", **_NO_GRADIENT}),
+            # ... re-centred on the best scales found at every visit (plain CMA lost 4-9 points at LeViT-like
+            # linear W2A8, its recombined mean trailing the best member)
+            "fast-cma-elitist": ("fast", {"strategy": "cma_elitist"}),
+            "default-cma-elitist": ("default", {"strategy": "cma_elitist", **_NO_GRADIENT}),
             "default-heldout": ("default", {"validation_fraction": 0.2, "start_candidates": (), **_NO_GRADIENT}),
             "default-unseeded-guarded": ("default", {"seed_candidates": (), "agreement_guard": True,
                                                      "start_candidates": (), **_NO_GRADIENT}),

@@ -79,7 +79,9 @@ class SearchConfig:
             cycles of tournament selection and mutation) or ``"cma"``: one generation of separable CMA-ES per visit
             in log-scale space (λ = P − 2 + C candidates and the recombined mean, the tournament's evaluations), its
             step size (starting at γ/√3, the spread of the relative mutation) and diagonal covariance carried from
-            pass to pass (:mod:`cptv_plugin.cma`). Needs ``mutation_kind="relative"`` and no ``step_adaptation``.
+            pass to pass (:mod:`cptv_plugin.cma`). ``"cma_elitist"``: the same, but each visit re-centres the
+            distribution on the group's best scales found so far (the scales the search holds) instead of keeping
+            CMA's recombined mean. Both need ``mutation_kind="relative"`` and no ``step_adaptation``.
         granularity: which scales move together. ``"block"`` (the paper): each group. ``"fine_to_coarse"``
             (PFCR's schedule applied to the search): the first 30 % of the passes move each block's sub-units
             (attention, MLP) on their own, the last 30 % pairs of consecutive groups, the rest whole groups.
@@ -164,7 +166,7 @@ class SearchConfig:
     seed_candidates: tuple[str, ...] = ("weight_mse",)
     start_candidates: tuple[str, ...] = ("activation_mse",)
     step_adaptation: Literal["none", "one_fifth"] = "none"
-    strategy: Literal["tournament", "cma"] = "tournament"
+    strategy: Literal["tournament", "cma", "cma_elitist"] = "tournament"
     granularity: Literal["block", "fine_to_coarse"] = "block"
     agreement_guard: bool = False
     gradient_steps: int = 1000
@@ -218,10 +220,10 @@ class SearchConfig:
             problems.append(f"validation_fraction must be in [0, 1) (got {self.validation_fraction})")
         if self.granularity not in ("block", "fine_to_coarse"):
             problems.append(f"granularity must be 'block' or 'fine_to_coarse' (got {self.granularity!r})")
-        if self.strategy not in ("tournament", "cma"):
-            problems.append(f"strategy must be 'tournament' or 'cma' (got {self.strategy!r})")
-        elif self.strategy == "cma" and (self.mutation_kind != "relative" or self.step_adaptation != "none"):
-            problems.append("strategy='cma' searches log-scales with its own step size: it needs "
+        if self.strategy not in ("tournament", "cma", "cma_elitist"):
+            problems.append(f"strategy must be 'tournament', 'cma' or 'cma_elitist' (got {self.strategy!r})")
+        elif self.strategy != "tournament" and (self.mutation_kind != "relative" or self.step_adaptation != "none"):
+            problems.append(f"strategy={self.strategy!r} searches log-scales with its own step size: it needs "
                             "mutation_kind='relative' and step_adaptation='none' (got "
                             f"{self.mutation_kind!r}, {self.step_adaptation!r})")
         if self.step_adaptation not in ("none", "one_fifth"):

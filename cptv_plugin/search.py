@@ -220,10 +220,12 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                 # first pass: data-free seeds (e.g. MSE-clipped weights) take the place of mutated members
                 seeds = seed_vectors(group, config.seed_candidates) if pass_index == 0 else []
                 seeds = [seed.to(current.device, current.dtype) for seed in seeds]
-                if config.strategy == "cma":
+                if config.strategy in ("cma", "cma_elitist"):
                     if cma_states[unit_index] is None:
                         cma_states[unit_index] = SepCMA(current.double().clamp_min(MIN_SCALE).log(),
                                                         gamma / math.sqrt(3), _cma_population(config))
+                    elif config.strategy == "cma_elitist":  # sample around the best scales found, not the mean
+                        cma_states[unit_index].mean = current.double().cpu().clamp_min(MIN_SCALE).log()
                     population.extend(_cma_generation(cma_states[unit_index], group, population[0], seeds,
                                                       evaluator, segment, generator))
                     tried.extend(f for _, f in population[1:])

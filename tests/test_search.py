@@ -354,8 +354,29 @@ def test_cma_strategy_searches_with_the_tournaments_evaluations_and_survives_a_r
 
     with pytest.raises(ValueError, match="strategy='cma' .* mutation_kind='relative'"):
         SearchConfig(strategy="cma", mutation_kind="absolute")
-    with pytest.raises(ValueError, match="strategy must be 'tournament' or 'cma'"):
+    with pytest.raises(ValueError, match="strategy must be 'tournament', 'cma' or 'cma_elitist'"):
         SearchConfig(strategy="cmaes")
+
+
+def test_elitist_cma_samples_around_the_best_scales_found_and_plain_cma_around_its_mean(monkeypatch):
+    from cptv_plugin import search
+
+    centres = {}
+    original = search.SepCMA.ask
+    for strategy in ("cma", "cma_elitist"):
+        seen = centres[strategy] = []
+        monkeypatch.setattr(search.SepCMA, "ask", lambda self, count, generator, seen=seen:
+                            seen.append(self.mean.exp().clone()) or original(self, count, generator))
+        groups, evaluator = make_problem(n_groups=1)
+        config = SearchConfig(passes=3, population=6, cycles=3, samples=3, mutation=0.05, progress=False,
+                              strategy=strategy, seed_candidates=())
+        result = evolutionary_search(groups, evaluator, config)
+        if strategy == "cma_elitist":
+            # visits 2 and 3 start from the scales the previous visit kept: the best member
+            bests = [h["fitness"] for h in result.history]
+            for centre, best in zip(seen[1:], bests[:-1]):
+                assert float(((centre.float() - 1.2) ** 2).sum()) == pytest.approx(best, rel=1e-4)
+    assert not torch.allclose(centres["cma"][1], centres["cma_elitist"][1])
 
 
 def test_cma_moves_its_mean_to_a_seed_that_beats_the_current_scales(monkeypatch):

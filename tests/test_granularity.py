@@ -72,10 +72,9 @@ def test_an_unknown_granularity_is_refused():
 def test_an_interrupted_fine_to_coarse_search_resumes_to_the_same_scales(tmp_path, monkeypatch):
     """The plan of visits (sub-units, blocks, pairs) is derived from the config and the per-unit steps are saved:
     interrupted in the pairs' pass and resumed, the search ends with exactly the uninterrupted scales."""
-    from cptv_plugin import search
     from cptv_plugin.handles import Group
     from cptv_plugin.search import evolutionary_search
-    from test_search import QuadraticEvaluator, TensorHandle
+    from test_search import QuadraticEvaluator, TensorHandle, interrupt_and_resume
 
     def problem():
         groups = [Group(f"blocks.{i}", [TensorHandle(f"blocks.{i}.{child}.weight", torch.ones(3))
@@ -90,22 +89,8 @@ def test_an_interrupted_fine_to_coarse_search_resumes_to_the_same_scales(tmp_pat
         "blocks.0.attn", "blocks.0.mlp", "blocks.1.attn", "blocks.1.mlp", "blocks.2.attn", "blocks.2.mlp",
         "blocks.0", "blocks.1", "blocks.2", "blocks.0+blocks.1", "blocks.2"]
     uninterrupted = [g.read() for g in groups]
-
-    original, saves = search._save_checkpoint, []
-
-    def save_then_interrupt(path, state):
-        original(path, state)
-        saves.append(state)
-        if len(saves) == 10:  # after the first pair
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(search, "_save_checkpoint", save_then_interrupt)
-    config = config.replace(checkpoint_path=str(tmp_path / "b.ckpt"))
-    groups, evaluator = problem()
-    assert evolutionary_search(groups, evaluator, config, fingerprint="toy").interrupted
-    monkeypatch.setattr(search, "_save_checkpoint", original)
-    groups, evaluator = problem()
-    resumed = evolutionary_search(groups, evaluator, config, fingerprint="toy")
+    # stopped after the first pair
+    _, resumed, groups, _ = interrupt_and_resume(problem, config, tmp_path, monkeypatch, stop_after=10)
     assert resumed.resumed_from == 10
     for got, expected in zip([g.read() for g in groups], uninterrupted):
         assert torch.equal(got, expected)

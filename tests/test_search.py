@@ -54,6 +54,28 @@ def make_problem(n_groups=3, size=5):
     return groups, QuadraticEvaluator(groups, targets)
 
 
+def interrupt_and_resume(problem, config, tmp_path, monkeypatch, stop_after, **search_kwargs):
+    """The search on a fresh ``problem()`` with a checkpoint, stopped by Ctrl-C right after its ``stop_after``-th
+    save, then started again on another fresh ``problem()``: returns the saved states, the resumed run's result,
+    its groups and its evaluator."""
+    from cptv_plugin import search
+
+    original, saves = search._save_checkpoint, []
+
+    def save_then_interrupt(path, state):
+        original(path, state)
+        saves.append(state)
+        if len(saves) == stop_after:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(search, "_save_checkpoint", save_then_interrupt)
+    config = config.replace(checkpoint_path=str(tmp_path / "resumed.ckpt"))
+    assert evolutionary_search(*problem(), config, fingerprint="toy", **search_kwargs).interrupted
+    monkeypatch.setattr(search, "_save_checkpoint", original)
+    groups, evaluator = problem()
+    return saves, evolutionary_search(groups, evaluator, config, fingerprint="toy", **search_kwargs), groups, evaluator
+
+
 def test_visits_every_group_in_order_for_k_passes_and_counts_evaluations():
     config = SearchConfig(passes=3, population=5, cycles=4, samples=3, progress=False)
     groups, evaluator = make_problem()
@@ -263,33 +285,18 @@ def test_step_adaptation_moves_each_groups_step_and_still_never_worsens():
 def test_adapted_steps_survive_a_resume(tmp_path, monkeypatch):
     """The per-group steps are part of the checkpoint: an interrupted and resumed adaptive search ends with
     exactly the scales of an uninterrupted one."""
-    from cptv_plugin import search
+    def problem():
+        groups, evaluator = make_problem()
+        evaluator.targets = [torch.full((5,), 3.0) for _ in groups]
+        return groups, evaluator
 
     config = SearchConfig(passes=3, population=5, cycles=2, samples=3, mutation=0.01, progress=False,
                           step_adaptation="one_fifth", checkpoint_path=str(tmp_path / "a.ckpt"))
-    groups, evaluator = make_problem()
-    evaluator.targets = [torch.full((5,), 3.0) for _ in groups]
+    groups, evaluator = problem()
     evolutionary_search(groups, evaluator, config, fingerprint="toy")
     uninterrupted = [g.read() for g in groups]
-
-    original, saves = search._save_checkpoint, []
-
-    def save_then_interrupt(path, state):
-        original(path, state)
-        saves.append(state["gammas"])
-        if len(saves) == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(search, "_save_checkpoint", save_then_interrupt)
-    config = config.replace(checkpoint_path=str(tmp_path / "b.ckpt"))
-    groups, evaluator = make_problem()
-    evaluator.targets = [torch.full((5,), 3.0) for _ in groups]
-    assert evolutionary_search(groups, evaluator, config, fingerprint="toy").interrupted
-    assert saves[-1] != [0.01] * 3  # steps had moved when it stopped
-    monkeypatch.setattr(search, "_save_checkpoint", original)
-    groups, evaluator = make_problem()
-    evaluator.targets = [torch.full((5,), 3.0) for _ in groups]
-    resumed = evolutionary_search(groups, evaluator, config, fingerprint="toy")
+    saves, resumed, groups, _ = interrupt_and_resume(problem, config, tmp_path, monkeypatch, stop_after=4)
+    assert saves[-1]["gammas"] != [0.01] * 3  # steps had moved when it stopped
     assert resumed.resumed_from == 4
     for got, expected in zip([g.read() for g in groups], uninterrupted):
         assert torch.equal(got, expected)
@@ -318,8 +325,6 @@ def test_sep_cma_converges_on_a_quadratic_and_learns_each_coordinates_scale():
 
 
 def test_cma_strategy_searches_with_the_tournaments_evaluations_and_survives_a_resume(tmp_path, monkeypatch):
-    from cptv_plugin import search
-
     config = SearchConfig(passes=4, population=6, cycles=3, samples=3, mutation=0.05, progress=False,
                           strategy="cma", seed_candidates=(), checkpoint_path=str(tmp_path / "a.ckpt"))
     groups, evaluator = make_problem()
@@ -331,23 +336,8 @@ def test_cma_strategy_searches_with_the_tournaments_evaluations_and_survives_a_r
     steps = [h["step"] for h in result.history if h["group"] == "block0"]
     assert len(set(steps)) == len(steps)  # sigma moves every generation
     uninterrupted = [g.read() for g in groups]
-
-    original, saves = search._save_checkpoint, []
-
-    def save_then_interrupt(path, state):
-        original(path, state)
-        saves.append(state)
-        if len(saves) == 5:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(search, "_save_checkpoint", save_then_interrupt)
-    config = config.replace(checkpoint_path=str(tmp_path / "b.ckpt"))
-    groups, evaluator = make_problem()
-    assert evolutionary_search(groups, evaluator, config, fingerprint="toy").interrupted
+    saves, resumed, groups, _ = interrupt_and_resume(make_problem, config, tmp_path, monkeypatch, stop_after=5)
     assert saves[-1]["cma"][0]["generation"] == 2  # block0 had been visited twice
-    monkeypatch.setattr(search, "_save_checkpoint", original)
-    groups, evaluator = make_problem()
-    resumed = evolutionary_search(groups, evaluator, config, fingerprint="toy")
     assert resumed.resumed_from == 5
     for got, expected in zip([g.read() for g in groups], uninterrupted):
         assert torch.equal(got, expected)

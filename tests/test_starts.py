@@ -268,35 +268,21 @@ def test_a_far_off_start_is_judged_by_agreement_not_by_a_collapsed_fitness(tiny_
 def test_a_resumed_search_does_not_judge_its_starts_again(tmp_path, monkeypatch):
     """The start is part of the checkpointed scales: interrupted and resumed, the search ends with exactly the
     scales of an uninterrupted run and does not evaluate the starts a second time."""
-    from cptv_plugin import search
     from cptv_plugin.search import evolutionary_search
-    from test_search import make_problem
+    from test_search import interrupt_and_resume, make_problem
 
-    def run(config, interrupt_after=None):
-        groups, evaluator = make_problem()
-        starts = {"near": [torch.full((5,), 1.15) for _ in groups]}
-        original, saves = search._save_checkpoint, []
-
-        def save(path, state):
-            original(path, state)
-            saves.append(state)
-            if len(saves) == interrupt_after:
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(search, "_save_checkpoint", save)
-        result = evolutionary_search(groups, evaluator, config, fingerprint="toy", starts=starts)
-        return result, [g.read() for g in groups], evaluator
-
-    config = SearchConfig(passes=2, population=3, cycles=1, samples=2, progress=False)
-    done, expected, _ = run(config.replace(checkpoint_path=str(tmp_path / "a.ckpt")))
+    starts = {"near": [torch.full((5,), 1.15) for _ in range(3)]}
+    config = SearchConfig(passes=2, population=3, cycles=1, samples=2, progress=False,
+                          checkpoint_path=str(tmp_path / "a.ckpt"))
+    groups, evaluator = make_problem()
+    done = evolutionary_search(groups, evaluator, config, fingerprint="toy", starts=starts)
+    expected = [g.read() for g in groups]
     assert done.start["chosen"] == "near" and done.start["near"] < done.start["given"]
-    config = config.replace(checkpoint_path=str(tmp_path / "b.ckpt"))
-    interrupted, _, _ = run(config, interrupt_after=2)
-    assert interrupted.interrupted
-    resumed, scales, evaluator = run(config)
+    _, resumed, groups, evaluator = interrupt_and_resume(make_problem, config, tmp_path, monkeypatch, stop_after=2,
+                                                         starts=starts)
     assert resumed.resumed_from == 2 and resumed.start is None
     assert None not in evaluator.calls  # no full evaluation of the given scales or the starts again
-    for got, want in zip(scales, expected):
+    for got, want in zip([g.read() for g in groups], expected):
         assert torch.equal(got, want)
 
 

@@ -90,6 +90,10 @@ VARIANTS = {"paper-mse": ("paper", {"fitness": "mse"}),
             # ... re-centred on the best scales found at every visit (plain CMA lost 4-9 points at LeViT-like
             # linear W2A8, its recombined mean trailing the best member)
             "fast-cma-elitist": ("fast", {"strategy": "cma_elitist"}),
+            # the issue's held-out guard deciding between the passes' results (session 24), and the end-only guard
+            # on the same 800 searched images (what the per-pass choice adds)
+            "fast-heldout": ("fast", {"validation_fraction": 0.2}),
+            "fast-heldout-perpass": ("fast", {"validation_fraction": 0.2, "validation_selection": "per_pass"}),
             "default-cma-elitist": ("default", {"strategy": "cma_elitist", **_NO_GRADIENT}),
             "default-heldout": ("default", {"validation_fraction": 0.2, "start_candidates": (), **_NO_GRADIENT}),
             "default-unseeded-guarded": ("default", {"seed_candidates": (), "agreement_guard": True,

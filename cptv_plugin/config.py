@@ -95,6 +95,10 @@ class SearchConfig:
         validation_fraction: hold out this share of the calibration images (drawn by ``seed``); the search
             never sees them, and if the refined scales are worse than the initial ones on them, the initial
             scales are restored (``RefineResult.validation`` says so). 0 disables the guard.
+        validation_selection: with ``validation_fraction``: ``"end"`` (default) compares only the initial and the
+            refined scales on the held-out images; ``"per_pass"`` measures them after every pass and keeps the
+            scales of the pass (or the initial ones) that scored best there: the held-out images decide between
+            the passes' results, an early stop. One held-out evaluation per pass.
         agreement_guard: measure, on the calibration images, how often the quantized model's top-1 agrees with
             the full-precision model's, before and after the search; restore the initial scales if the search
             lowered it (``RefineResult.agreement`` says so). Label-free, two extra forward passes. It catches
@@ -167,6 +171,7 @@ class SearchConfig:
     checkpoint_path: str | None = None
     on_interrupt: Literal["keep_best", "restore"] = "keep_best"
     validation_fraction: float = 0.0
+    validation_selection: Literal["end", "per_pass"] = "end"
     seed_candidates: tuple[str, ...] = ("weight_mse",)
     start_candidates: tuple[str, ...] = ("activation_mse",)
     step_adaptation: Literal["none", "one_fifth"] = "none"
@@ -222,6 +227,10 @@ class SearchConfig:
             problems.append(f"on_interrupt must be 'keep_best' or 'restore' (got {self.on_interrupt!r})")
         if not 0.0 <= self.validation_fraction < 1.0:
             problems.append(f"validation_fraction must be in [0, 1) (got {self.validation_fraction})")
+        if self.validation_selection not in ("end", "per_pass"):
+            problems.append(f"validation_selection must be 'end' or 'per_pass' (got {self.validation_selection!r})")
+        elif self.validation_selection == "per_pass" and not self.validation_fraction:
+            problems.append("validation_selection='per_pass' needs held-out images: set validation_fraction (e.g. 0.2)")
         if self.granularity not in ("block", "fine_to_coarse"):
             problems.append(f"granularity must be 'block' or 'fine_to_coarse' (got {self.granularity!r})")
         if self.strategy not in ("tournament", "cma", "cma_elitist"):

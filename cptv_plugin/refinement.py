@@ -151,8 +151,10 @@ def _search(session: RefinementSession, config: SearchConfig, device: torch.devi
             initial_agreement = evaluator.agreement()
             if not starts:  # else only if the search keeps the given scales as its start (below)
                 _check_start(initial_agreement)
+            per_pass = validator if validator is not None and config.validation_selection == "per_pass" else None
             result = evolutionary_search(session.groups, evaluator, config, fingerprint=key, starts=starts,
-                                         given_agreement=initial_agreement)
+                                         given_agreement=initial_agreement,
+                                         pass_judge=(lambda: per_pass(None)) if per_pass is not None else None)
             if starts and (result.start or {}).get("chosen", "given") == "given":
                 _check_start(initial_agreement)
             result.initial_agreement = initial_agreement
@@ -167,8 +169,8 @@ def _search(session: RefinementSession, config: SearchConfig, device: torch.devi
                 restored = _guard(session, initial_vectors, result, final_validation > initial_validation,
                                   "the refined scales are worse on the held-out images "
                                   f"({final_validation:.5f} > {initial_validation:.5f})")
-                result.validation = {"initial": initial_validation, "final": final_validation,
-                                     "restored": restored, "images": len(held_out)}
+                result.validation = {**(result.validation or {}), "initial": initial_validation,
+                                     "final": final_validation, "restored": restored, "images": len(held_out)}
         if config.gradient_steps and not result.interrupted:
             _gradient_stage(session, config, batches, reference, result, initial_vectors,
                             compile=compile_model and not obstacle)

@@ -8,6 +8,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -49,6 +50,8 @@ class RefineResult:
         resumed_from: the group visit a resumed search started from (``None``: not resumed).
         validation: with ``validation_fraction``: held-out fitness before and after, and whether the initial
             scales were restored because the refined ones were worse there.
+            With ``validation_selection="per_pass"`` also ``"passes"`` (the held-out fitness of the start and after
+            each pass) and ``"chosen_pass"`` (whose scales were kept; −1: the start's).
         agreement: with ``agreement_guard``: top-1 agreement with the full-precision model on the calibration
             images before and after, and whether the initial scales were restored because it fell.
         initial_agreement: top-1 agreement with the full-precision model on the calibration images before the
@@ -141,7 +144,8 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
 
 def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: SearchConfig,
                         fingerprint: str = "", starts: dict[str, list[torch.Tensor]] | None = None,
-                        given_agreement: float | None = None) -> RefineResult:
+                        given_agreement: float | None = None,
+                        pass_judge: Callable[[], float] | None = None) -> RefineResult:
     """Run K passes of the block-wise search over ``groups`` (in model order); scales are left at the best
     found. The current scales are always a member of the population, so the fitness never increases.
 
@@ -149,6 +153,9 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     before the first visit against the current scales; the search starts from the winner (:func:`_choose_start`:
     the fittest, or the one agreeing most with the full-precision top-1 when the current scales are far off;
     ``given_agreement``: that agreement of the current scales where the caller measured it already).
+
+    ``pass_judge`` (e.g. the fitness on held-out images; lower is better) scores the scales before the first visit
+    and after every pass; the search ends at the scales it scored best (``RefineResult.validation["passes"]``).
 
     With ``config.checkpoint_path`` the state (scales of every group, RNG states, position, history) is saved
     atomically after every group visit; a run started again with the same model, config and calibration set
@@ -164,6 +171,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     initial_vectors = [g.read() for g in groups]
     gammas = [gamma] * len(units)  # per unit; moved only by config.step_adaptation
     cma_states: list[SepCMA | None] = [None] * len(units)  # per unit, with config.strategy == "cma"
+    judged: dict = {}  # with pass_judge: {"passes": [score per pass, -1 first], "best": (score, fitness, vectors)}
     checkpoint_path = Path(config.checkpoint_path) if config.checkpoint_path else None
     saved = _load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
     if saved is not None:
@@ -175,6 +183,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
         best_fitness = saved["best_fitness"]
         initial_fitness = saved["initial_fitness"]
         gammas = list(saved.get("gammas", gammas))
+        judged = saved.get("judged", {})
         for index, state in enumerate(saved.get("cma", [])):
             if state is not None:
                 cma_states[index] = SepCMA(state["mean"], state["sigma"], _cma_population(config))
@@ -193,6 +202,10 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     if saved is not None:
         result.history = list(saved["history"])
         result.resumed_from = resume_at
+    elif pass_judge is not None:  # the scales the search starts from (the given ones, or the chosen start)
+        score = pass_judge()
+        judged = {"passes": [score], "best": {"score": score, "fitness": best_fitness, "pass": -1,
+                                              "vectors": [g.read().cpu() for g in groups]}}
     logger.info("searching %d groups (%d scales), %d passes, gamma=%g (%s), initial fitness %.5f",
                 len(groups), sum(result.groups.values()), config.passes, gamma, config.mutation_kind, best_fitness)
     try:
@@ -256,13 +269,16 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
             result.history.append({"pass": pass_index, "group": group.name, "fitness": best_fitness,
                                    "evaluations": evaluator.evaluations, "step": step,
                                    "seconds": round(time.time() - start_time, 3)})
+            if pass_judge is not None and (visit + 1 == len(visits) or visits[visit + 1][0] != pass_index):
+                _judge_pass(judged, pass_judge, groups, best_fitness, pass_index)
             if checkpoint_path is not None:
                 _save_checkpoint(checkpoint_path, {
                     "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "next_visit": visit + 1,
                     "vectors": [g.read().cpu() for g in groups], "best_fitness": best_fitness,
                     "initial_fitness": initial_fitness, "history": result.history,
                     "evaluations": evaluator.evaluations, "torch_rng": generator.get_state(), "gammas": gammas,
-                    "py_rng": rng.getstate(), "cma": [c.state_dict() if c else None for c in cma_states]})
+                    "py_rng": rng.getstate(), "cma": [c.state_dict() if c else None for c in cma_states],
+                    "judged": judged})
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(fitness=f"{best_fitness:.4f}")
@@ -277,6 +293,15 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     finally:
         if progress is not None:
             progress.close()
+    if judged and not result.interrupted:
+        best = judged["best"]
+        if best["pass"] < config.passes - 1:  # an earlier pass (or the start) did better on the held-out images
+            logger.info("keeping the scales after pass %d (held-out %.5f; the last pass: %.5f)", best["pass"],
+                        best["score"], judged["passes"][-1])
+            set_groups(groups, best["vectors"])
+            evaluator.invalidate()
+            best_fitness = best["fitness"]
+        result.validation = {"passes": list(judged["passes"]), "chosen_pass": best["pass"]}
     result.final_fitness = best_fitness
     result.evaluations = evaluator.evaluations
     if checkpoint_path is not None and not result.interrupted and checkpoint_path.exists():
@@ -341,6 +366,16 @@ def _evaluate_all(group: Group, vectors: list[torch.Tensor], evaluator: Evaluato
         group.set(vector)
         values.append(queue(segment) if queue is not None else evaluator(segment))
     return evaluator.collect(values) if queue is not None else values
+
+
+def _judge_pass(judged: dict, pass_judge: Callable[[], float], groups: list[Group], fitness: float,
+                pass_index: int) -> None:
+    """Score the scales at the end of pass ``pass_index`` and remember them if they beat every earlier pass."""
+    score = pass_judge()
+    judged["passes"].append(score)
+    if score < judged["best"]["score"]:
+        judged["best"] = {"score": score, "fitness": fitness, "pass": pass_index,
+                          "vectors": [g.read().cpu() for g in groups]}
 
 
 def _cma_population(config: SearchConfig) -> int:

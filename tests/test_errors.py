@@ -74,7 +74,7 @@ def test_failure_during_search_restores_the_model(prepared, fmnist, monkeypatch)
     before = state_of(prepared)
     baseline = convert_fx(copy.deepcopy(prepared))(fmnist[1][:20])
 
-    def broken_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None):
+    def broken_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None, pass_judge=None):
         for group in groups:  # move scales, then fail half way
             group.set(group.read() * 2)
         raise RuntimeError("boom")

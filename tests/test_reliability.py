@@ -129,6 +129,14 @@ def test_validation_split_reports_and_guards(tiny_vit, fmnist):
     result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH.replace(validation_fraction=0.25))
     check = result.validation
     assert check["images"] == 50 and check["restored"] == (check["final"] > check["initial"])
+    # per pass: the held-out images score the start and every pass; the search ends at the best of them
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W2A8")
+    result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH.replace(
+        passes=2, validation_fraction=0.25, validation_selection="per_pass", start_candidates=()))
+    check = result.validation
+    assert len(check["passes"]) == 3 and check["passes"][check["chosen_pass"] + 1] == min(check["passes"])
+    assert check["initial"] == pytest.approx(check["passes"][0], rel=1e-5)  # the search starts from the given scales
+    assert check["final"] == pytest.approx(min(check["passes"]), rel=1e-5) and not check["restored"]
 
 
 def test_held_out_reference_is_full_precision_in_a_compiled_search(tiny_vit, fmnist, monkeypatch):
@@ -141,7 +149,7 @@ def test_held_out_reference_is_full_precision_in_a_compiled_search(tiny_vit, fmn
     compile_eagerly = SegmentedModel.compile
     monkeypatch.setattr(SegmentedModel, "compile", lambda self, **options: compile_eagerly(self, backend="eager"))
 
-    def no_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None):
+    def no_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None, pass_judge=None):
         fitness = evaluator(None)
         return cptv_plugin.RefineResult(initial_fitness=fitness, final_fitness=fitness)
 
@@ -161,7 +169,7 @@ def test_worse_on_held_out_images_restores_the_initial_scales(tiny_vit, fmnist, 
     import cptv_plugin.refinement as refinement
     from cptv_plugin.fx.refine import FxSession
 
-    def harmful_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None):
+    def harmful_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None, pass_judge=None):
         initial = evaluator(None)
         for group in groups:
             group.set(group.read() * 4)  # much worse everywhere, the held-out images too
@@ -182,7 +190,7 @@ def test_agreement_guard_restores_scales_that_make_the_model_disagree(tiny_vit, 
     import cptv_plugin.refinement as refinement
     from cptv_plugin.fx.refine import FxSession
 
-    def collapsing_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None):
+    def collapsing_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None, pass_judge=None):
         initial = evaluator(None)
         for group in groups:
             group.set(group.read() * 50)  # coarse steps everywhere: the predictions stop matching

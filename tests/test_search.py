@@ -385,3 +385,42 @@ def test_cma_moves_its_mean_to_a_seed_that_beats_the_current_scales(monkeypatch)
     torch.testing.assert_close(seen[0].exp(), torch.full((5,), 1.2, dtype=torch.float64))
     assert result.final_fitness < 1e-9  # the seed (the optimum) was kept
     assert result.evaluations == 1 + (6 - 1 + 3)
+
+
+def test_per_pass_judge_keeps_the_pass_it_scores_best_and_survives_a_resume(tmp_path, monkeypatch):
+    """A judge whose optimum (1.05) lies between the start (1.0) and the fitness's optimum (1.2): the search walks
+    past it, and ends at the scales of the pass the judge scored best, with that pass's fitness."""
+    def judge_of(groups):
+        return lambda: float(sum(((g.read() - 1.05) ** 2).sum() for g in groups))
+
+    def problem():
+        return make_problem()
+
+    config = SearchConfig(passes=6, population=6, cycles=2, samples=3, mutation=0.02, progress=False,
+                          seed_candidates=(), checkpoint_path=str(tmp_path / "a.ckpt"))
+    groups, evaluator = problem()
+    plain = evolutionary_search(groups, evaluator, config.replace(checkpoint_path=None))
+    groups, evaluator = problem()
+    judged = evolutionary_search(groups, evaluator, config, fingerprint="toy", pass_judge=judge_of(groups))
+    scores, chosen = judged.validation["passes"], judged.validation["chosen_pass"]
+    assert len(scores) == 7 and 0 <= chosen < 5 and scores[chosen + 1] == min(scores)
+    assert scores[-1] > min(scores)  # the last pass had walked past the judge's optimum
+    end_of_pass = [h["fitness"] for h in judged.history if h["group"] == "block2"]
+    assert judged.final_fitness == end_of_pass[chosen] > plain.final_fitness
+    assert judge_of(groups)() == pytest.approx(min(scores))
+    kept = [g.read() for g in groups]
+
+    # resumed after an interruption in pass 3, the same scales are kept (the best pass so far is in the checkpoint)
+    made = []
+
+    def remembered():
+        made.append(problem())
+        return made[-1]
+
+    saves, resumed, groups, _ = interrupt_and_resume(remembered, config, tmp_path, monkeypatch, stop_after=10,
+                                                     pass_judge=lambda: judge_of(made[-1][0])())
+    assert resumed.validation["chosen_pass"] == chosen and resumed.final_fitness == judged.final_fitness
+    for got, expected in zip([g.read() for g in groups], kept):
+        assert torch.equal(got, expected)
+    with pytest.raises(ValueError, match="per_pass' needs held-out images"):
+        SearchConfig(validation_selection="per_pass")

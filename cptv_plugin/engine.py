@@ -24,6 +24,10 @@ __all__ = ["Segment", "SegmentedModel", "Evaluator", "FeatureTerm", "ModelOutput
 logger = logging.getLogger(__name__)
 
 
+ONE_SEGMENT_NO_FEATURES = ("the model runs as one segment (it could not be cut between blocks): it has no features "
+                           "before the head to score; set SearchConfig(feature_weight=0)")
+
+
 class ModelOutputError(RuntimeError):
     """The model produced something the fitness cannot use (NaN/Inf, or not a tensor)."""
 
@@ -93,8 +97,7 @@ class SegmentedModel:
     def forward_with_features(self, images: torch.Tensor, eager: bool = False) -> tuple[Any, torch.Tensor]:
         """The model output and the features before the head (:meth:`features`) of ``images``."""
         if self.feature_segment is None:
-            raise ValueError("the model runs as one segment (it could not be cut between blocks): it has no "
-                             "features before the head to score; set SearchConfig(feature_weight=0)")
+            raise ValueError(ONE_SEGMENT_NO_FEATURES)
         env = self.run(self.initial_env(images), 0, self.feature_segment, eager=eager)
         return self.run(env, self.feature_segment, eager=eager), self.features(env)
 
@@ -209,8 +212,7 @@ class Evaluator:
                  fitness: str, temperature: float, normalize: bool, compute_batch_size: int | None = None,
                  precision: str = "fp32", features: FeatureTerm | None = None):
         if features is not None and model.feature_segment is None:
-            raise ValueError("the model runs as one segment (it could not be cut between blocks): it has no "
-                             "features before the head to score; set SearchConfig(feature_weight=0)")
+            raise ValueError(ONE_SEGMENT_NO_FEATURES)
         self.model = model
         self.sizes = [len(b) for b in batches]  # the batches themselves live on in the (concatenated) passes
         self.reference = reference_outputs

@@ -18,8 +18,8 @@ from torch import nn
 
 from .config import SearchConfig
 from .data import CalibrationError, calibration_images, split_batches
-from .engine import (Evaluator, FeatureTerm, SegmentedModel, mean_fitness, mean_fitness_with_features,
-                     reference_outputs)
+from .engine import (ONE_SEGMENT_NO_FEATURES, Evaluator, FeatureTerm, SegmentedModel, mean_fitness,
+                     mean_fitness_with_features, reference_outputs)
 from .fitness import get_fitness, needs_negatives
 from .gradient import gradient_refine
 from .handles import Group, set_groups
@@ -274,8 +274,7 @@ def _feature_term(session: RefinementSession, config: SearchConfig,
     if not config.feature_weight:
         return None
     if session.chain.feature_segment is None:
-        raise ValueError("feature_weight needs the model cut between its blocks, and this one runs as one segment "
-                         "(see the warning above on why it could not be traced): set SearchConfig(feature_weight=0)")
+        raise ValueError(ONE_SEGMENT_NO_FEATURES + " (the warning above says why it could not be traced)")
     with _full_precision(session), torch.no_grad():
         reference = [session.chain.forward_with_features(images, eager=True)[1] for images in batches]
     return FeatureTerm(weight=config.feature_weight, reference=reference)

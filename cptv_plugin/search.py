@@ -170,8 +170,9 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     units, visits = visit_plan(groups, config.passes, config.granularity, reverse=config.block_order == "reverse")
     initial_vectors = [g.read() for g in groups]
     gammas = [gamma] * len(units)  # per unit; moved only by config.step_adaptation
-    cma_states: list[SepCMA | None] = [None] * len(units)  # per unit, with config.strategy == "cma"
-    judged: dict = {}  # with pass_judge: {"passes": [score per pass, -1 first], "best": (score, fitness, vectors)}
+    cma_states: list[SepCMA | None] = [None] * len(units)  # per unit, with a CMA strategy
+    # with pass_judge: {"passes": [the start's score, then one per pass], "best": {score, fitness, pass, vectors}}
+    judged: dict = {}
     checkpoint_path = Path(config.checkpoint_path) if config.checkpoint_path else None
     saved = _load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
     if saved is not None:

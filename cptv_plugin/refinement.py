@@ -173,7 +173,7 @@ def _search(session: RefinementSession, config: SearchConfig, device: torch.devi
                                      "final": final_validation, "restored": restored, "images": len(held_out)}
         if config.gradient_steps and not result.interrupted:
             _gradient_stage(session, config, batches, reference, result, initial_vectors,
-                            compile=compile_model and not obstacle)
+                            compile=compile_model and not obstacle, features=evaluator.features)
     return result, precision
 
 
@@ -203,7 +203,7 @@ def _unchanged(session: RefinementSession, config: SearchConfig, batches: list[t
 
 def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
                     reference: list[torch.Tensor], result: RefineResult, initial_vectors: list[torch.Tensor],
-                    compile: bool = False) -> None:
+                    compile: bool = False, features: FeatureTerm | None = None) -> None:
     """Run :func:`~cptv_plugin.gradient.gradient_refine` on the searched scales, in fp32, on the eager chain
     (the stage replaces the quantizers' forwards, which the search's compiled copies would not see; ``compile``
     compiles that eager chain whole). Ctrl-C keeps the search's scales (or, with ``on_interrupt="restore"``, the
@@ -234,7 +234,7 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
         return
     if result.gradient["kept"]:
         # the search fitness of the committed scales (eager fp32, like the stage)
-        result.final_fitness = _search_fitness(session, config, batches, reference)
+        result.final_fitness = _search_fitness(session, config, batches, reference, features)
 
 
 def _check_start(agreement: float) -> None:
@@ -281,11 +281,12 @@ def _feature_term(session: RefinementSession, config: SearchConfig,
 
 
 def _search_fitness(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
-                    reference: list[torch.Tensor]) -> float:
+                    reference: list[torch.Tensor], features: FeatureTerm | None = None) -> float:
     """The search's fitness of the current scales (eager, fp32, one plain forward per batch), its feature term
-    included when ``config.feature_weight`` asks for one."""
+    included when ``config.feature_weight`` asks for one (``features``: its full-precision features of ``batches``
+    where the caller has them already)."""
     fitness = get_fitness(config.fitness)
-    features = _feature_term(session, config, batches)
+    features = features or _feature_term(session, config, batches)
     if features is not None:
         return mean_fitness_with_features(session.chain, batches, reference, fitness, config.temperature,
                                           config.normalize, features)

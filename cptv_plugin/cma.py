@@ -64,10 +64,11 @@ class SepCMA:
             math.sqrt(self.c_sigma * (2 - self.c_sigma) * mu_eff) * step / self.variances.sqrt()
         self.generation += 1
         norm = float(self.path_sigma.norm())
-        stalled = norm / math.sqrt(1 - (1 - self.c_sigma) ** (2 * self.generation)) < \
+        # h_sigma: the covariance path only accumulates while the step-size path is not unusually long
+        h_sigma = norm / math.sqrt(1 - (1 - self.c_sigma) ** (2 * self.generation)) < \
             (1.4 + 2 / (self.mean.numel() + 1)) * self.chi_n
         self.path_c = (1 - self.c_c) * self.path_c + \
-            float(stalled) * math.sqrt(self.c_c * (2 - self.c_c) * mu_eff) * step
+            float(h_sigma) * math.sqrt(self.c_c * (2 - self.c_c) * mu_eff) * step
         rank_mu = (weights[:, None] * steps.square()).sum(0)
         self.variances = (1 - self.c_1 - self.c_mu) * self.variances + self.c_1 * self.path_c.square() + \
             self.c_mu * rank_mu

@@ -153,7 +153,8 @@ def test_speed_benchmark_runs_small_on_the_cpu(tmp_path, framework):
     if framework == "fx":  # --warm: the same search timed again, same result
         cold, warm = records[0], records[1]
         assert (cold["inductor_cache"], warm["inductor_cache"], warm["engine"]) == ("cold", "warm", "fast")
-        assert warm["fitness"] == cold["fitness"] and warm["seconds"] != cold["seconds"]
+        # a second timing of the same search (the two can round to the same 0.01 s on the CPU: seen in session 24)
+        assert warm["fitness"] == cold["fitness"] and 0 < warm["search_seconds"] <= warm["seconds"]
 
 
 def test_speed_compile_phases_sum_each_phase_over_graphs_and_leave_out_untimed_ones():

@@ -33,8 +33,7 @@ class SepCMA:
         mu = max(1, population // 2)
         raw = torch.tensor([math.log(mu + 0.5) - math.log(i + 1) for i in range(mu)], dtype=torch.float64)
         self.weights = raw / raw.sum()
-        self.mu_eff = float(1.0 / (self.weights ** 2).sum())
-        mu_eff = self.mu_eff
+        mu_eff = float(1.0 / (self.weights ** 2).sum())
         self.c_sigma = (mu_eff + 2) / (n + mu_eff + 5)
         self.d_sigma = 1 + 2 * max(0.0, math.sqrt((mu_eff - 1) / (n + 1)) - 1) + self.c_sigma
         self.c_c = (4 + mu_eff / n) / (n + 4 + 2 * mu_eff / n)

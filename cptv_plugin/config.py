@@ -99,8 +99,8 @@ class SearchConfig:
             refined scales on the held-out images; ``"per_pass"`` measures them after every pass and keeps the
             scales of the pass (or the initial ones) that scored best there: the held-out images decide between
             the passes' results, an early stop. One held-out evaluation per pass. Measured with ``fast`` on the CI
-            ViT it kept the last pass in 8 of 12 runs, +0.00 points against ``"end"`` (benchmarks/FINDINGS.md,
-            section 30).
+            ViT it kept the last pass in 8 of 12 runs, +0.00 points against ``"end"``; with the default's 10 passes
+            on the reference models −0.07 over 36 runs (benchmarks/FINDINGS.md, sections 30-31).
         agreement_guard: measure, on the calibration images, how often the quantized model's top-1 agrees with
             the full-precision model's, before and after the search; restore the initial scales if the search
             lowered it (``RefineResult.agreement`` says so). Label-free, two extra forward passes. It catches

@@ -17,6 +17,10 @@ precision, and for the fast engine the achieved fraction of the GPU's dense bf16
 (``matmul_tflops`` / ``bf16_peak_tflops``), counting the matmul FLOPs of every evaluated suffix.
 With ``--compile`` the fast records also give ``compile_phases_seconds``: torch.compile's time per phase (dynamo's
 tracing, AOT autograd, inductor's lowering, code generation and kernel compiles), summed over the graphs compiled.
+
+Under ``torchrun --nproc-per-node N -m benchmarks.speed ...`` the fast search is shared by N GPUs (one per rank,
+``SearchConfig.distributed``): its record says ``ranks`` and its fraction of the bf16 peak is of N GPUs' peak; the
+literal reference still runs on one GPU (rank 0), so ``speedup_of_fast`` is N GPUs against one.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import time
 import warnings
 from pathlib import Path
@@ -128,7 +133,8 @@ def _quantized(model: torch.nn.Module, calib: torch.Tensor, framework: str, bits
 
 def bench_model(name: str, device: torch.device, images: int, precision: str, literal_evaluations: int,
                 bits: str = "W4A8", passes: int = 10, compile: bool = False, framework: str = "fx",
-                warm: bool = False) -> list[dict]:
+                warm: bool = False, batch_size: int = 100, rank: int = 0, world: int = 1) -> list[dict]:
+    """The records of one model (on ranks other than 0: none; they only share the fast search)."""
     import timm
 
     import cptv_plugin
@@ -143,7 +149,7 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     records = []
 
     config = cptv_plugin.SearchConfig.paper(progress=False, precision=precision, passes=passes, compile=compile,
-                                            batch_size=min(100, images))
+                                            batch_size=min(batch_size, images))
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
@@ -165,6 +171,7 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
                           * (config.population - 1 + config.cycles))
     tflops = evaluated / seconds / 1e12
     peak_tflops = _peak_tflops(device_name)
+    peak_tflops = peak_tflops and peak_tflops * world  # every rank's GPU
     records.append({
         "model": name, "framework": framework, "engine": "fast", "compiled": result.compiled, "bits": bits,
         "preset": "paper", "images": images,
@@ -179,6 +186,8 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
         "matmul_tflops": round(tflops, 1), "bf16_peak_tflops": peak_tflops,
         "fraction_of_bf16_peak": peak_tflops and round(tflops / peak_tflops, 3),
     })
+    if world > 1:
+        records[-1]["ranks"] = world
     if compile:  # where the compile time went (FINDINGS section 24: no single phase dominates)
         records[-1]["compile_phases_seconds"] = _compile_phases(_compile_metrics())
     logging.info("%s fast: %.1f s, %d evaluations, %s", name, seconds, result.evaluations, records[-1])
@@ -201,6 +210,8 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
         if compile:
             records[-1]["compile_phases_seconds"] = _compile_phases(_compile_metrics())
         del again
+    if rank != 0:
+        return []
 
     # literal: full forward per candidate, fp32, batches of 100; time a measured number of evaluations
     from cptv_plugin.engine import Evaluator, reference_outputs
@@ -231,6 +242,8 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
         "extrapolated_from": f"{literal_evaluations} full-forward evaluations timed, {per_evaluation:.4f} s each",
         "speedup_of_fast": round(literal_seconds / seconds, 1),
     })
+    if world > 1:  # one GPU's literal run, the reference of this run's N-GPU fast one
+        records[-1]["ranks"] = world
     logging.info("%s literal: %.1f s (extrapolated)", name, literal_seconds)
     del prepared, literal_model, session, evaluator
     if device.type == "cuda":
@@ -249,17 +262,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warm", action="store_true",
                         help="also time the same search a second time (inductor's on-disk caches warm)")
     parser.add_argument("--passes", type=int, default=10, help="K (the paper: 10; fewer only for a smoke test)")
+    parser.add_argument("--batch-size", type=int, default=100, help="images per fitness batch (the paper: 100)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     device = torch.device(args.device)
+    rank, world = 0, int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # launched by torchrun: every rank shares each fast search, rank 0 reports
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        rank = dist.get_rank()
     out = Path(args.out)
     records = json.loads(out.read_text()) if out.exists() else []
     for name in args.models:
         fresh = bench_model(name, device, args.images, args.precision, args.literal_evaluations, passes=args.passes,
-                            compile=args.compile, framework=args.framework, warm=args.warm)
+                            compile=args.compile, framework=args.framework, warm=args.warm,
+                            batch_size=args.batch_size, rank=rank, world=world)
+        if rank != 0:
+            continue
         records = [r for r in records if not (r["model"] == name and r["device"] == fresh[0]["device"]
+                                              and r.get("ranks", 1) == world
                                               and r.get("framework", "fx") == args.framework
                                               and r.get("precision") in (fresh[0]["precision"], "fp32")
                                               and r["engine"] in ("fast", "literal")
@@ -270,6 +297,8 @@ def main(argv: list[str] | None = None) -> None:
         tmp.replace(out)
         for record in fresh:
             print(json.dumps(record), flush=True)
+    if world > 1:
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from .blocks import (BlockAdapter, ModelStructure, UnsupportedModelError, discov
                      register_block_adapter)
 from .config import SearchConfig
 from .data import CalibrationError
+from .distributed import RankMismatchError
 from .engine import ModelOutputError
 from .fitness import list_fitness, register_fitness
 from .fx.quantizers import RefinedObserver
@@ -54,6 +55,7 @@ __all__ = [
     "NotCalibratedError",
     "UnsupportedQuantizerError",
     "CheckpointMismatchError",
+    "RankMismatchError",
     "ExportError",
     "TensorRTRuleError",
     "__version__",

@@ -145,6 +145,13 @@ class SearchConfig:
             models the default's refinement of such rows, KL 2e-4 to 8e-4, ended −0.13 to +0.02 points from
             the given scales' test top-1; benchmarks/FINDINGS.md, section 16). Default 1e-3; ``paper`` and
             ``fast``: 0 (always refine).
+        distributed: share the search's evaluations among the ranks of torch.distributed's default process group
+            (launched with ``torchrun``; every rank calls ``refine_*`` with the same model, images and config, each on
+            its own device). Each rank evaluates every candidate on its share of the calibration batches, the
+            fitness is summed over the ranks, and every rank makes the same choices and commits the same scales as
+            one process would; the gradient stage runs whole on every rank. ``None`` (default): when a process group
+            with several ranks is initialized; ``False``: this process refines alone (e.g. each rank its own model);
+            ``True``: require a process group.
     """
 
     passes: int = 10
@@ -188,6 +195,7 @@ class SearchConfig:
     gradient_batch_size: int | None = None
     gradient_cuda_graph: bool = True
     lossless_kl: float = 1e-3
+    distributed: bool | None = None
     name: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:
@@ -247,6 +255,8 @@ class SearchConfig:
             problems.append(f"gradient_steps must be >= 0 (got {self.gradient_steps})")
         if not self.gradient_lr > 0:
             problems.append(f"gradient_lr must be > 0 (got {self.gradient_lr})")
+        if self.distributed not in (None, True, False):
+            problems.append(f"distributed must be None, True or False (got {self.distributed!r})")
         if not self.lossless_kl >= 0:
             problems.append(f"lossless_kl must be >= 0 (got {self.lossless_kl}); 0 always refines")
         if self.gradient_batch_size is not None and self.gradient_batch_size < self.batch_size:

@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .distributed import Shard
 from .fitness import get_fitness, infonce, infonce_batches
 
 __all__ = ["Segment", "SegmentedModel", "Evaluator", "FeatureTerm", "ModelOutputError"]
@@ -206,15 +207,21 @@ class Evaluator:
     inputs of the segment being searched are cached per pass (:meth:`prepare` / :meth:`advance`), so a candidate
     runs only the segments from there on. ``precision`` is ``"fp32"``, ``"tf32"``, ``"bf16"`` or ``"fp16"``.
     ``features``: add an InfoNCE term on the features before the head (the last segment's inputs).
+    ``shard``: with several ranks, ``batches`` are this rank's share and every fitness read (:meth:`collect`) and
+    agreement is summed over the ranks: the fitness of the whole calibration set.
     """
 
     def __init__(self, model: SegmentedModel, batches: list[torch.Tensor], reference_outputs: list[torch.Tensor],
                  fitness: str, temperature: float, normalize: bool, compute_batch_size: int | None = None,
-                 precision: str = "fp32", features: FeatureTerm | None = None):
+                 precision: str = "fp32", features: FeatureTerm | None = None, shard: Shard | None = None):
         if features is not None and model.feature_segment is None:
             raise ValueError(ONE_SEGMENT_NO_FEATURES)
         self.model = model
         self.sizes = [len(b) for b in batches]  # the batches themselves live on in the (concatenated) passes
+        self.shard = shard or Shard()
+        # what a rank's summed fitness is divided by: the images of every rank
+        self.total_images = (int(self.shard.sum(torch.tensor(sum(self.sizes), dtype=torch.float64)))
+                             if self.shard.active else sum(self.sizes))
         self.reference = reference_outputs
         self.fitness_fn = get_fitness(fitness)
         self.fitness_kwargs = {"temperature": temperature, "normalize": normalize}
@@ -285,11 +292,12 @@ class Evaluator:
             if features is not None:
                 total += self._pass_feature_fitness(index, features)
         self.evaluations += 1
-        return total / sum(self.sizes)
+        return total / self.total_images
 
     def collect(self, queued: list[torch.Tensor]) -> list[float]:
-        """The values of queued fitnesses (one device sync for all); raises if one is NaN or infinite."""
-        values = torch.stack(queued).tolist() if queued else []
+        """The values of queued fitnesses (one device sync for all; with several ranks, one all-reduce that sums
+        their shares); raises if one is NaN or infinite."""
+        values = self.shard.sum(torch.stack(queued)).tolist() if queued else []
         if any(not math.isfinite(value) for value in values):
             raise ModelOutputError("the fitness is NaN or infinite: the quantized model's outputs are not finite")
         return values
@@ -350,6 +358,8 @@ class Evaluator:
         for output, reference in self._outputs():
             agreeing += int((output.flatten(1).argmax(1) == reference.flatten(1).argmax(1)).sum())
             count += len(output)
+        if self.shard.active:
+            agreeing, count = self.shard.sum(torch.tensor([agreeing, count], dtype=torch.float64)).tolist()
         return agreeing / count
 
     def _pass_outputs(self, segment: int | None, with_features: bool = False):
@@ -416,20 +426,22 @@ def batch_fitness(forward: Callable[[torch.Tensor], Any], images: torch.Tensor, 
 
 
 def mean_fitness(forward: Callable[[torch.Tensor], Any], batches: list[torch.Tensor], reference: list[torch.Tensor],
-                 fitness: Callable, temperature: float, normalize: bool, record_gradients: bool = False) -> float:
+                 fitness: Callable, temperature: float, normalize: bool, record_gradients: bool = False,
+                 shard: Shard | None = None) -> float:
     """The mean of :func:`batch_fitness` over the calibration batches (one plain forward each, no grouping or
     cache: for a measurement outside the search, e.g. after the gradient stage). ``record_gradients``: run the
-    forward as in training (no gradient is computed; a compiled training forward then needs no inference graph)."""
+    forward as in training (no gradient is computed; a compiled training forward then needs no inference graph).
+    ``shard``: ``batches`` are this rank's share; the mean is over every rank's."""
     with torch.set_grad_enabled(record_gradients):
         values = [float(batch_fitness(forward, images, ref, fitness, temperature, normalize).detach())
                   for images, ref in zip(batches, reference)]
-    return sum(values) / len(values)
+    return (shard or Shard()).mean(values)
 
 
 @torch.no_grad()
 def mean_fitness_with_features(model: SegmentedModel, batches: list[torch.Tensor], reference: list[torch.Tensor],
                                fitness: Callable, temperature: float, normalize: bool,
-                               features: FeatureTerm) -> float:
+                               features: FeatureTerm, shard: Shard | None = None) -> float:
     """:func:`mean_fitness` of ``model`` run eagerly, plus the :class:`FeatureTerm` on its features before the
     head: what the search's evaluator computes with ``features``, one plain forward per batch, in fp32."""
     values = []
@@ -438,4 +450,4 @@ def mean_fitness_with_features(model: SegmentedModel, batches: list[torch.Tensor
         value = fitness(_as_output_tensor(output).float(), ref.float(), temperature=temperature, normalize=normalize)
         value = value + features.weight * infonce(quantized_features, feature_ref, temperature=temperature)
         values.append(float(value))
-    return sum(values) / len(values)
+    return (shard or Shard()).mean(values)

@@ -11,13 +11,14 @@ import contextlib
 import functools
 import logging
 import time
-from typing import Protocol
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
 
 from .config import SearchConfig
 from .data import CalibrationError, calibration_images, split_batches
+from .distributed import Shard
 from .engine import (ONE_SEGMENT_NO_FEATURES, Evaluator, FeatureTerm, SegmentedModel, mean_fitness,
                      mean_fitness_with_features, reference_outputs)
 from .fitness import get_fitness, needs_negatives
@@ -58,6 +59,10 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
     """Search ``session``'s groups on ``calib_data`` and commit the best scales into the user's model.
 
     On any failure (including Ctrl-C before the search starts) the model is restored as it was given.
+
+    With several ranks (torch.distributed, ``config.distributed``) every rank calls this with the same model, images
+    and config: the search's evaluations are shared out by calibration batch and summed, the gradient stage runs
+    whole on every rank, and every rank commits the same scales.
     """
     started = time.time()
     config.validate()
@@ -65,44 +70,36 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
     device = torch.device(config.device) if config.device else model_device
     if device.type == "cuda" and device.index is None:  # "cuda" names the current device: cuda:0 by default
         device = torch.device("cuda", torch.cuda.current_device())
-    if device != model_device:
-        raise ValueError(f"the model is on {model_device} but config.device is {device}: move the model first "
-                         f"(model.to('{device}')) or leave config.device unset")
+    shard = Shard.for_run(config.distributed, model_device)
     state = session.snapshot()
     compiling = contextlib.ExitStack()  # what compiling switched in the model, undone before commit or restore
     try:
-        min_batch = 2 if needs_negatives(config.fitness) else 1
-        if config.batch_size < min_batch:
-            raise CalibrationError(f"batch_size={config.batch_size} is too small: the fitness needs at least {min_batch}")
-        images = calibration_images(calib_data, min_batch=min_batch)
-        held_out = None
-        if config.validation_fraction > 0:
-            order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
-            count = int(round(len(images) * config.validation_fraction))
-            if count < min_batch or len(images) - count < min_batch:
-                raise CalibrationError(
-                    f"validation_fraction={config.validation_fraction} of {len(images)} images leaves too few images "
-                    f"on one side (each needs at least {min_batch}): pass more images or change the fraction")
-            held_out, images = images[order[:count]], images[order[count:]]
-        batches = [b.to(device) for b in split_batches(images, config.batch_size, min_batch)]
-        _probe(session, batches[0][:2])
-        if len(images) < config.batch_size:
-            split = " left after the validation split" if held_out is not None else ""
-            raise CalibrationError(
-                f"the calibration set has {len(images)} images{split}, fewer than batch_size={config.batch_size}: "
-                f"pass at least {config.batch_size} images or set SearchConfig(batch_size={len(images)})")
-        session.begin()
-        reference = _reference(session, fp_model, batches)
-        lossless = _lossless(session, config, batches, reference)
+        try:  # what one rank alone may refuse: every rank hears of it at the check below, none waits forever
+            if device != model_device:
+                raise ValueError(f"the model is on {model_device} but config.device is {device}: move the model "
+                                 f"first (model.to('{device}')) or leave config.device unset")
+            min_batch, batches, held_out = _calibration(session, config, calib_data, device)
+            session.begin()
+            own = fingerprint(session, config, batches, ignored=RANK_SPECIFIC) if shard.active else ""
+        except Exception as error:
+            if not shard.active:
+                raise
+            own = error
+        shard.check_same(own)
+        local = shard.batches(batches)  # this rank's share (every batch, with one rank)
+        reference = _reference(session, fp_model, local)
+        lossless = _lossless(session, config, local, reference, shard)
         if lossless is not None and lossless["skipped"]:
-            result, precision = _unchanged(session, config, batches, reference, lossless), "fp32"
+            result, precision = _unchanged(session, config, local, reference, lossless, shard), "fp32"
         else:
-            result, precision = _search(session, config, device, batches, reference, held_out, fp_model, min_batch,
-                                        compiling)
+            result, precision = _search(session, config, device, batches, local, reference, held_out, fp_model,
+                                        min_batch, compiling, shard)
             result.lossless = lossless
         result.device = _device_name(device)
+        result.ranks = shard.world
         result.precision = precision
         result.compiled = session.chain.compiled_fraction
+        _agree(session, shard)
         session.commit()
         result.seconds = time.time() - started  # everything the user waited for, the framework's analysis aside
     except BaseException:
@@ -112,13 +109,42 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
     return result
 
 
+def _calibration(session: RefinementSession, config: SearchConfig, calib_data,
+                 device: torch.device) -> tuple[int, list[torch.Tensor], torch.Tensor | None]:
+    """The checked calibration images as ``(smallest batch the fitness takes, batches on device, held-out images or
+    None)``; the first two images run through the model to check that they fit it."""
+    min_batch = 2 if needs_negatives(config.fitness) else 1
+    if config.batch_size < min_batch:
+        raise CalibrationError(f"batch_size={config.batch_size} is too small: the fitness needs at least {min_batch}")
+    images = calibration_images(calib_data, min_batch=min_batch)
+    held_out = None
+    if config.validation_fraction > 0:
+        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.seed))
+        count = int(round(len(images) * config.validation_fraction))
+        if count < min_batch or len(images) - count < min_batch:
+            raise CalibrationError(
+                f"validation_fraction={config.validation_fraction} of {len(images)} images leaves too few images "
+                f"on one side (each needs at least {min_batch}): pass more images or change the fraction")
+        held_out, images = images[order[:count]], images[order[count:]]
+    batches = [b.to(device) for b in split_batches(images, config.batch_size, min_batch)]
+    _probe(session, batches[0][:2])
+    if len(images) < config.batch_size:
+        split = " left after the validation split" if held_out is not None else ""
+        raise CalibrationError(
+            f"the calibration set has {len(images)} images{split}, fewer than batch_size={config.batch_size}: "
+            f"pass at least {config.batch_size} images or set SearchConfig(batch_size={len(images)})")
+    return min_batch, batches, held_out
+
+
 def _search(session: RefinementSession, config: SearchConfig, device: torch.device, batches: list[torch.Tensor],
-            reference: list[torch.Tensor], held_out: torch.Tensor | None, fp_model: nn.Module | None,
-            min_batch: int, compiling: contextlib.ExitStack) -> tuple[RefineResult, str]:
+            local: list[torch.Tensor], reference: list[torch.Tensor], held_out: torch.Tensor | None,
+            fp_model: nn.Module | None, min_batch: int, compiling: contextlib.ExitStack,
+            shard: Shard) -> tuple[RefineResult, str]:
     """Start candidates, the evolutionary search, its guards and the gradient stage; returns the result and the
     precision the candidates were evaluated in. What compiling switches in the model is entered on ``compiling``
-    (the caller undoes it before committing or restoring)."""
-    starts = _starts(session, batches, config.start_candidates)
+    (the caller undoes it before committing or restoring). ``batches``: every calibration batch; ``local`` and
+    ``reference``: this rank's share and its full-precision outputs (every batch, with one rank)."""
+    starts = _starts(session, batches, config.start_candidates, shard)
     obstacle = None
     compile_model = config.resolved_compile(device.type) and config.engine == "fast"
     if compile_model:
@@ -132,16 +158,17 @@ def _search(session: RefinementSession, config: SearchConfig, device: torch.devi
     precision = config.resolved_precision(device.type)
     if config.engine == "literal":
         precision = "fp32"  # the reference implementation: full forward, fp32, one fitness batch at a time
-    evaluator = Evaluator(session.chain, batches, reference, config.fitness, config.temperature,
+    evaluator = Evaluator(session.chain, local, reference, config.fitness, config.temperature,
                           config.normalize, compute_batch_size=config.resolved_compute_batch_size(device.type)
                           if config.engine == "fast" else None, precision=precision,
-                          features=_feature_term(session, config, batches))
+                          features=_feature_term(session, config, local), shard=shard)
     validator = None
     if held_out is not None:
-        held_batches = [b.to(device) for b in split_batches(held_out, config.batch_size, min_batch)]
+        held_batches = shard.batches([b.to(device) for b in split_batches(held_out, config.batch_size, min_batch)],
+                                     "held-out")
         validator = Evaluator(session.chain, held_batches, _reference(session, fp_model, held_batches),
                               config.fitness, config.temperature, config.normalize, precision=precision,
-                              features=_feature_term(session, config, held_batches))
+                              features=_feature_term(session, config, held_batches), shard=shard)
     with compiling:  # the gradient stage compiles the whole model under the same switches
         with _matmul_precision(precision):
             initial_validation = validator(None) if validator is not None else None
@@ -172,19 +199,31 @@ def _search(session: RefinementSession, config: SearchConfig, device: torch.devi
                 result.validation = {**(result.validation or {}), "initial": initial_validation,
                                      "final": final_validation, "restored": restored, "images": len(held_out)}
         if config.gradient_steps and not result.interrupted:
-            _gradient_stage(session, config, batches, reference, result, initial_vectors,
-                            compile=compile_model and not obstacle, features=evaluator.features)
+            # the stage runs whole on every rank (the same steps on every batch): it needs every batch's reference
+            _gradient_stage(session, config, batches,
+                            _reference(session, fp_model, batches) if shard.active else reference, result,
+                            initial_vectors, shard, compile=compile_model and not obstacle,
+                            measure=lambda: _search_fitness(session, config, local, reference, evaluator.features,
+                                                            shard))
     return result, precision
 
 
+def _agree(session: RefinementSession, shard: Shard) -> None:
+    """With several ranks: every rank's scales made rank 0's where any differ (see :meth:`Shard.agree`)."""
+    agreed = shard.agree([g.read() for g in session.groups])
+    if agreed is not None:
+        set_groups(session.groups, agreed)
+
+
 def _lossless(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
-              reference: list[torch.Tensor]) -> dict | None:
+              reference: list[torch.Tensor], shard: Shard) -> dict | None:
     """With ``config.lossless_kl``: the given scales' mean KL divergence from the full-precision outputs on the
     calibration images (eager, fp32) and whether it is below the threshold (``"skipped"``)."""
     if not config.lossless_kl:
         return None
     forward = functools.partial(session.chain.forward, eager=True)
-    value = mean_fitness(forward, batches, reference, get_fitness("kl"), config.temperature, config.normalize)
+    value = mean_fitness(forward, batches, reference, get_fitness("kl"), config.temperature, config.normalize,
+                         shard=shard)
     skipped = value < config.lossless_kl
     if skipped:
         logger.warning("the quantized model already matches the full-precision one on the calibration images (mean "
@@ -194,20 +233,22 @@ def _lossless(session: RefinementSession, config: SearchConfig, batches: list[to
 
 
 def _unchanged(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
-               reference: list[torch.Tensor], lossless: dict) -> RefineResult:
+               reference: list[torch.Tensor], lossless: dict, shard: Shard) -> RefineResult:
     """The result of a refinement that left the given scales as they are: their fitness (eager, fp32)."""
-    fitness = _search_fitness(session, config, batches, reference)
+    fitness = _search_fitness(session, config, batches, reference, shard=shard)
     return RefineResult(initial_fitness=fitness, final_fitness=fitness, config=config,
                         groups={g.name: len(g) for g in session.groups}, lossless=lossless)
 
 
 def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
                     reference: list[torch.Tensor], result: RefineResult, initial_vectors: list[torch.Tensor],
-                    compile: bool = False, features: FeatureTerm | None = None) -> None:
+                    shard: Shard, measure: Callable[[], float], compile: bool = False) -> None:
     """Run :func:`~cptv_plugin.gradient.gradient_refine` on the searched scales, in fp32, on the eager chain
     (the stage replaces the quantizers' forwards, which the search's compiled copies would not see; ``compile``
-    compiles that eager chain whole). Ctrl-C keeps the search's scales (or, with ``on_interrupt="restore"``, the
-    given ones) and marks the result interrupted."""
+    compiles that eager chain whole); ``measure()`` gives the search's fitness of the scales it kept. With several
+    ranks each runs the whole stage and rank 0's outcome is every rank's (the same steps, but a GPU kernel that is
+    not bit-reproducible can make a rank's check come out otherwise). Ctrl-C keeps
+    the search's scales (or, with ``on_interrupt="restore"``, the given ones) and marks the result interrupted."""
     handles = [h for g in session.groups for h in g.handles]
     forward = functools.partial(session.chain.forward, eager=True)
     try:
@@ -232,9 +273,11 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
         else:
             logger.warning("gradient stage interrupted: keeping the search's scales")
         return
+    if shard.active:
+        result.gradient = shard.from_leader(lambda: result.gradient)
+        _agree(session, shard)
     if result.gradient["kept"]:
-        # the search fitness of the committed scales (eager fp32, like the stage)
-        result.final_fitness = _search_fitness(session, config, batches, reference, features)
+        result.final_fitness = measure()  # the search fitness of the committed scales (eager fp32, like the stage)
 
 
 def _check_start(agreement: float) -> None:
@@ -281,7 +324,8 @@ def _feature_term(session: RefinementSession, config: SearchConfig,
 
 
 def _search_fitness(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
-                    reference: list[torch.Tensor], features: FeatureTerm | None = None) -> float:
+                    reference: list[torch.Tensor], features: FeatureTerm | None = None,
+                    shard: Shard | None = None) -> float:
     """The search's fitness of the current scales (eager, fp32, one plain forward per batch), its feature term
     included when ``config.feature_weight`` asks for one (``features``: its full-precision features of ``batches``
     where the caller has them already)."""
@@ -289,9 +333,9 @@ def _search_fitness(session: RefinementSession, config: SearchConfig, batches: l
     features = features or _feature_term(session, config, batches)
     if features is not None:
         return mean_fitness_with_features(session.chain, batches, reference, fitness, config.temperature,
-                                          config.normalize, features)
+                                          config.normalize, features, shard=shard)
     forward = functools.partial(session.chain.forward, eager=True)
-    return mean_fitness(forward, batches, reference, fitness, config.temperature, config.normalize)
+    return mean_fitness(forward, batches, reference, fitness, config.temperature, config.normalize, shard=shard)
 
 
 @contextlib.contextmanager
@@ -309,9 +353,10 @@ def _full_precision(session: RefinementSession):
 START_IMAGES = 256
 
 
-def _starts(session: RefinementSession, batches: list[torch.Tensor], names: tuple[str, ...]):
+def _starts(session: RefinementSession, batches: list[torch.Tensor], names: tuple[str, ...], shard: Shard):
     """The start candidates ``names`` (name -> one vector per group), computed from the full-precision model on up
-    to ``START_IMAGES`` calibration images, run eagerly (hooks do not fire in compiled copies)."""
+    to ``START_IMAGES`` calibration images, run eagerly (hooks do not fire in compiled copies); with several
+    ranks, rank 0's."""
     if not names:
         return {}
 
@@ -324,12 +369,27 @@ def _starts(session: RefinementSession, batches: list[torch.Tensor], names: tupl
                 session.chain.forward(batch[:START_IMAGES - seen], eager=True)
                 seen += len(batch)
 
-    return start_vectors(session.groups, names, run_full_precision)
+    starts = start_vectors(session.groups, names, run_full_precision)
+    flat = [vector for name in starts for vector in starts[name]]
+    agreed = shard.agree(flat)
+    if agreed is not None:
+        agreed_iter = iter(agreed)
+        starts = {name: [next(agreed_iter) for _ in vectors] for name, vectors in starts.items()}
+    return starts
 
 
-def fingerprint(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor]) -> str:
+# settings that do not change a search's course: a checkpoint written with other values of them still fits
+CHECKPOINT_INDEPENDENT = frozenset({
+    "progress", "checkpoint_path", "device", "compile", "name", "on_interrupt", "agreement_guard", "lossless_kl",
+    "gradient_cuda_graph", "gradient_warmup", "gradient_batch_size", "distributed"})
+# settings the ranks of one distributed refinement may hold differently (every other one steers collectives)
+RANK_SPECIFIC = frozenset({"device", "progress"})
+
+
+def fingerprint(session: RefinementSession, config: SearchConfig, batches: list[torch.Tensor],
+                ignored: frozenset[str] = CHECKPOINT_INDEPENDENT) -> str:
     """What a search checkpoint must match: the quantizers (names, shapes, scales at the start), the search
-    settings that change its course, and the calibration images."""
+    settings that change its course (all but ``ignored``), and the calibration images."""
     import dataclasses
     import hashlib
 
@@ -339,8 +399,6 @@ def fingerprint(session: RefinementSession, config: SearchConfig, batches: list[
         for handle in group.handles:
             digest.update(f"{handle.name}:{handle.role}:{handle.quant_min}:{handle.quant_max}".encode())
             digest.update(handle.read().detach().cpu().float().numpy().tobytes())
-    ignored = {"progress", "checkpoint_path", "device", "compile", "name", "on_interrupt", "agreement_guard",
-               "lossless_kl", "gradient_cuda_graph", "gradient_warmup", "gradient_batch_size"}
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k not in ignored}
     digest.update(repr(sorted(settings.items())).encode())
     for batch in batches:

@@ -15,6 +15,7 @@ import torch
 from ._io import atomic_path
 from .cma import SepCMA
 from .config import SearchConfig
+from .distributed import Shard
 from .engine import Evaluator
 from .granularity import visit_plan
 from .handles import Group, set_groups
@@ -45,6 +46,7 @@ class RefineResult:
         groups: names of the searched groups, in model order, with their number of scales.
         interrupted: the search was stopped early (Ctrl-C); the best scales found so far were kept.
         device: where the search ran (GPU name or "cpu"); precision: the arithmetic of candidate evaluations.
+        ranks: how many processes shared the search (``SearchConfig.distributed``; 1: this one alone).
         compiled: share of the model's segments whose candidates ran through ``torch.compile`` (0: eager; 1: all,
             with ``compile=True`` where the framework and torch allowed it).
         resumed_from: the group visit a resumed search started from (``None``: not resumed).
@@ -75,6 +77,7 @@ class RefineResult:
     config: SearchConfig | None = None
     interrupted: bool = False
     device: str = "cpu"
+    ranks: int = 1
     precision: str = "fp32"
     compiled: float = 0.0
     resumed_from: int | None = None
@@ -102,6 +105,8 @@ class RefineResult:
             parts.append(f"gradient stage {stage['fitness']} {stage['loss_before']:.4g} -> {stage['loss_after']:.4g} "
                          f"in {stage['steps']} steps ({'kept' if stage['kept'] else 'not kept'})")
         parts += [f"{self.evaluations} evaluations", f"{self.seconds:.1f} s"]
+        if self.ranks > 1:
+            parts.append(f"{self.ranks} ranks")
         return "RefineResult(" + ", ".join(parts + (["interrupted"] if self.interrupted else [])) + ")"
 
 
@@ -159,9 +164,12 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
 
     With ``config.checkpoint_path`` the state (scales of every group, RNG states, position, history) is saved
     atomically after every group visit; a run started again with the same model, config and calibration set
-    (``fingerprint``) resumes there and ends with exactly the scales of an uninterrupted run.
+    (``fingerprint``) resumes there and ends with exactly the scales of an uninterrupted run. With several ranks
+    (``evaluator.shard``) rank 0 writes the checkpoint and shows progress, and every rank resumes from what rank 0
+    reads.
     """
     start_time = time.time()
+    shard: Shard = getattr(evaluator, "shard", None) or Shard()
     generator = torch.Generator().manual_seed(config.seed)
     rng = random.Random(config.seed)
     weight_bits = min((h.bits for g in groups for h in g.handles if h.role == "weight"), default=8)
@@ -174,7 +182,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     # with pass_judge: {"passes": [the start's score, then one per pass], "best": {score, fitness, pass, vectors}}
     judged: dict = {}
     checkpoint_path = Path(config.checkpoint_path) if config.checkpoint_path else None
-    saved = _load_checkpoint(checkpoint_path, fingerprint) if checkpoint_path else None
+    saved = shard.from_leader(lambda: _load_checkpoint(checkpoint_path, fingerprint)) if checkpoint_path else None
     if saved is not None:
         set_groups(groups, saved["vectors"])
         evaluator.invalidate()
@@ -212,7 +220,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
     try:
         from tqdm.auto import tqdm
         progress = tqdm(total=len(visits), initial=resume_at, desc="cpt-v search",
-                        disable=not config.progress, unit="group")
+                        disable=not config.progress or not shard.leader, unit="group")
     except ImportError:  # pragma: no cover - tqdm is a dependency
         progress = None
     try:
@@ -272,7 +280,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
                                    "seconds": round(time.time() - start_time, 3)})
             if pass_judge is not None and (visit + 1 == len(visits) or visits[visit + 1][0] != pass_index):
                 _judge_pass(judged, pass_judge, groups, best_fitness, pass_index)
-            if checkpoint_path is not None:
+            if checkpoint_path is not None and shard.leader:
                 _save_checkpoint(checkpoint_path, {
                     "format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, "next_visit": visit + 1,
                     "vectors": [g.read().cpu() for g in groups], "best_fitness": best_fitness,
@@ -305,7 +313,7 @@ def evolutionary_search(groups: list[Group], evaluator: Evaluator, config: Searc
         result.validation = {"passes": list(judged["passes"]), "chosen_pass": best["pass"]}
     result.final_fitness = best_fitness
     result.evaluations = evaluator.evaluations
-    if checkpoint_path is not None and not result.interrupted and checkpoint_path.exists():
+    if checkpoint_path is not None and shard.leader and not result.interrupted and checkpoint_path.exists():
         checkpoint_path.unlink()  # finished: the model now holds the result
     result.seconds = time.time() - start_time
     logger.info("search done: fitness %.5f -> %.5f in %.1f s (%d evaluations)", result.initial_fitness,

@@ -1,0 +1,84 @@
+"""Several ranks (torchrun, gloo on the CPU) refine exactly as one process does; bad launches are refused."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import cptv_plugin
+from cptv_plugin import SearchConfig
+from cptv_plugin.data import CalibrationError
+from cptv_plugin.distributed import Shard
+
+WORKER = Path(__file__).with_name("distributed_worker.py")
+
+
+def run_ranks(scenario: str, ranks: int, out: Path) -> list[dict]:
+    """``tests/distributed_worker.py SCENARIO`` under torchrun with ``ranks`` processes; what each rank saved."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               str(WORKER), scenario, str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return [torch.load(out / f"{scenario}-{ranks}-rank{rank}.pt", weights_only=False) for rank in range(ranks)]
+
+
+@pytest.fixture(scope="module")
+def one_and_two_ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("distributed")
+    return run_ranks("same", 1, out), run_ranks("same", 2, out), out
+
+
+def test_two_ranks_refine_to_exactly_the_scales_of_one_process(one_and_two_ranks):
+    (alone,), ranks, _ = one_and_two_ranks
+    assert alone["ranks"] == 1 and all(r["ranks"] == 2 for r in ranks)
+    assert not alone["unchanged"], "the search moved nothing: the comparison would prove nothing"
+    losses = [check["loss"] for check in alone["gradient"]]
+    assert len(set(losses)) == len(losses), "the gradient stage moved nothing: its steps would go unchecked"
+    for rank in ranks:
+        assert "error" not in rank, rank.get("error")
+        assert all(torch.equal(a, b) for a, b in zip(alone["scales"], rank["scales"]))
+        torch.testing.assert_close(rank["converted_output"], alone["converted_output"], rtol=0, atol=0)
+        # every figure that sums over ranks: the fitness, held-out fitness, agreement, lossless KL, the stage's checks
+        for key in ("initial_fitness", "final_fitness", "evaluations", "validation", "agreement", "start",
+                    "lossless", "gradient"):
+            assert rank[key] == pytest.approx(alone[key], rel=1e-12), key
+    assert "2 ranks" in ranks[0]["text"]
+
+
+def test_only_rank_zero_writes_the_checkpoint_and_a_finished_search_removes_it(one_and_two_ranks):
+    _, _, out = one_and_two_ranks
+    assert not list(out.glob("*.ckpt*")), "a finished search leaves no checkpoint (or temporary file) behind"
+
+
+def test_ranks_given_other_images_are_all_refused_and_left_as_given(tmp_path):
+    for rank in run_ranks("mismatch", 2, tmp_path):
+        assert rank["error"][0] == cptv_plugin.RankMismatchError.__name__, rank["error"]
+        assert "same calibration images" in rank["error"][1] and "ranks [1]" in rank["error"][1]
+        assert rank["unchanged"]
+
+
+def test_a_rank_that_cannot_start_stops_every_rank_with_its_reason(tmp_path):
+    first, failing = run_ranks("failing", 2, tmp_path)  # the last rank's images do not fit the model
+    assert failing["error"][0] == "CalibrationError" and "cannot run on calibration images" in failing["error"][1]
+    assert first["error"][0] == "RankMismatchError", first["error"]
+    assert "rank 1 could not start" in first["error"][1] and "CalibrationError" in first["error"][1]
+    assert first["unchanged"] and failing["unchanged"]
+
+
+def test_a_rank_needs_a_whole_batch_of_its_own():
+    batches = [torch.zeros(50, 1, 28, 28), torch.zeros(50, 1, 28, 28), torch.zeros(20, 1, 28, 28)]
+    assert [len(b) for b in Shard(rank=1, world=2).batches(batches)] == [50, 20]
+    assert [len(b) for b in Shard(rank=0, world=3).batches(batches)] == [50]
+    with pytest.raises(CalibrationError, match="3 calibration batches cannot be shared by 4 ranks"):
+        Shard(rank=0, world=4).batches(batches)
+
+
+def test_distributed_true_without_a_process_group_names_the_fix():
+    with pytest.raises(ValueError, match="init_process_group"):
+        Shard.for_run(True, torch.device("cpu"))
+    assert not Shard.for_run(None, torch.device("cpu")).active
+    with pytest.raises(ValueError, match="distributed must be None, True or False"):
+        SearchConfig(distributed="yes")

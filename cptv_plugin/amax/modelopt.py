@@ -202,6 +202,8 @@ def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Calla
         raise ValueError(f"{checkpoint} holds no ModelOpt quantizers: was it saved after mtq.quantize?")
     images = load_calibration_source(calibration, quantized, calibration_size, seed)
     result = refine_modelopt(quantized, images, config=config)
+    if result.ranks > 1 and torch.distributed.get_rank() != 0:
+        return result  # under torchrun every rank holds the same refined model: rank 0 writes it
     with atomic_path(output) as temporary:
         mto.save(quantized, str(temporary))
     logger.info("refined checkpoint written to %s (%s)", output, result)

@@ -261,8 +261,9 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
                 handles, forward, batches, reference,
                 steps=config.gradient_steps, lr=config.gradient_lr, fitness=config.gradient_fitness,
                 checks=config.gradient_checks, temperature=config.temperature, normalize=config.normalize,
-                seed=config.seed, progress=config.progress, compile=compile, cuda_graph=config.gradient_cuda_graph,
-                warmup=config.gradient_warmup, step_images=config.gradient_batch_size)
+                seed=config.seed, progress=config.progress and shard.leader, compile=compile,
+                cuda_graph=config.gradient_cuda_graph, warmup=config.gradient_warmup,
+                step_images=config.gradient_batch_size)
     except KeyboardInterrupt:
         result.interrupted = True
         result.gradient = {"steps": config.gradient_steps, "interrupted": True}

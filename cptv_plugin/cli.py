@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
+import os
 import time
 import warnings
 from typing import TYPE_CHECKING
@@ -77,6 +79,26 @@ def _config(args: argparse.Namespace) -> SearchConfig:
     return SearchConfig.preset(args.preset, seed=args.seed, **overrides)
 
 
+@contextlib.contextmanager
+def _torchrun_process_group(device: str | None):
+    """Under torchrun (``WORLD_SIZE`` > 1): torch.distributed's process group for the command's lifetime (nccl on
+    GPUs, gloo on the CPU) and this rank's device (``cuda:LOCAL_RANK`` for ``cuda`` or none given); else ``device``
+    as given."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1 or torch.distributed.is_initialized():
+        yield device
+        return
+    if device in (None, "cuda") and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if device is not None and device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    torch.distributed.init_process_group("nccl" if device is not None and device.startswith("cuda") else "gloo")
+    try:
+        yield device
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="cptv", description="CPT-V refinement of quantized vision transformers")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -101,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     post.add_argument("--seed", type=int, default=0)
     _add_gradient_steps(post)
     post.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    post.add_argument("--device", default=None,
+                      help="where to refine: cuda, cuda:N or cpu (default: a GPU if there is one; under torchrun "
+                           "each rank its own, cuda:LOCAL_RANK)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
@@ -115,11 +140,13 @@ def main(argv: list[str] | None = None) -> None:
             kwargs = json.loads(args.model_kwargs)
         except json.JSONDecodeError as error:
             parser.error(f"--model-kwargs is not valid JSON: {error}")
-        result = refine_modelopt_checkpoint(
-            args.checkpoint, args.model, args.calibration, args.out, model_kwargs=kwargs,
-            config=_config(args), calibration_size=args.calibration_size,
-            seed=args.seed, overwrite=args.overwrite)
-        print(f"{result}\nwrote {args.out}")
+        with _torchrun_process_group(args.device) as device:
+            result = refine_modelopt_checkpoint(
+                args.checkpoint, args.model, args.calibration, args.out, model_kwargs=kwargs,
+                config=_config(args), calibration_size=args.calibration_size,
+                seed=args.seed, overwrite=args.overwrite, device=device)
+            if result.ranks == 1 or torch.distributed.get_rank() == 0:
+                print(f"{result}\nwrote {args.out}")
 
 
 if __name__ == "__main__":

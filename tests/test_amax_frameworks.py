@@ -136,6 +136,30 @@ def test_modelopt_checkpoint_post_processing(tiny_vit, fmnist, tmp_path, capsys)
     assert (tmp_path / "cli.pth").exists() and sha256(source) == digest
 
 
+def test_modelopt_checkpoint_post_processing_under_torchrun(tiny_vit, fmnist, tmp_path):
+    """`cptv refine-modelopt` launched by torchrun (2 ranks, gloo on the CPU): one refinement shared by both, rank 0
+    prints and writes the checkpoint, the input untouched."""
+    import os
+    import subprocess
+    import sys
+
+    source = tmp_path / "quantized.pth"
+    model = modelopt_quantize(tiny_vit, fmnist[0][:100])
+    mto.save(model, str(source))
+    digest, output = sha256(source), tmp_path / "refined.pth"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+               "cptv_plugin.cli", "refine-modelopt", str(source), "--model", "cptv:fmnist_vit_tiny", "--calibration",
+               "fashion-mnist", "--calibration-size", "200", "--out", str(output), "--preset", "fast",
+               "--gradient-steps", "0", "--device", "cpu"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("wrote") == 1 and "2 ranks" in done.stdout, done.stdout
+    restored = mto.restore(cptv_plugin.models.build_model("cptv:fmnist_vit_tiny"), str(output))
+    assert any(not torch.equal(a, b) for a, b in zip(amax_of(model).values(), amax_of(restored).values()))
+    assert sha256(source) == digest and not list(tmp_path.glob(".*.tmp"))
+
+
 def test_calibration_from_an_imagenet_style_folder(tmp_path):
     from PIL import Image
 

@@ -160,11 +160,14 @@ def refine_modelopt(model: nn.Module, calib_data, *, config: SearchConfig | None
 def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Callable[..., nn.Module],
                                calibration: str | os.PathLike, output: str | os.PathLike, *,
                                model_kwargs: dict | None = None, config: SearchConfig | None = None,
-                               calibration_size: int = 1000, seed: int = 0, overwrite: bool = False) -> RefineResult:
+                               calibration_size: int = 1000, seed: int = 0, overwrite: bool = False,
+                               device: str | torch.device | None = None) -> RefineResult:
     """Post-process a ModelOpt checkpoint (``mto.save``) before TensorRT export: restore it, refine its
-    ``amax``, save a new checkpoint that ``mto.restore`` loads.
+    ``amax`` on ``device``, save a new checkpoint that ``mto.restore`` loads.
 
-    The input file is only read; the output is written to a temporary file and renamed into place.
+    The input file is only read; the output is written to a temporary file and renamed into place, from the CPU
+    (it loads where the input did). Under torchrun (``SearchConfig.distributed``) every rank refines with its model
+    on its ``device`` and rank 0 writes the file.
 
     Args:
         checkpoint: the file ``mto.save`` wrote.
@@ -175,6 +178,7 @@ def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Calla
         model_kwargs: keyword arguments of the constructor (e.g. ``{"num_classes": 10}``).
         calibration_size: number of calibration images drawn (reproducibly from ``seed``).
         overwrite: allow replacing an existing ``output`` file.
+        device: where the refinement runs; ``None``: the current CUDA device if there is one, else the CPU.
     """
     import modelopt.torch.opt as mto
 
@@ -201,9 +205,13 @@ def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Calla
     if not is_modelopt_model(quantized):
         raise ValueError(f"{checkpoint} holds no ModelOpt quantizers: was it saved after mtq.quantize?")
     images = load_calibration_source(calibration, quantized, calibration_size, seed)
-    result = refine_modelopt(quantized, images, config=config)
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
+    quantized.to(device)
+    result = refine_modelopt(quantized, images.to(device), config=config)
     if result.ranks > 1 and torch.distributed.get_rank() != 0:
         return result  # under torchrun every rank holds the same refined model: rank 0 writes it
+    quantized.cpu()
     with atomic_path(output) as temporary:
         mto.save(quantized, str(temporary))
     logger.info("refined checkpoint written to %s (%s)", output, result)

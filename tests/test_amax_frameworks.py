@@ -139,7 +139,6 @@ def test_modelopt_checkpoint_post_processing(tiny_vit, fmnist, tmp_path, capsys)
 def test_modelopt_checkpoint_post_processing_under_torchrun(tiny_vit, fmnist, tmp_path):
     """`cptv refine-modelopt` launched by torchrun (2 ranks, gloo on the CPU): one refinement shared by both, rank 0
     prints and writes the checkpoint, the input untouched."""
-    import os
     import subprocess
     import sys
 
@@ -151,8 +150,9 @@ def test_modelopt_checkpoint_post_processing_under_torchrun(tiny_vit, fmnist, tm
                "cptv_plugin.cli", "refine-modelopt", str(source), "--model", "cptv:fmnist_vit_tiny", "--calibration",
                "fashion-mnist", "--calibration-size", "200", "--out", str(output), "--preset", "fast",
                "--gradient-steps", "0", "--device", "cpu"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    from test_distributed import LAUNCH_ENV
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=LAUNCH_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote") == 1 and "2 ranks" in done.stdout, done.stdout
     restored = mto.restore(cptv_plugin.models.build_model("cptv:fmnist_vit_tiny"), str(output))

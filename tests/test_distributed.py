@@ -14,13 +14,15 @@ from cptv_plugin.data import CalibrationError
 from cptv_plugin.distributed import Shard
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
+# one thread per rank; gloo on the loopback interface (a container's hostname may not resolve to an address)
+LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo")}
 
 
 def run_ranks(scenario: str, ranks: int, out: Path) -> list[dict]:
     """``tests/distributed_worker.py SCENARIO`` under torchrun with ``ranks`` processes; what each rank saved."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
                str(WORKER), scenario, str(out)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=LAUNCH_ENV)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return [torch.load(out / f"{scenario}-{ranks}-rank{rank}.pt", weights_only=False) for rank in range(ranks)]
 

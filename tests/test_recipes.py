@@ -1,6 +1,7 @@
 """The recipes in integrations/ and examples/ run, small, so they never rot."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -64,12 +65,13 @@ def test_pt2e_recipe_improves_on_the_baseline_fitness():
     assert 10 < report["top1_before"] <= 100 and 10 < report["top1_after"] <= 100
 
 
-def test_torchrun_recipe_runs_refines_and_saves_on_rank_zero(tmp_path):
+def test_torchrun_recipe_runs_refines_and_saves_on_rank_zero(tmp_path, monkeypatch):
     """The recipe's flow in a one-rank process group (tests/test_distributed.py and the `cptv refine-modelopt` test
     launch real two-rank runs; a launch costs CI ~20 s)."""
     import torch.distributed as dist
 
     recipe = load(ROOT / "integrations" / "torchrun_multi_gpu.py")
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", os.environ.get("GLOO_SOCKET_IFNAME", "lo"))  # see test_distributed
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         report = recipe.run(bits="W3A8", preset=QUICK.replace(gradient_steps=0, passes=1), calibration=100,

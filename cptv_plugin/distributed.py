@@ -147,7 +147,8 @@ class Shard:
                 f"ranks {differing} were given another model, calibration set or config than rank 0 (fingerprints "
                 f"{prints[0][:12]}… and {prints[differing[0]][:12]}…): every rank must call refine with the same "
                 "calibrated model, the same calibration images in the same order and the same SearchConfig (only "
-                "`device` may differ)")
+                "`device` may differ). A DistributedSampler gives each rank other images: pass every rank the whole "
+                "calibration set, cptv_plugin shares it out itself")
 
     def agree(self, tensors: list[torch.Tensor]) -> list[torch.Tensor] | None:
         """Rank 0's ``tensors`` (e.g. every refined scale) if any rank holds other values, else ``None`` (a GPU

@@ -124,10 +124,9 @@ class Shard:
     def check_same(self, fingerprint: str | Exception) -> None:
         """Raise on every rank unless every rank's ``fingerprint`` (of the model's scales, the calibration images and
         the config) is the same. A rank that failed before it could compute one passes its exception: it raises that
-        one, every other rank a :class:`RankMismatchError` that names it (rather than waiting for it forever)."""
+        one, every other rank a :class:`RankMismatchError` that names it (rather than waiting for it forever). With
+        one rank: nothing to compare (the caller raises its own errors)."""
         if not self.active:
-            if isinstance(fingerprint, Exception):
-                raise fingerprint
             return
         import torch.distributed as dist
 

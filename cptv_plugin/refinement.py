@@ -247,8 +247,8 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
     (the stage replaces the quantizers' forwards, which the search's compiled copies would not see; ``compile``
     compiles that eager chain whole); ``measure()`` gives the search's fitness of the scales it kept. With several
     ranks each runs the whole stage and rank 0's outcome is every rank's (the same steps, but a GPU kernel that is
-    not bit-reproducible can make a rank's check come out otherwise). Ctrl-C keeps
-    the search's scales (or, with ``on_interrupt="restore"``, the given ones) and marks the result interrupted."""
+    not bit-reproducible can make a rank's check come out otherwise). Ctrl-C keeps the search's scales (or, with
+    ``on_interrupt="restore"``, the given ones) and marks the result interrupted."""
     handles = [h for g in session.groups for h in g.handles]
     forward = functools.partial(session.chain.forward, eager=True)
     try:

@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
 import cptv_plugin
-from cptv_plugin._io import atomic_path
 from cptv_plugin.datasets import fashion_mnist_splits
 from cptv_plugin.models import load_reference_model
 from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx
@@ -55,8 +54,7 @@ def run(bits: str = "W3A8", preset: str | cptv_plugin.SearchConfig = "fast", cal
     quantized = convert_fx(prepared.cpu())                                                # 4. convert
     after = evaluate_top1(quantized, test_x, test_y)
     if out:
-        with atomic_path(out) as temporary:
-            torch.save(quantized.state_dict(), temporary)
+        torch.save(quantized.state_dict(), out)                                           # 5. save (rank 0)
     return {"bits": bits, "preset": config.name, "ranks": result.ranks, "device": result.device,
             "top1_before": before, "top1_after": after, "fitness": [result.initial_fitness, result.final_fitness],
             "evaluations": result.evaluations, "seconds": result.seconds}

@@ -32,8 +32,9 @@ class SearchConfig:
             block's output tokens), so that a candidate must also keep the representation, not only the logits.
             The full-precision features come from the model with its quantizers off. 0 (default): logits only.
             Needs a model the engine can cut between blocks; the gradient stage keeps ``gradient_fitness``. Measured
-            with 1 on the search alone it does not pay (+0.48 points over 36 paired runs on the reference models, median
-            −0.18; benchmarks/FINDINGS.md, section 28).
+            with 1 on the search alone it does not pay (+0.29 points over 36 paired runs on the reference models
+            against a control on the same GPU, 20 gains and 16 losses: the size the same search moves by on another
+            GPU; benchmarks/FINDINGS.md, sections 28 and 32).
         normalize: L2-normalize outputs before the InfoNCE dot products.
         batch_size: calibration images per fitness batch (for InfoNCE, the other images are the negatives).
         block_order: ``"forward"`` (first block first) or ``"reverse"`` (last first, as the authors' code).
@@ -84,8 +85,8 @@ class SearchConfig:
             pass to pass (:mod:`cptv_plugin.cma`). ``"cma_elitist"``: the same, but each visit re-centres the
             distribution on the group's best scales found so far (the scales the search holds) instead of keeping
             CMA's recombined mean. Both need ``mutation_kind="relative"`` and no ``step_adaptation``. Measured on the
-            search alone neither pays: −7.8 and −10.4 points at the LeViT-like model's linear W2A8, noise elsewhere
-            (benchmarks/FINDINGS.md, section 29).
+            search alone neither pays: −7.8 and −10.4 points at the LeViT-like model's linear W2A8, −0.28 and −0.88
+            over all 36 paired runs against a control on the same GPU (benchmarks/FINDINGS.md, sections 29 and 32).
         granularity: which scales move together. ``"block"`` (the paper): each group. ``"fine_to_coarse"``
             (PFCR's schedule applied to the search): the first 30 % of the passes move each block's sub-units
             (attention, MLP) on their own, the last 30 % pairs of consecutive groups, the rest whole groups.

@@ -10,10 +10,11 @@ process's shard of everything and every method is the identity.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 
@@ -72,6 +73,22 @@ class Shard:
     def leader(self) -> bool:
         """Rank 0: the one that writes checkpoints and shows progress."""
         return self.rank == 0
+
+    @contextlib.contextmanager
+    def quiet_followers(self) -> Iterator[None]:
+        """While the refinement runs, on ranks other than 0: the library's log records below ERROR are dropped.
+        Every rank makes the same choices, so rank 0's log tells them once instead of once per GPU; a rank's own
+        failure is raised on that rank (and named on the others by :meth:`check_same`)."""
+        if not self.active or self.leader:
+            yield
+            return
+        library = logging.getLogger(__name__.partition(".")[0])
+        level = library.level
+        library.setLevel(max(level, logging.ERROR))
+        try:
+            yield
+        finally:
+            library.setLevel(level)
 
     def batches(self, batches: list[torch.Tensor], what: str = "calibration") -> list[torch.Tensor]:
         """This rank's share of ``batches``: whole batches (InfoNCE's negatives stay together), consecutive, as

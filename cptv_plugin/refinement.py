@@ -73,39 +73,40 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
     shard = Shard.for_run(config.distributed, model_device)
     state = session.snapshot()
     compiling = contextlib.ExitStack()  # what compiling switched in the model, undone before commit or restore
-    try:
-        try:  # what one rank alone may refuse: every rank hears of it at the check below, none waits forever
-            if device != model_device:
-                raise ValueError(f"the model is on {model_device} but config.device is {device}: move the model "
-                                 f"first (model.to('{device}')) or leave config.device unset")
-            min_batch, batches, held_out = _calibration(session, config, calib_data, device)
-            session.begin()
-            own = fingerprint(session, config, batches, ignored=RANK_SPECIFIC) if shard.active else ""
-        except Exception as error:
-            if not shard.active:
-                raise
-            own = error
-        shard.check_same(own)
-        local = shard.batches(batches)  # this rank's share (every batch, with one rank)
-        reference = _reference(session, fp_model, local)
-        lossless = _lossless(session, config, local, reference, shard)
-        if lossless is not None and lossless["skipped"]:
-            result, precision = _unchanged(session, config, local, reference, lossless, shard), "fp32"
-        else:
-            result, precision = _search(session, config, device, batches, local, reference, held_out, fp_model,
-                                        min_batch, compiling, shard)
-            result.lossless = lossless
-        result.device = _device_name(device)
-        result.ranks = shard.world
-        result.precision = precision
-        result.compiled = session.chain.compiled_fraction
-        _agree(session, shard)
-        session.commit()
-        result.seconds = time.time() - started  # everything the user waited for, the framework's analysis aside
-    except BaseException:
-        compiling.close()
-        session.restore(state)
-        raise
+    with shard.quiet_followers():  # one log for the ranks, rank 0's
+        try:
+            try:  # what one rank alone may refuse: every rank hears of it at the check below, none waits forever
+                if device != model_device:
+                    raise ValueError(f"the model is on {model_device} but config.device is {device}: move the model "
+                                     f"first (model.to('{device}')) or leave config.device unset")
+                min_batch, batches, held_out = _calibration(session, config, calib_data, device)
+                session.begin()
+                own = fingerprint(session, config, batches, ignored=RANK_SPECIFIC) if shard.active else ""
+            except Exception as error:
+                if not shard.active:
+                    raise
+                own = error
+            shard.check_same(own)
+            local = shard.batches(batches)  # this rank's share (every batch, with one rank)
+            reference = _reference(session, fp_model, local)
+            lossless = _lossless(session, config, local, reference, shard)
+            if lossless is not None and lossless["skipped"]:
+                result, precision = _unchanged(session, config, local, reference, lossless, shard), "fp32"
+            else:
+                result, precision = _search(session, config, device, batches, local, reference, held_out, fp_model,
+                                            min_batch, compiling, shard)
+                result.lossless = lossless
+            result.device = _device_name(device)
+            result.ranks = shard.world
+            result.precision = precision
+            result.compiled = session.chain.compiled_fraction
+            _agree(session, shard)
+            session.commit()
+            result.seconds = time.time() - started  # everything the user waited for, the framework's analysis aside
+        except BaseException:
+            compiling.close()
+            session.restore(state)
+            raise
     return result
 
 

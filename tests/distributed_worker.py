@@ -7,6 +7,7 @@ calibration images; ``failing``: the last rank gets images its model cannot take
 none waiting for the others, each model left as given).
 """
 
+import logging
 import os
 import sys
 import warnings
@@ -32,8 +33,22 @@ CONFIG = cptv_plugin.SearchConfig(passes=1, population=4, cycles=2, samples=2, b
                                   validation_fraction=0.2, start_candidates=())
 
 
+class Collect(logging.Handler):
+    """The library's log records on this rank, as (level, message)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.levelname, record.getMessage()))
+
+
 def main(scenario: str, out: str) -> None:
     torch.set_num_threads(1)
+    library, log = logging.getLogger("cptv_plugin"), Collect()
+    library.setLevel(logging.INFO)
+    library.addHandler(log)
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     train = load_fashion_mnist("train")[0]
@@ -55,7 +70,8 @@ def main(scenario: str, out: str) -> None:
     except Exception as error:  # noqa: BLE001 - the test reads what was raised
         record["error"] = (type(error).__name__, str(error))
     scales = [h.read() for h in FxSession(prepared).all_handles]
-    record.update(scales=scales, unchanged=all(torch.equal(a, b) for a, b in zip(given, scales)))
+    record.update(scales=scales, unchanged=all(torch.equal(a, b) for a, b in zip(given, scales)), log=log.records,
+                  level_after=library.level)
     if "error" not in record:
         from torch.ao.quantization.quantize_fx import convert_fx
 

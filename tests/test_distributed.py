@@ -1,5 +1,6 @@
 """Several ranks (torchrun, gloo on the CPU) refine exactly as one process does; bad launches are refused."""
 
+import logging
 import os
 import subprocess
 import sys
@@ -53,6 +54,17 @@ def test_two_ranks_refine_to_exactly_the_scales_of_one_process(one_and_two_ranks
 def test_only_rank_zero_writes_the_checkpoint_and_a_finished_search_removes_it(one_and_two_ranks):
     _, _, out = one_and_two_ranks
     assert not list(out.glob("*.ckpt*")), "a finished search leaves no checkpoint (or temporary file) behind"
+
+
+def test_only_rank_zero_logs_the_refinement_and_the_other_ranks_get_their_logging_back(one_and_two_ranks):
+    (alone,), (first, second), _ = one_and_two_ranks
+    said = lambda rank: [message for _, message in rank["log"]]  # noqa: E731
+    assert any(m.startswith("search done") for m in said(alone))
+    assert any(m.startswith("search done") for m in said(first))
+    # rank 1 announces itself (before the refinement starts), then is silent: rank 0 says the same things once
+    assert said(second) == ["rank 1 of 2: sharing this refinement with the other ranks, each of which must make the "
+                            "same call (SearchConfig(distributed=False) keeps it to this process)"]
+    assert first["level_after"] == second["level_after"] == logging.INFO
 
 
 def test_ranks_given_other_images_are_all_refused_and_left_as_given(tmp_path):

@@ -145,6 +145,15 @@ VARIANTS["default-gb1000-100"] = ("default", {"gradient_batch_size": 1000, "grad
 # PFCR's fine-to-coarse schedule in the current default (start, seed, lossless check and gradient stage kept): does the
 # schedule that `default-f2c` measured on the search alone pay where the default still leaves a gap (e2e A4)?
 VARIANTS["default-f2c-full"] = ("default", {"granularity": "fine_to_coarse"})
+# the 1/5th rule and the agreement guard in the current default's search (session 26): sections 8 and 12 measured
+# them before the activation start and the weight seed were part of the default (`default-adaptive`,
+# `default-guarded`); against `default-nograd`, which differs only in them
+VARIANTS["default-nograd-adaptive"] = ("default", {**_FROZEN["default"], **_NO_GRADIENT,
+                                                   "step_adaptation": "one_fifth"})
+VARIANTS["default-nograd-guarded"] = ("default", {**_FROZEN["default"], **_NO_GRADIENT, "agreement_guard": True})
+# ... and the 1/5th rule in the whole current default (its gradient stage and lossless check kept): does what it adds
+# to the search survive the stage?
+VARIANTS["default-onefifth"] = ("default", {"step_adaptation": "one_fifth"})
 PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "default-unseeded", "histogram",

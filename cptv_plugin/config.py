@@ -78,6 +78,9 @@ class SearchConfig:
             points at 4-bit activations, noise at 8 bits; benchmarks/FINDINGS.md, section 13); ``paper``: none.
         step_adaptation: ``"none"`` (a fixed γ, the paper) or ``"one_fifth"``: each group's γ grows when more than
             a fifth of a visit's candidates beat its starting scales and shrinks otherwise (Rechenberg's rule).
+            In the default's search it gained +1.68 points over 36 paired runs on the reference models, but with the
+            gradient stage after it only the LeViT-like model's e2e W4A4 row gained (−0.32 at the three others
+            measured), so it is off by default (benchmarks/FINDINGS.md, section 33).
         strategy: how a group visit searches: ``"tournament"`` (the paper's Algorithm 1: P mutated members, then C
             cycles of tournament selection and mutation) or ``"cma"``: one generation of separable CMA-ES per visit
             in log-scale space (λ = P − 2 + C candidates and the recombined mean, the tournament's evaluations), its
@@ -106,8 +109,9 @@ class SearchConfig:
             the full-precision model's, before and after the search; restore the initial scales if the search
             lowered it (``RefineResult.agreement`` says so). Label-free, two extra forward passes. It catches
             what a lower fitness can hide: a collapsed model whose InfoNCE falls towards ln(batch) as its
-            outputs become constant (benchmarks/FINDINGS.md, section 8). Off by default (not yet measured
-            with the default preset on every reference model).
+            outputs become constant (benchmarks/FINDINGS.md, section 8). Off by default: with the default's
+            activation start the search raised the agreement in every e2e W2A8/W4A4 run on the reference models
+            and the guard never fired (section 33).
         gradient_steps: after the search, this many Adam steps move every scale at once on ``gradient_fitness``
             (rounding passes gradients straight through; one calibration batch per step; fp32 whatever
             ``precision`` says; on CUDA replayed as a CUDA graph, see ``gradient_cuda_graph``; see

@@ -206,18 +206,23 @@ def valid_method(method: str, placement: str) -> bool:
 # ------------------------------------------------------------------------------------------ quantizers
 
 
-def quantize_e2e(model, calib, bits: str, start: str):
-    """torch.ao FX PTQ (global qconfig) → the prepared GraphModule."""
+def quantize_e2e(model, calib, bits: str, start: str, eight_bit_activations: tuple[str, ...] = ()):
+    """torch.ao FX PTQ (global qconfig) → the prepared GraphModule; the modules named in ``eight_bit_activations``
+    keep the weights' bits with 8-bit activations (mixed precision, e.g. a stem)."""
     from torch.ao.quantization import HistogramObserver
     from torch.ao.quantization.quantize_fx import prepare_fx
 
-    from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx
+    from cptv_plugin.qconfigs import fx_qconfig_mapping, parse_bits, prepare_timm_for_fx
 
     observer = HistogramObserver if start == "histogram" else None
+    mapping = fx_qconfig_mapping(bits, activation_observer=observer)
+    for name in eight_bit_activations:
+        wider = fx_qconfig_mapping(f"W{parse_bits(bits)[0]}A8", activation_observer=observer)
+        mapping.set_module_name(name, wider.global_qconfig)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(prepare_timm_for_fx(copy.deepcopy(model)).eval(),
-                              fx_qconfig_mapping(bits, activation_observer=observer), example_inputs=(calib[:1],))
+        prepared = prepare_fx(prepare_timm_for_fx(copy.deepcopy(model)).eval(), mapping,
+                              example_inputs=(calib[:1],))
     with torch.no_grad():
         for batch in calib.split(100):
             prepared(batch)

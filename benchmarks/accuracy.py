@@ -216,9 +216,9 @@ def quantize_e2e(model, calib, bits: str, start: str, eight_bit_activations: tup
 
     observer = HistogramObserver if start == "histogram" else None
     mapping = fx_qconfig_mapping(bits, activation_observer=observer)
+    wider = fx_qconfig_mapping(f"W{parse_bits(bits)[0]}A8", activation_observer=observer).global_qconfig
     for name in eight_bit_activations:
-        wider = fx_qconfig_mapping(f"W{parse_bits(bits)[0]}A8", activation_observer=observer)
-        mapping.set_module_name(name, wider.global_qconfig)
+        mapping.set_module_name(name, wider)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = prepare_fx(prepare_timm_for_fx(copy.deepcopy(model)).eval(), mapping,

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import subprocess
 import sys
 import tempfile
@@ -28,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from cptv_plugin._io import atomic_path
 from cptv_plugin.models import build_model, list_reference_models
 
 CASES = ["fmnist_deit_tiny:W2A8:default", "fmnist_swin_tiny:W2A8:default", "fmnist_levit:W2A8:default"]
@@ -112,14 +112,12 @@ def main() -> None:
     parser.add_argument("--out", default="benchmarks/results/modelopt_checkpoint.json")
     args = parser.parse_args()
     records = []
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as workdir:
         for case in args.cases:
             records.append(run_case(case, args.device, Path(workdir), args.calibration_size))
             print(json.dumps(records[-1]), flush=True)
-            temporary = Path(f"{args.out}.tmp{os.getpid()}")
-            temporary.write_text(json.dumps({"records": records}, indent=1) + "\n")
-            os.replace(temporary, args.out)
+            with atomic_path(args.out) as temporary:
+                temporary.write_text(json.dumps({"records": records}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

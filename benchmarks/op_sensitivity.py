@@ -1,7 +1,7 @@
 """Which ops' activation quantizers cost a torch.ao FX model (every op quantized) its accuracy.
 
     python -m benchmarks.op_sensitivity [--model fmnist_levit] [--bits W4A4] [--start baseline|refined]
-                                         [--out benchmarks/results/experiments/op_sensitivity_cpu.json]
+                                         [--out FILE]
 
 The reference model is quantized as the accuracy benchmark's e2e placement does (torch.ao's global qconfig, MinMax,
 activations simulated with their narrowed range). Its activation quantizers are grouped by the op whose output they
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 from torch import fx, nn
+
+from cptv_plugin._io import atomic_path
 
 
 # ops that pass values through unchanged in what they are (shape ops, dropout at eval, another quantizer): the kind
@@ -125,11 +125,8 @@ def main() -> None:
             record["groups"][kind]["each_alone_quantized"] = {
                 f"{name} (reads {inputs[name]})": top1_with(set(originals) - {name}) for name in names}
             print(record["groups"][kind]["each_alone_quantized"], flush=True)
-    top1_with(set())
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(f"{args.out}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(record, indent=1) + "\n")
-    os.replace(temporary, args.out)
+    with atomic_path(args.out) as temporary:
+        temporary.write_text(json.dumps(record, indent=1) + "\n")
     print(json.dumps({k: v for k, v in record.items() if k != "groups"}))
 
 

@@ -75,18 +75,7 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
     compiling = contextlib.ExitStack()  # what compiling switched in the model, undone before commit or restore
     with shard.quiet_followers():  # one log for the ranks, rank 0's
         try:
-            try:  # what one rank alone may refuse: every rank hears of it at the check below, none waits forever
-                if device != model_device:
-                    raise ValueError(f"the model is on {model_device} but config.device is {device}: move the model "
-                                     f"first (model.to('{device}')) or leave config.device unset")
-                min_batch, batches, held_out = _calibration(session, config, calib_data, device)
-                session.begin()
-                own = fingerprint(session, config, batches, ignored=RANK_SPECIFIC) if shard.active else ""
-            except Exception as error:
-                if not shard.active:
-                    raise
-                own = error
-            shard.check_same(own)
+            min_batch, batches, held_out = _start(session, config, calib_data, device, model_device, shard)
             local = shard.batches(batches)  # this rank's share (every batch, with one rank)
             reference = _reference(session, fp_model, local)
             lossless = _lossless(session, config, local, reference, shard)
@@ -108,6 +97,26 @@ def run_refinement(session: RefinementSession, calib_data, config: SearchConfig,
             session.restore(state)
             raise
     return result
+
+
+def _start(session: RefinementSession, config: SearchConfig, calib_data, device: torch.device,
+           model_device: torch.device, shard: Shard) -> tuple[int, list[torch.Tensor], torch.Tensor | None]:
+    """What :func:`_calibration` returns, once every rank has started with what rank 0 was given. A rank that
+    refuses alone (wrong device, images its model cannot take) passes its error to the check, so every rank hears
+    of it and none waits forever."""
+    try:
+        if device != model_device:
+            raise ValueError(f"the model is on {model_device} but config.device is {device}: move the model "
+                             f"first (model.to('{device}')) or leave config.device unset")
+        min_batch, batches, held_out = _calibration(session, config, calib_data, device)
+        session.begin()
+        own = fingerprint(session, config, batches, ignored=RANK_SPECIFIC) if shard.active else ""
+    except Exception as error:
+        if not shard.active:
+            raise
+        own = error
+    shard.check_same(own)
+    return min_batch, batches, held_out
 
 
 def _calibration(session: RefinementSession, config: SearchConfig, calib_data,

@@ -144,9 +144,11 @@ def test_feature_weight_adds_a_term_the_search_lowers_and_bad_input_is_rejected(
         feature_weight=1.0, validation_fraction=0.5, **common))
     assert guarded.validation["initial"] > results[0.0].initial_fitness + 0.5
     # after a kept gradient stage, the reported fitness is what a fresh evaluation of the committed model measures
-    model = prepare_and_calibrate(tiny_vit, calibration, bits="W2A8")
+    # (W3A8: at W2A8 from MinMax scales, the smallest step can move each channel's extreme weight across its rounding
+    # boundary, and whether the stage then beats its start differs between CPUs: 1e-6 lifted KL 0.43 -> 0.56 on one)
+    model = prepare_and_calibrate(tiny_vit, calibration, bits="W3A8")
     staged = cptv_plugin.refine_fx(model, calibration, config=cptv_plugin.SearchConfig(
-        feature_weight=1.0, **{**common, "passes": 0, "gradient_steps": 20, "gradient_lr": 1e-4}))
+        feature_weight=1.0, **{**common, "passes": 0, "gradient_steps": 20, "gradient_lr": 1e-3}))
     assert staged.gradient["kept"]
     batches = list(calibration.split(50))
     seen = []

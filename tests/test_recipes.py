@@ -33,8 +33,12 @@ def test_custom_adapter_example_finds_its_blocks():
     example = load(ROOT / "examples" / "custom_block_adapter.py")
     result = example.main(QUICK.replace(progress=False, lossless_kl=0.0))
     assert [g for g in result.groups if g.startswith("layers.")] == ["layers.0", "layers.1", "layers.2"]
-    assert result.final_fitness <= result.initial_fitness
-    assert result.evaluations > 0 and result.gradient["steps"] == 20
+    # the search over the adapter's groups lowers InfoNCE; the stage then lowers its own KL. On this near-lossless
+    # model (KL ~4e-4) the stage's pull towards the FP32 outputs can lift InfoNCE back above the start (seen on
+    # one CPU: 3.314 -> 3.199 after the search, 3.318 after the stage), so the final InfoNCE is not compared
+    assert result.history[-1]["fitness"] < result.initial_fitness
+    assert result.gradient["steps"] == 20 and result.gradient["loss_after"] <= result.gradient["loss_before"]
+    assert result.evaluations > 0
 
 
 @pytest.mark.parametrize("algorithm", ["max", "gptq"])

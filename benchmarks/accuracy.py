@@ -20,6 +20,9 @@ Placements of activation quantizers:
   residual adds); MinMax per-channel weights, per-tensor activations. Evaluated as the simulated quantized model
   (equal to ``convert_to_reference_fx``'s output).
 * ``linear``: NVIDIA ModelOpt's default placement (inputs and weights of Linear/Conv only), ``mtq.quantize``.
+* ``e2e-stem8``: ``e2e`` with the stem (LeViT's conv stem, the patch embedding of the others) at 8-bit activations:
+  mixed precision, a per-module qconfig (``QConfigMapping.set_module_name``).
+* ``e2e-add8``: ``e2e`` with every add (the residual stream) at 8-bit activations (``set_object_type``).
 * ``pt2e``: torchao PT2E with the XNNPACK quantizer (symmetric per-channel weights, 8-bit activations of the ops
   XNNPACK quantizes), ``torch.export`` → ``prepare_pt2e``; evaluated as the simulation, equal to ``convert_pt2e``.
 
@@ -36,6 +39,7 @@ import argparse
 import copy
 import json
 import logging
+import operator
 import os
 import signal
 import statistics
@@ -51,6 +55,16 @@ BITS = ["W8A8", "W4A8", "W3A8", "W4A4", "W3A4", "W2A8"]
 STARTS = {"e2e": ["baseline", "histogram"], "linear": ["baseline", "modelopt-mse", "modelopt-local_hessian",
                                                      "modelopt-gptq"],
           "pt2e": ["baseline"]}
+# ``e2e-stem8``: the e2e placement with the model's stem (LeViT's conv stem, a ViT's or Swin's patch embedding) at
+# 8-bit activations and the weights' bits, the rest as ``--bits`` says: the mixed precision the README advises for
+# 4-bit activations (FINDINGS section 35)
+STEMS = {"fmnist_levit": ("stem",)}
+DEFAULT_STEM = ("patch_embed",)
+STARTS["e2e-stem8"] = ["baseline"]
+# ``e2e-add8``: the e2e placement with the residual adds (every ``+``: residual stream, position embedding) at 8-bit
+# activations: at e2e W4A4 the DeiT-like model's adds cost the most of any op kind (FINDINGS section 36)
+RESIDUAL_ADDS = (operator.add, torch.add)
+STARTS["e2e-add8"] = ["baseline"]
 # ablations of a preset: name -> (preset, overrides); recorded like presets, run only when asked for
 # the gradient stage (session 10; FINDINGS section 14) is off in every variant measured before it
 _NO_GRADIENT = {"gradient_steps": 0}
@@ -162,8 +176,10 @@ METHODS = {
                "modelopt-local_hessian",
                "modelopt-gptq", "modelopt-mse+default", "modelopt-local_hessian+default", "modelopt-gptq+default"],
     "pt2e": ["fp32", "baseline", "default", "paper"],
+    "e2e-stem8": ["fp32", "baseline", "default", "paper", "fast"],
+    "e2e-add8": ["fp32", "baseline", "default", "paper", "fast"],
 }
-FRAMEWORK = {"e2e": "fx", "linear": "modelopt", "pt2e": "pt2e"}
+FRAMEWORK = {"e2e": "fx", "linear": "modelopt", "pt2e": "pt2e", "e2e-stem8": "fx", "e2e-add8": "fx"}
 OUT = Path("benchmarks/results/accuracy.json")
 logger = logging.getLogger("benchmarks.accuracy")
 
@@ -206,9 +222,10 @@ def valid_method(method: str, placement: str) -> bool:
 # ------------------------------------------------------------------------------------------ quantizers
 
 
-def quantize_e2e(model, calib, bits: str, start: str, eight_bit_activations: tuple[str, ...] = ()):
-    """torch.ao FX PTQ (global qconfig) → the prepared GraphModule; the modules named in ``eight_bit_activations``
-    keep the weights' bits with 8-bit activations (mixed precision, e.g. a stem)."""
+def quantize_e2e(model, calib, bits: str, start: str, eight_bit_activations: tuple = ()):
+    """torch.ao FX PTQ (global qconfig) → the prepared GraphModule; what ``eight_bit_activations`` names (module
+    paths, or op types such as ``operator.add``) keeps the weights' bits with 8-bit activations (mixed precision,
+    e.g. a stem or the residual adds)."""
     from torch.ao.quantization import HistogramObserver
     from torch.ao.quantization.quantize_fx import prepare_fx
 
@@ -218,7 +235,10 @@ def quantize_e2e(model, calib, bits: str, start: str, eight_bit_activations: tup
     mapping = fx_qconfig_mapping(bits, activation_observer=observer)
     wider = fx_qconfig_mapping(f"W{parse_bits(bits)[0]}A8", activation_observer=observer).global_qconfig
     for name in eight_bit_activations:
-        mapping.set_module_name(name, wider)
+        if isinstance(name, str):
+            mapping.set_module_name(name, wider)
+        else:
+            mapping.set_object_type(name, wider)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = prepare_fx(prepare_timm_for_fx(copy.deepcopy(model)).eval(), mapping,
@@ -227,6 +247,18 @@ def quantize_e2e(model, calib, bits: str, start: str, eight_bit_activations: tup
         for batch in calib.split(100):
             prepared(batch)
     return prepared
+
+
+def stem_modules(model_name: str, model) -> tuple[str, ...]:
+    """The modules ``e2e-stem8`` keeps at 8-bit activations; an error if the model has none of that name."""
+    names = STEMS.get(model_name, DEFAULT_STEM)
+    for name in names:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"{model_name} has no module {name!r} to keep at 8-bit activations: add its stem's module "
+                             "path to STEMS in benchmarks/accuracy.py") from None
+    return names
 
 
 def quantize_linear(model, calib, bits: str, start: str):
@@ -274,7 +306,7 @@ def fx_target(placement: str, bits: str) -> str | None:
     narrowed range, as FakeQuantize and QAT export compute it) and keeps ``"convert_fx"`` for 8 bits."""
     from cptv_plugin.qconfigs import parse_bits
 
-    if placement != "e2e":
+    if FRAMEWORK[placement] != "fx":
         return None
     return "fake_quant" if parse_bits(bits)[1] < 8 else "convert_fx"
 
@@ -310,8 +342,13 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
         record.update(outcome_on_test_set(logits, test_y, fp32_logits), seconds=0.0, evaluations=0)
         return record
     start, search = split_method(method)
-    quantize = {"e2e": quantize_e2e, "linear": quantize_linear, "pt2e": quantize_pt2e}[placement]
-    quantized = quantize(model, calib, bits, start)
+    if placement == "e2e-stem8":
+        quantized = quantize_e2e(model, calib, bits, start, stem_modules(model_name, model))
+    elif placement == "e2e-add8":
+        quantized = quantize_e2e(model, calib, bits, start, RESIDUAL_ADDS)
+    else:
+        quantized = {"e2e": quantize_e2e, "linear": quantize_linear, "pt2e": quantize_pt2e}[placement](
+            model, calib, bits, start)
     calibrated = time.time() - start_time
     result = None
     target = fx_target(placement, bits)

@@ -112,6 +112,48 @@ def test_accuracy_benchmark_simulates_low_bit_fx_activations_with_their_narrowed
     assert records["W8A4"]["top1"] < records["W8A8"]["top1"] - 5  # 16 real levels cost far more than 256
 
 
+def test_stem_placement_keeps_only_the_stem_activations_at_8_bits(tiny_vit, fmnist):
+    """``e2e-stem8``: the activations inside the patch embedding get 256 levels, every other one the 16 of A4."""
+    from torch.ao.quantization.observer import ObserverBase
+
+    from benchmarks.accuracy import fx_target, quantize_e2e, stem_modules
+
+    assert fx_target("e2e-stem8", "W4A4") == "fake_quant"
+    stem = stem_modules("fmnist_vit_tiny", tiny_vit)
+    assert stem == ("patch_embed",)
+    with pytest.raises(ValueError, match="no module 'stem'.*STEMS"):
+        stem_modules("fmnist_levit", tiny_vit)
+    prepared = quantize_e2e(tiny_vit, fmnist[0][:100], "W4A4", "baseline", stem)
+    levels = {}
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and isinstance(prepared.get_submodule(node.target), ObserverBase):
+            observer = prepared.get_submodule(node.target)
+            if observer.dtype == torch.quint8:  # an activation
+                reads = node.args[0].name if node.args else ""
+                levels[reads] = observer.quant_max - observer.quant_min + 1
+    # the image and the ops inside the stem (its conv, PatchEmbed's flatten/transpose) at 8 bits; the stem's output
+    # (its last module, an Identity norm here) is observed by its consumer's qconfig, A4, like every other activation
+    assert {reads for reads, n in levels.items() if n == 256} == {"x", "patch_embed_proj", "flatten", "transpose"}
+    assert levels["patch_embed_norm"] == 16 and set(levels.values()) == {16, 256}
+
+
+def test_residual_add_placement_keeps_the_adds_outputs_at_8_bits(tiny_vit, fmnist):
+    """``e2e-add8``: every add's output (the residual stream; the position embedding's add) gets 256 levels."""
+    from torch.ao.quantization.observer import ObserverBase
+
+    from benchmarks.accuracy import RESIDUAL_ADDS, quantize_e2e
+
+    prepared = quantize_e2e(tiny_vit, fmnist[0][:100], "W4A4", "baseline", RESIDUAL_ADDS)
+    adds = {node.name for node in prepared.graph.nodes if node.target in RESIDUAL_ADDS}
+    assert len(adds) == 9  # the position embedding's and two per block of the 4-block CI ViT
+    for node in prepared.graph.nodes:
+        if node.op == "call_module" and isinstance(prepared.get_submodule(node.target), ObserverBase):
+            observer = prepared.get_submodule(node.target)
+            if observer.dtype == torch.quint8 and node.args[0].op != "get_attr":  # an activation
+                expected = 256 if node.args[0].name in adds else 16
+                assert observer.quant_max - observer.quant_min + 1 == expected, node.args[0].name
+
+
 def test_accuracy_benchmark_takes_an_imagenet_layout_folder(tmp_path):
     from PIL import Image
 

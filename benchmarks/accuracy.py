@@ -128,6 +128,9 @@ VARIANTS = {name: (preset, {**_FROZEN.get(preset, {}), **overrides}) for name, (
 # fast as it was until session 20: no gradient stage, no lossless check. Every `fast` record in results/experiments
 # before session 20 is this preset; accuracy.json's were renamed to it
 VARIANTS["fast-nostage"] = ("fast", dict(_FROZEN["fast"]))
+# a smoke test of the benchmark's own plumbing (the test suite, a first run on a new machine), not a measurement:
+# fast-nostage with one pass and no activation start (a grid search per quantizer, most of a small CPU run's time)
+VARIANTS["smoke"] = ("fast", {**_FROZEN["fast"], "passes": 1, "start_candidates": ()})
 # the gradient stage's step replayed as a CUDA graph instead of compiled (session 14: measured under this name, then
 # made the default) and the default's compiled stage before it (every `default` record of sessions 10-13)
 VARIANTS["default-graph"] = ("default", {"gradient_cuda_graph": True})

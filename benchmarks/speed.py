@@ -2,7 +2,7 @@
 
     python -m benchmarks.speed [--models vit_base_patch16_224 deit_tiny_patch16_224 ...] [--out FILE]
 
-For each timm model at 224² (random weights: only time is measured), PTQ at W4A8 on 1,000 random calibration
+For each timm model at 224² (``--image-size``; smaller only for a smoke test; random weights: only time is measured), PTQ at W4A8 on 1,000 random calibration
 images (``--framework fx``: torch.ao FX, every op; ``modelopt``: NVIDIA ModelOpt's default placement, Linear/Conv
 inputs and weights), then the paper preset (K=10, P=15, C=3, S=10):
 
@@ -133,7 +133,8 @@ def _quantized(model: torch.nn.Module, calib: torch.Tensor, framework: str, bits
 
 def bench_model(name: str, device: torch.device, images: int, precision: str, literal_evaluations: int,
                 bits: str = "W4A8", passes: int = 10, compile: bool = False, framework: str = "fx",
-                warm: bool = False, batch_size: int = 100, rank: int = 0, world: int = 1) -> list[dict]:
+                warm: bool = False, batch_size: int = 100, rank: int = 0, world: int = 1,
+                image_size: int = 224) -> list[dict]:
     """The records of one model (on ranks other than 0: none; they only share the fast search)."""
     import timm
 
@@ -141,8 +142,9 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     from cptv_plugin.refinement import _device_name
 
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval().to(device)
-    calib = torch.randn(images, 3, 224, 224, device=device)
+    size = {} if image_size == 224 else {"img_size": image_size}  # the model's own default otherwise
+    model = timm.create_model(name, pretrained=False, **size).eval().to(device)
+    calib = torch.randn(images, 3, image_size, image_size, device=device)
     prepared, refine, session_of = _quantized(model, calib, framework, bits)
     literal_model = copy.deepcopy(prepared)
     device_name = _device_name(device)
@@ -174,7 +176,7 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     peak_tflops = peak_tflops and peak_tflops * world  # every rank's GPU
     records.append({
         "model": name, "framework": framework, "engine": "fast", "compiled": result.compiled, "bits": bits,
-        "preset": "paper", "images": images,
+        "preset": "paper", "images": images, "image_size": image_size,
         # seconds: the whole refine call; search_seconds: its search alone (the rest: references, the start
         # check and compiling, which happens on the start check's forward pass)
         "seconds": round(seconds, 2), "search_seconds": _search_seconds(result),
@@ -236,7 +238,7 @@ def bench_model(name: str, device: torch.device, images: int, precision: str, li
     literal_seconds = per_evaluation * result.evaluations
     records.append({
         "model": name, "framework": framework, "engine": "literal", "bits": bits, "preset": "paper",
-        "images": images,
+        "images": images, "image_size": image_size,
         "seconds": round(literal_seconds, 2), "evaluations": result.evaluations, "device": device_name,
         "precision": "fp32", "peak_memory_gb": peak and round(peak, 2),
         "extrapolated_from": f"{literal_evaluations} full-forward evaluations timed, {per_evaluation:.4f} s each",
@@ -263,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="also time the same search a second time (inductor's on-disk caches warm)")
     parser.add_argument("--passes", type=int, default=10, help="K (the paper: 10; fewer only for a smoke test)")
     parser.add_argument("--batch-size", type=int, default=100, help="images per fitness batch (the paper: 100)")
+    parser.add_argument("--image-size", type=int, default=224, help="image side (224; smaller only for a smoke test)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", default="benchmarks/results/speed.json")
     args = parser.parse_args(argv)
@@ -282,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     for name in args.models:
         fresh = bench_model(name, device, args.images, args.precision, args.literal_evaluations, passes=args.passes,
                             compile=args.compile, framework=args.framework, warm=args.warm,
-                            batch_size=args.batch_size, rank=rank, world=world)
+                            batch_size=args.batch_size, rank=rank, world=world, image_size=args.image_size)
         if rank != 0:
             continue
         records = [r for r in records if not (r["model"] == name and r["device"] == fresh[0]["device"]
@@ -290,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
                                               and r.get("framework", "fx") == args.framework
                                               and r.get("precision") in (fresh[0]["precision"], "fp32")
                                               and r["engine"] in ("fast", "literal")
-                                              and r.get("images") == args.images)] + fresh
+                                              and r.get("images") == args.images
+                                              and r.get("image_size", 224) == args.image_size)] + fresh
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")
         tmp.write_text(json.dumps(records, indent=1))

@@ -107,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--preset", default="fast", choices=["fast", "default", "paper"])
     demo.add_argument("--calibration", type=int, default=1000, help="calibration images (default 1000)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--test-images", type=int, default=None,
+                      help="score on the first N test images only (default: all 10,000)")
     _add_gradient_steps(demo)
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     post = commands.add_parser(
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         start = time.time()
-        report = run_demo(args.bits, _config(args), args.calibration, args.seed)
+        report = run_demo(args.bits, _config(args), args.calibration, args.seed, test_images=args.test_images)
         report["seconds"] = round(time.time() - start, 1)
         print(json.dumps(report)) if args.json else _print_table(report)
     elif args.command == "refine-modelopt":

@@ -17,6 +17,9 @@ torch.set_num_threads(2)
 # and no lossless check (the CI models at 8 bits may pass it; tests/test_lossless.py covers it)
 TINY_SEARCH = SearchConfig(passes=1, population=4, cycles=2, samples=2, batch_size=50, progress=False,
                            gradient_steps=0, lossless_kl=0.0)
+# the same without the activation start: a grid search per quantizer that no adapter changes (tests/test_starts.py
+# covers it); where the block adapters are what is tested, it was half of a Swin-like model's CPU time
+ADAPTER_SEARCH = TINY_SEARCH.replace(start_candidates=())
 
 
 @pytest.fixture(scope="session")

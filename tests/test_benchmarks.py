@@ -11,21 +11,21 @@ def test_accuracy_benchmark_cpu_path_records_and_reports(tmp_path):
     from benchmarks.accuracy import main
 
     out = tmp_path / "accuracy.json"
-    argv = ["--models", "fmnist_vit_tiny", "--bits", "W3A8", "--methods", "fp32", "baseline", "fast-nostage",
-            "modelopt-mse+fast-nostage", "--seeds", "0", "--calibration", "100", "--test-images", "300",
+    argv = ["--models", "fmnist_vit_tiny", "--bits", "W3A8", "--methods", "fp32", "baseline", "smoke",
+            "modelopt-mse+smoke", "--seeds", "0", "--calibration", "100", "--test-images", "300",
             "--device", "cpu", "--out", str(out)]
     main(argv)
     records = json.loads(out.read_text())
     methods = {(r["placement"], r["method"]) for r in records}
-    assert methods == {("e2e", "fp32"), ("e2e", "baseline"), ("e2e", "fast-nostage"), ("linear", "fp32"),
-                       ("linear", "baseline"), ("linear", "fast-nostage"), ("linear", "modelopt-mse+fast-nostage"),
-                       ("pt2e", "fp32"), ("pt2e", "baseline"), ("pt2e", "fast-nostage")}
+    assert methods == {("e2e", "fp32"), ("e2e", "baseline"), ("e2e", "smoke"), ("linear", "fp32"),
+                       ("linear", "baseline"), ("linear", "smoke"), ("linear", "modelopt-mse+smoke"),
+                       ("pt2e", "fp32"), ("pt2e", "baseline"), ("pt2e", "smoke")}
     assert {r["framework"] for r in records} == {"fx", "modelopt", "pt2e"}
     for r in records:
         assert {"model", "bits", "method", "seed", "top1", "seconds", "evaluations", "device", "placement",
                 "framework"} <= r.keys()
         assert 0 <= r["top1"] <= 100
-    searched = [r for r in records if r["method"].endswith("fast-nostage")]
+    searched = [r for r in records if r["method"].endswith("smoke")]
     assert all(r["evaluations"] > 0 and r["fitness"][1] < r["fitness"][0] for r in searched)
     # per-image verdicts and the distance from FP32 on the test set, and the paired test they allow
     from benchmarks.accuracy import correct_images, cost_report, paired_report, paired_test
@@ -35,7 +35,7 @@ def test_accuracy_benchmark_cpu_path_records_and_reports(tmp_path):
         assert correct_images(r).float().mean().item() * 100 == pytest.approx(r["top1"])
     assert run["e2e", "fp32"]["fp32_fidelity"] == {"agreement": 100.0, "kl": 0.0}
     assert run["e2e", "baseline"]["fp32_fidelity"]["kl"] > 0
-    baseline, refined = run["e2e", "baseline"], run["e2e", "fast-nostage"]
+    baseline, refined = run["e2e", "baseline"], run["e2e", "smoke"]
     test = paired_test(refined, baseline)
     assert test["only_first"] - test["only_second"] == round((refined["top1"] - baseline["top1"]) * 3)
     assert 0 < test["p"] <= 1
@@ -43,10 +43,10 @@ def test_accuracy_benchmark_cpu_path_records_and_reports(tmp_path):
     with pytest.raises(ValueError, match="same test images"):
         paired_test(baseline, dict(refined, test_images=200))
     assert f"| fmnist_vit_tiny | e2e | W3A8 | 0 | {baseline['top1']:.2f} / " in paired_report(
-        records, methods=("baseline", "fast-nostage"))
+        records, methods=("baseline", "smoke"))
     gain = refined["top1"] - baseline["top1"]
     assert f"| fmnist_vit_tiny | e2e | W3A8 | {gain:+.2f} / {refined['seconds']:.0f} / " in cost_report(
-        records, methods=("fast-nostage",))
+        records, methods=("smoke",))
     main(argv)  # recorded runs are skipped, not repeated
     assert len(json.loads(out.read_text())) == len(records)
     table = (tmp_path / "accuracy.md").read_text()
@@ -58,15 +58,15 @@ def test_accuracy_benchmark_workers_share_the_tasks_once_each(tmp_path):
 
     out = tmp_path / "accuracy.json"
     argv = ["--models", "fmnist_vit_tiny", "--bits", "W4A8", "W2A8", "--placements", "e2e", "--methods", "fp32",
-            "baseline", "fast-nostage@fp32", "--seeds", "0", "--calibration", "100", "--test-images", "200",
+            "baseline", "smoke@fp32", "--seeds", "0", "--calibration", "100", "--test-images", "200",
             "--device", "cpu", "--out", str(out)]
     main(argv[:-2] + ["--methods", "fp32", "--out", str(out)])  # one record exists before the workers start
     main(argv + ["--workers", "2"])
     records = json.loads(out.read_text())
     keys = [(r["bits"], r["method"]) for r in records]
     assert sorted(keys) == sorted([("W4A8", "fp32"), ("W4A8", "baseline"), ("W2A8", "baseline"),
-                                   ("W4A8", "fast-nostage@fp32"), ("W2A8", "fast-nostage@fp32")])
-    assert all(r["precision"] == "fp32" for r in records if r["method"] == "fast-nostage@fp32")
+                                   ("W4A8", "smoke@fp32"), ("W2A8", "smoke@fp32")])
+    assert all(r["precision"] == "fp32" for r in records if r["method"] == "smoke@fp32")
     # the core comparison is scheduled before the variants
     order = [t["method"] for t in tasks(__import__("argparse").Namespace(
         imagenet=None, models=["m"], seeds=[0, 1], placements=["e2e"], bits=["W4A8"],
@@ -91,7 +91,7 @@ def test_accuracy_benchmark_does_not_record_an_interrupted_search(tmp_path, monk
     monkeypatch.setattr(cptv_plugin, "refine", interrupted_refine)
     out = tmp_path / "accuracy.json"
     argv = ["--models", "fmnist_vit_tiny", "--bits", "W4A8", "--placements", "e2e", "--methods", "baseline",
-            "fast-nostage", "--seeds", "0", "--calibration", "100", "--test-images", "100", "--device", "cpu",
+            "smoke", "--seeds", "0", "--calibration", "100", "--test-images", "100", "--device", "cpu",
             "--out", str(out)]
     with pytest.raises(KeyboardInterrupt, match="not recorded"):
         main(argv)
@@ -185,9 +185,11 @@ def test_speed_benchmark_runs_small_on_the_cpu(tmp_path, framework):
         pytest.importorskip("modelopt.torch.quantization")
     out = tmp_path / "speed.json"
     main(["--models", "deit_tiny_patch16_224", "--images", "4", "--passes", "1", "--literal-evaluations", "1",
-          "--device", "cpu", "--framework", framework, "--out", str(out)] + (["--warm"] if framework == "fx" else []))
+          "--image-size", "64", "--device", "cpu", "--framework", framework, "--out", str(out)]
+         + (["--warm"] if framework == "fx" else []))
     records = json.loads(out.read_text())
     fast, literal = records[0], records[-1]
+    assert fast["image_size"] == literal["image_size"] == 64
     assert fast["engine"] == "fast" and literal["engine"] == "literal"
     assert fast["framework"] == literal["framework"] == framework
     assert fast["evaluations"] == literal["evaluations"] > 0 and "extrapolated_from" in literal

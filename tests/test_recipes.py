@@ -19,7 +19,7 @@ def load(path):
 
 
 # the recipes' own preset with a short stage: their whole path (search, stage, save, export) in CI time
-QUICK = SearchConfig.fast(gradient_steps=20)
+QUICK = SearchConfig.fast(passes=1, gradient_steps=20)
 
 
 def test_fx_recipe_improves_on_the_baseline_fitness():

@@ -163,7 +163,8 @@ def test_stage_runs_the_learned_fake_quant_instead_of_the_quantizers_own(tiny_vi
     calls = []
     own_forward = SimulatedQuantizer.forward
     monkeypatch.setattr(SimulatedQuantizer, "forward", lambda self, x: calls.append(self) or own_forward(self, x))
-    record = gradient_refine(handles, session.chain.forward, batches, reference, steps=4, lr=0.01, checks=2)
+    # four steps at 3e-3 lower the KL 0.0291 -> 0.0253 (at 1e-2 the first check overshoots: nothing would be kept)
+    record = gradient_refine(handles, session.chain.forward, batches, reference, steps=4, lr=0.003, checks=2)
     assert record["kept"] and not calls
     assert not any("forward" in vars(q) for q in quantizers)
     with torch.no_grad():  # the model's own quantizers run again, at the committed scales

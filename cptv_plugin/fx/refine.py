@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import operator
 from typing import Iterator, Literal
 
 import torch
@@ -75,6 +76,31 @@ def _searchable(module: nn.Module) -> bool:
     return _quantizing_observer(module) and not isinstance(module, fixed)
 
 
+_MULTIPLIES = (operator.mul, torch.mul)
+
+
+def _rescaled_exactly_by_convert(node: fx.Node, module: nn.Module, prepared: fx.GraphModule,
+                                 module_path: dict[fx.Node, str]) -> bool:
+    """Whether observer ``node`` quantizes ``x * c`` (``c`` a Python number, e.g. attention's scaled query) with
+    the very observer that quantized ``x`` (torch.ao shares it: a multiply by a scalar keeps its input's
+    observer). ``convert_fx`` lowers that to torch's quantized multiply by a scalar, which rescales exactly (scale
+    × c, the same integers): nothing is rounded again. The reference model and FakeQuantize round ``x * c`` onto
+    ``x``'s grid instead, ``c`` times coarser than its range needs."""
+    producer = node.args[0] if node.args else None
+    if not isinstance(producer, fx.Node) or getattr(module, "dtype", None) != torch.quint8:
+        return False
+    if not ((producer.op == "call_function" and producer.target in _MULTIPLIES)
+            or (producer.op == "call_method" and producer.target == "mul")):
+        return False
+    operands = producer.args[:2]
+    tensors = [a for a in operands if isinstance(a, fx.Node)]
+    numbers = [a for a in operands if isinstance(a, (int, float)) and not isinstance(a, bool)]
+    if len(tensors) != 1 or len(numbers) != 1 or len(producer.args) != 2 or producer.kwargs:
+        return False
+    source = module_path.get(tensors[0])
+    return source is not None and prepared.get_submodule(source) is module
+
+
 def _weight_quantized_by_convert(node: fx.Node, module: nn.Module, observed: set[str]) -> bool:
     """Whether ``convert_fx`` would quantize this plain module's weight, with torch.ao's native backend config
     or its TensorRT one (``get_tensorrt_backend_config()``: symmetric int8 activations)."""
@@ -137,6 +163,7 @@ class FxSession:
         inserted: set[fx.Node] = set()
         by_module: dict[int, object] = {}
         narrowed_activations = []
+        rounded_again = []  # narrowed products x * c that FakeQuantize rounds again on x's grid
         for original, node in mapping.items():
             if node.op == "get_attr":
                 root[node.target] = get_attribute(prepared, node.target)
@@ -147,6 +174,19 @@ class FxSession:
             if isinstance(module, observer_types() + fake_quant_types()):
                 inserted.add(node)
                 if not _quantizing_observer(module):
+                    node.replace_all_uses_with(node.args[0])
+                    graph.erase_node(node)
+                    continue
+                exact_in_convert = _rescaled_exactly_by_convert(node, module, prepared, module_path)
+                if exact_in_convert and flavor == "fx" and module.quant_max - module.quant_min < 255 \
+                        and (target == "fake_quant" or isinstance(module, fake_quant_types())):
+                    rounded_again.append(node.target)
+                if exact_in_convert and target == "convert_fx" and isinstance(module, observer_types()):
+                    # convert_fx's kernel multiplies exactly: simulated as such; the shared observer's refined
+                    # scale still goes to this path too (commit), as convert_fx reads it from both
+                    handle = by_module.get(id(module))
+                    if handle is not None and node.target not in handle.paths:
+                        handle.paths.append(node.target)
                     node.replace_all_uses_with(node.args[0])
                     graph.erase_node(node)
                     continue
@@ -221,6 +261,14 @@ class FxSession:
                 "kernels quantize activations with the full dtype range, so the search optimizes that; pass "
                 "target='fake_quant' to optimize the narrowed range as FakeQuantize computes it.",
                 len(narrowed_activations), narrowed_activations[0])
+        if rounded_again:
+            logger.warning(
+                "%d scaled product(s) x * c (e.g. attention's q * scale; first: %s) are rounded again on the grid of "
+                "x, whose observer torch.ao gives them: at low-bit activations c times coarser than they need "
+                "(convert_fx's kernel multiplies exactly). Giving the multiply no qconfig keeps q * scale on q's grid "
+                "at no cost: qconfig_mapping.set_object_type(operator.mul, None) before prepare_fx (the DeiT-like "
+                "reference model at W4A4: 10 %% -> 30 %% at MinMax; README, 4-bit activations).",
+                len(rounded_again), rounded_again[0])
         # quantizers of constants (PT2E weight observers sit at the top of the graph): run them just before their
         # first user, so they belong to that user's block and the graph can be cut between blocks
         order = {n: i for i, n in enumerate(graph.nodes)}
@@ -335,8 +383,10 @@ def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | No
             possible once a refinement clipped its weights: refining such a model again needs ``fp_model``).
         blocks: module paths of the blocks, to skip automatic block discovery.
         target: what the search optimizes. ``"convert_fx"`` (default) simulates what ``convert_fx``'s kernels
-            compute; ``"fake_quant"`` simulates the quantizers' own ranges (narrowed activation ranges such as
-            4-bit are then honoured, as FakeQuantize and the decomposed representation compute them).
+            compute (the dtype's full range; a multiply by a number rescales exactly, where the reference model
+            rounds the product again with its input's observer); ``"fake_quant"`` simulates the quantizers' own
+            ranges (narrowed activation ranges such as 4-bit are then honoured, as FakeQuantize and the decomposed
+            representation compute them, the second rounding of such products included).
         clamp_weights: for weight quantizers narrower than int8 (e.g. 4-bit), clip the weights onto the
             narrowed grid after the search, so that ``convert_fx`` (which quantizes with the full int8 range)
             holds exactly the low-bit integers that were optimized. The fake-quantized model does not change.

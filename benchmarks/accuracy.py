@@ -23,6 +23,11 @@ Placements of activation quantizers:
 * ``e2e-stem8``: ``e2e`` with the stem (LeViT's conv stem, the patch embedding of the others) at 8-bit activations:
   mixed precision, a per-module qconfig (``QConfigMapping.set_module_name``).
 * ``e2e-add8``: ``e2e`` with every add (the residual stream) at 8-bit activations (``set_object_type``).
+* ``e2e-mulexact``: ``e2e`` without the scaled queries' second rounding: every multiplication (in these models only
+  ``q * scale``, LeViT's ``(q @ k) * scale``) gets qconfig None, so ``q * scale`` stays on ``q``'s grid, as the
+  quantized multiply by a scalar that ``convert_fx`` lowers it to computes it (torch.ao otherwise quantizes the
+  product again with ``q``'s own observer); ``e2e-add8-mulexact`` / ``e2e-stem8-mulexact``: that and the adds / the
+  stem at 8-bit activations.
 * ``pt2e``: torchao PT2E with the XNNPACK quantizer (symmetric per-channel weights, 8-bit activations of the ops
   XNNPACK quantizes), ``torch.export`` → ``prepare_pt2e``; evaluated as the simulation, equal to ``convert_pt2e``.
 
@@ -65,6 +70,17 @@ STARTS["e2e-stem8"] = ["baseline"]
 # activations: at e2e W4A4 the DeiT-like model's adds cost the most of any op kind (FINDINGS section 36)
 RESIDUAL_ADDS = (operator.add, torch.add)
 STARTS["e2e-add8"] = ["baseline"]
+# ``e2e-mulexact``: the scaled queries (every ``*`` in these models) not rounded a second time. torch.ao quantizes
+# ``q * scale`` with ``q``'s own observer (a multiply by a scalar shares its input's), i.e. on a grid ``1 / scale``
+# times coarser than the product's range: at 4-bit activations 2-4 levels, the 45 points the DeiT-like model loses
+# to its 12 ``mul`` quantizers alone at e2e W4A4 MinMax (FINDINGS sections 36-37)
+SCALED_QUERIES = (operator.mul, torch.mul)
+STARTS["e2e-mulexact"] = STARTS["e2e-add8-mulexact"] = STARTS["e2e-stem8-mulexact"] = ["baseline"]
+# op types each placement keeps at 8-bit activations, and op types it leaves unquantized (``e2e-stem8`` names
+# modules: ``stem_modules``)
+EIGHT_BIT_OPS = {"e2e-add8": RESIDUAL_ADDS, "e2e-add8-mulexact": RESIDUAL_ADDS}
+UNQUANTIZED_OPS = {"e2e-mulexact": SCALED_QUERIES, "e2e-add8-mulexact": SCALED_QUERIES,
+                   "e2e-stem8-mulexact": SCALED_QUERIES}
 # ablations of a preset: name -> (preset, overrides); recorded like presets, run only when asked for
 # the gradient stage (session 10; FINDINGS section 14) is off in every variant measured before it
 _NO_GRADIENT = {"gradient_steps": 0}
@@ -181,8 +197,12 @@ METHODS = {
     "pt2e": ["fp32", "baseline", "default", "paper"],
     "e2e-stem8": ["fp32", "baseline", "default", "paper", "fast"],
     "e2e-add8": ["fp32", "baseline", "default", "paper", "fast"],
+    "e2e-mulexact": ["fp32", "baseline", "default", "paper", "fast"],
+    "e2e-add8-mulexact": ["fp32", "baseline", "default", "paper", "fast"],
+    "e2e-stem8-mulexact": ["fp32", "baseline", "default", "paper", "fast"],
 }
-FRAMEWORK = {"e2e": "fx", "linear": "modelopt", "pt2e": "pt2e", "e2e-stem8": "fx", "e2e-add8": "fx"}
+FRAMEWORK = {"e2e": "fx", "linear": "modelopt", "pt2e": "pt2e", "e2e-stem8": "fx", "e2e-add8": "fx",
+             "e2e-mulexact": "fx", "e2e-add8-mulexact": "fx", "e2e-stem8-mulexact": "fx"}
 OUT = Path("benchmarks/results/accuracy.json")
 logger = logging.getLogger("benchmarks.accuracy")
 
@@ -225,10 +245,10 @@ def valid_method(method: str, placement: str) -> bool:
 # ------------------------------------------------------------------------------------------ quantizers
 
 
-def quantize_e2e(model, calib, bits: str, start: str, eight_bit_activations: tuple = ()):
+def quantize_e2e(model, calib, bits: str, start: str, eight_bit_activations: tuple = (), unquantized: tuple = ()):
     """torch.ao FX PTQ (global qconfig) → the prepared GraphModule; what ``eight_bit_activations`` names (module
     paths, or op types such as ``operator.add``) keeps the weights' bits with 8-bit activations (mixed precision,
-    e.g. a stem or the residual adds)."""
+    e.g. a stem or the residual adds); the op types in ``unquantized`` get qconfig None."""
     from torch.ao.quantization import HistogramObserver
     from torch.ao.quantization.quantize_fx import prepare_fx
 
@@ -242,6 +262,8 @@ def quantize_e2e(model, calib, bits: str, start: str, eight_bit_activations: tup
             mapping.set_module_name(name, wider)
         else:
             mapping.set_object_type(name, wider)
+    for op in unquantized:
+        mapping.set_object_type(op, None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = prepare_fx(prepare_timm_for_fx(copy.deepcopy(model)).eval(), mapping,
@@ -345,10 +367,10 @@ def run_one(model_name: str, model, bits: str, placement: str, method: str, seed
         record.update(outcome_on_test_set(logits, test_y, fp32_logits), seconds=0.0, evaluations=0)
         return record
     start, search = split_method(method)
-    if placement == "e2e-stem8":
-        quantized = quantize_e2e(model, calib, bits, start, stem_modules(model_name, model))
-    elif placement == "e2e-add8":
-        quantized = quantize_e2e(model, calib, bits, start, RESIDUAL_ADDS)
+    if placement.startswith("e2e-"):  # mixed precision: modules or op types kept at 8 bits, op types unquantized
+        wide = (stem_modules(model_name, model) if placement.startswith("e2e-stem8")
+                else EIGHT_BIT_OPS.get(placement, ()))
+        quantized = quantize_e2e(model, calib, bits, start, wide, UNQUANTIZED_OPS.get(placement, ()))
     else:
         quantized = {"e2e": quantize_e2e, "linear": quantize_linear, "pt2e": quantize_pt2e}[placement](
             model, calib, bits, start)

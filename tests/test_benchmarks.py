@@ -137,21 +137,31 @@ def test_stem_placement_keeps_only_the_stem_activations_at_8_bits(tiny_vit, fmni
     assert levels["patch_embed_norm"] == 16 and set(levels.values()) == {16, 256}
 
 
-def test_residual_add_placement_keeps_the_adds_outputs_at_8_bits(tiny_vit, fmnist):
-    """``e2e-add8``: every add's output (the residual stream; the position embedding's add) gets 256 levels."""
+@pytest.mark.parametrize("placement", ["e2e-add8", "e2e-mulexact", "e2e-add8-mulexact"])
+def test_op_type_placements_widen_or_drop_exactly_those_ops_quantizers(tiny_vit, fmnist, placement):
+    """``e2e-add8``: every add's output (the residual stream; the position embedding's add) gets 256 levels;
+    ``e2e-mulexact``: no quantizer reads a scaled query (``q * scale`` stays on ``q``'s grid); every other
+    activation keeps the 16 levels of A4."""
+    import operator
+
     from torch.ao.quantization.observer import ObserverBase
 
-    from benchmarks.accuracy import RESIDUAL_ADDS, quantize_e2e
+    from benchmarks.accuracy import EIGHT_BIT_OPS, UNQUANTIZED_OPS, quantize_e2e
 
-    prepared = quantize_e2e(tiny_vit, fmnist[0][:100], "W4A4", "baseline", RESIDUAL_ADDS)
-    adds = {node.name for node in prepared.graph.nodes if node.target in RESIDUAL_ADDS}
-    assert len(adds) == 9  # the position embedding's and two per block of the 4-block CI ViT
+    wide_ops, dropped_ops = EIGHT_BIT_OPS.get(placement, ()), UNQUANTIZED_OPS.get(placement, ())
+    prepared = quantize_e2e(tiny_vit, fmnist[0][:100], "W4A4", "baseline", wide_ops, dropped_ops)
+    kinds = [node.target for node in prepared.graph.nodes]
+    assert (kinds.count(operator.add), kinds.count(operator.mul)) == (9, 4)  # pos. embedding + 2 per block; 1 per block
+    wide = {node.name for node in prepared.graph.nodes if node.target in wide_ops}
+    levels = {}
     for node in prepared.graph.nodes:
         if node.op == "call_module" and isinstance(prepared.get_submodule(node.target), ObserverBase):
             observer = prepared.get_submodule(node.target)
             if observer.dtype == torch.quint8 and node.args[0].op != "get_attr":  # an activation
-                expected = 256 if node.args[0].name in adds else 16
-                assert observer.quant_max - observer.quant_min + 1 == expected, node.args[0].name
+                levels[node.args[0].name] = observer.quant_max - observer.quant_min + 1
+                assert node.args[0].target not in dropped_ops, f"{node.args[0].name} is still quantized"
+    assert len(wide) == (9 if wide_ops else 0) and wide <= levels.keys()
+    assert all(count == (256 if name in wide else 16) for name, count in levels.items()), levels
 
 
 def test_accuracy_benchmark_takes_an_imagenet_layout_folder(tmp_path):

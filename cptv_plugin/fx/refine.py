@@ -173,20 +173,18 @@ class FxSession:
             module_path[node] = node.target
             if isinstance(module, observer_types() + fake_quant_types()):
                 inserted.add(node)
-                if not _quantizing_observer(module):
-                    node.replace_all_uses_with(node.args[0])
-                    graph.erase_node(node)
-                    continue
-                exact_in_convert = _rescaled_exactly_by_convert(node, module, prepared, module_path)
+                quantizing = _quantizing_observer(module)
+                exact_in_convert = quantizing and _rescaled_exactly_by_convert(node, module, prepared, module_path)
                 if exact_in_convert and flavor == "fx" and module.quant_max - module.quant_min < 255 \
                         and (target == "fake_quant" or isinstance(module, fake_quant_types())):
                     rounded_again.append(node.target)
-                if exact_in_convert and target == "convert_fx" and isinstance(module, observer_types()):
-                    # convert_fx's kernel multiplies exactly: simulated as such; the shared observer's refined
-                    # scale still goes to this path too (commit), as convert_fx reads it from both
-                    handle = by_module.get(id(module))
-                    if handle is not None and node.target not in handle.paths:
-                        handle.paths.append(node.target)
+                # convert_fx's kernel multiplies exactly: simulated as such; the shared observer's refined scale
+                # still goes to this path too (commit), as convert_fx reads it from both
+                exact = exact_in_convert and target == "convert_fx" and isinstance(module, observer_types())
+                handle = by_module.get(id(module)) if exact else None
+                if handle is not None and node.target not in handle.paths:
+                    handle.paths.append(node.target)
+                if not quantizing or exact:
                     node.replace_all_uses_with(node.args[0])
                     graph.erase_node(node)
                     continue

@@ -2,9 +2,10 @@
 
     python -m benchmarks.speed [--models vit_base_patch16_224 deit_tiny_patch16_224 ...] [--out FILE]
 
-For each timm model at 224² (``--image-size``; smaller only for a smoke test; random weights: only time is measured), PTQ at W4A8 on 1,000 random calibration
-images (``--framework fx``: torch.ao FX, every op; ``modelopt``: NVIDIA ModelOpt's default placement, Linear/Conv
-inputs and weights), then the paper preset (K=10, P=15, C=3, S=10):
+For each timm model at 224² (``--image-size``: smaller only for a smoke test; random weights: only time is
+measured), PTQ at W4A8 on 1,000 random calibration images (``--framework fx``: torch.ao FX, every op;
+``modelopt``: NVIDIA ModelOpt's default placement, Linear/Conv inputs and weights), then the paper preset (K=10,
+P=15, C=3, S=10):
 
 * ``fast``: our engine (block inputs cached once per visit, candidates run only the suffix, forward passes of
   1,000 images, the precision given by ``--precision``, default bf16 autocast on CUDA);

@@ -1,14 +1,14 @@
 """Gradient-stage variants from one search: per model, placement, bits and seed, the baseline, the paper preset and
-the default's search (``gradient_steps=0``) run once; each variant's stage then starts from a copy of the searched
-model (``SearchConfig(passes=0)``: no search, no starts, the stage only). Every run alone in this process, so the
+the default's search (``gradient_steps=0``; ``--search fast``: fast's) run once; each variant's stage then starts
+from a copy of the searched model (``SearchConfig(passes=0)``: no search, no starts, the stage only). Every run alone in this process, so the
 seconds are comparable: ``seconds`` is wall time of the ``refine`` calls (a variant's: the search's plus its own),
 ``result_seconds`` what ``RefineResult.seconds`` says (the accuracy benchmark's seconds; in
 ``stage_variants_h200.json``, recorded before it counted the whole refinement, the lossless check, the search and
 the stage only), ``stage_seconds`` the stage's own. Seconds per point gained = seconds / (top-1 − baseline).
 
 Variants are names of dash-joined settings: ``s600`` (``gradient_steps``), ``gb200`` (``gradient_batch_size``),
-``lr0.005`` (``gradient_lr``), ``wu0.1`` (``gradient_warmup``), ``c5`` (``gradient_checks``); ``s1000`` is the
-default's stage. ``only-s1000``: the stage from the baseline with the default's starts and no search.
+``lr0.005`` (``gradient_lr``), ``wu0.1`` (``gradient_warmup``), ``c5`` (``gradient_checks``), ``bt3``
+(``gradient_backtrack``); ``s1000`` is the default's stage. ``only-s1000``: the stage from the baseline with the default's starts and no search.
 
     python -m benchmarks.stage_variants --models fmnist_swin_tiny --placements e2e --bits W2A8 --seeds 0 1 2 \\
         --variants s1000 s600 gb200-s500 --out benchmarks/results/experiments/stage_variants_h200.json
@@ -28,7 +28,7 @@ from benchmarks.accuracy import (data_for, evaluation_model, fx_target, load_rec
                                  quantize_e2e, quantize_linear, save_records, search_config)
 
 SETTINGS = {"s": ("gradient_steps", int), "gb": ("gradient_batch_size", int), "lr": ("gradient_lr", float),
-            "wu": ("gradient_warmup", float), "c": ("gradient_checks", int)}
+            "wu": ("gradient_warmup", float), "c": ("gradient_checks", int), "bt": ("gradient_backtrack", float)}
 
 
 def variant_settings(name: str) -> tuple[bool, dict]:
@@ -78,7 +78,7 @@ def run_seed(args, model_name: str, model, placement: str, bits: str, seed: int,
     common = {"model": model_name, "placement": placement, "bits": bits, "seed": seed,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__.split("+")[0]}
-    records = []
+    records, out = [], Path(args.out)
 
     def record(method: str, quantized, seconds: float, result=None, **extra) -> None:
         entry = {**common, "method": method, "seconds": round(seconds, 2),
@@ -88,24 +88,26 @@ def run_seed(args, model_name: str, model, placement: str, bits: str, seed: int,
             if result.gradient is not None:
                 entry["gradient"] = result.gradient
         records.append(entry)
+        save_records(out, load_records(out) + [entry])  # each run as it ends: a timed-out call keeps the rest
         print(json.dumps({k: v for k, v in entry.items() if k not in ("gradient",)}), flush=True)
 
     torch.manual_seed(seed)
     baseline = quantize(model, calib, bits, "baseline")
     if args.warmup and seed == args.seeds[0]:  # compiles the segments the searches run, so no run below waits
         refine(copy.deepcopy(baseline), calib, placement, bits,
-               search_config("default", seed, device).replace(passes=1, gradient_steps=0), model)
+               search_config(args.search, seed, device).replace(passes=1, gradient_steps=0), model)
     record("baseline", baseline, 0.0)
-    paper = copy.deepcopy(baseline)
-    result, seconds = refine(paper, calib, placement, bits, search_config("paper", seed, device), model)
-    record("paper", paper, seconds, result)
+    if args.paper:
+        paper = copy.deepcopy(baseline)
+        result, seconds = refine(paper, calib, placement, bits, search_config("paper", seed, device), model)
+        record("paper", paper, seconds, result)
     searched = copy.deepcopy(baseline)
     result, search_seconds = refine(searched, calib, placement, bits,
-                                    search_config("default", seed, device).replace(gradient_steps=0), model)
+                                    search_config(args.search, seed, device).replace(gradient_steps=0), model)
     record("search", searched, search_seconds, result)
     for name in args.variants:
         from_baseline, overrides = variant_settings(name)
-        config = search_config("default", seed, device).replace(passes=0, **overrides)
+        config = search_config(args.search, seed, device).replace(passes=0, **overrides)
         if not from_baseline:
             config = config.replace(start_candidates=(), seed_candidates=(), lossless_kl=0.0)
         quantized = copy.deepcopy(baseline if from_baseline else searched)
@@ -128,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false",
                         help="skip the unrecorded one-pass search that fills inductor's caches first")
+    parser.add_argument("--search", default="default",
+                        help="the preset whose search runs once and whose stage settings the variants change")
+    parser.add_argument("--no-paper", dest="paper", action="store_false", help="skip the paper preset's run")
     parser.add_argument("--out", required=True, help="append the records to this JSON file (written atomically)")
     args = parser.parse_args(argv)
     args.imagenet = None
@@ -136,14 +141,12 @@ def main(argv: list[str] | None = None) -> None:
     from cptv_plugin.models import load_reference_model
 
     device = torch.device(args.device)
-    out = Path(args.out)
     for model_name in args.models:
         model = load_reference_model(model_name).eval().to(device)
         for placement in args.placements:
             for bits in args.bits:
                 for seed in args.seeds:
-                    records = run_seed(args, model_name, model, placement, bits, seed, device)
-                    save_records(out, load_records(out) + records)
+                    run_seed(args, model_name, model, placement, bits, seed, device)
 
 
 if __name__ == "__main__":

@@ -119,8 +119,8 @@ class SearchConfig:
             ``gradient_fitness`` over the calibration set is checked ``gradient_checks`` times; the best scales are
             kept if they beat the search's (``RefineResult.gradient`` says so). 0 disables the stage. Default 1,000
             (measured on the reference models: benchmarks/FINDINGS.md, sections 14-15); ``paper``: 0.
-        gradient_lr: Adam's learning rate on ``log(scale)`` (a relative step), cosine-decayed to 0; divided by 10
-            whenever a check finds the fitness above the search's.
+        gradient_lr: Adam's learning rate on ``log(scale)`` (a relative step), cosine-decayed to 0; divided by
+            ``gradient_backtrack`` whenever a check finds the fitness above the search's.
         gradient_checks: how many times the stage measures the calibration fitness (evenly spaced, the last at
             its end; each costs one forward pass over the calibration set). 1: only at the end, the last step's
             scales or none (the stage of session 10).
@@ -129,6 +129,10 @@ class SearchConfig:
             (default): no warm-up; 0.1 measured on the Swin- and LeViT-like W2A8 rows at 3 seeds did not make the
             first checks overshoot less often, nor top-1 better beyond the runs' spread (benchmarks/FINDINGS.md,
             section 19).
+        gradient_backtrack: when a check finds the stage's fitness above the search's (the rate overshot), the
+            best scales so far are put back and the rate is divided by this for the rest of the stage. Default 10;
+            3 keeps a stage cut twice at 1.1e-3 instead of 1e-4 (where it stalls), but measured on the Swin-like
+            e2e W2A8 row (12 paired seeds) it gained +0.14, inside the noise (benchmarks/FINDINGS.md, section 38).
         gradient_batch_size: images per gradient step: whole calibration batches (``batch_size``) packed into one
             forward pass of up to this many images; the step lowers the mean of their fitness (each batch keeps
             its own negatives). ``None`` (default): one calibration batch per step.
@@ -197,6 +201,7 @@ class SearchConfig:
     gradient_fitness: str = "kl"
     gradient_checks: int = 10
     gradient_warmup: float = 0.0
+    gradient_backtrack: float = 10.0
     gradient_batch_size: int | None = None
     gradient_cuda_graph: bool = True
     lossless_kl: float = 1e-3
@@ -270,6 +275,9 @@ class SearchConfig:
         if not 0.0 <= self.gradient_warmup <= 1.0:
             problems.append(f"gradient_warmup must be a fraction of gradient_steps in [0, 1] (got "
                             f"{self.gradient_warmup})")
+        if not self.gradient_backtrack >= 1.0:
+            problems.append(f"gradient_backtrack must be >= 1, the factor the rate is divided by after an "
+                            f"overshoot (got {self.gradient_backtrack})")
         if self.gradient_checks < 1:
             problems.append(f"gradient_checks must be >= 1 (got {self.gradient_checks})")
         from .fitness import list_fitness

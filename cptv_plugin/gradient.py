@@ -35,7 +35,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                     reference: list[torch.Tensor], *, steps: int, lr: float, fitness: str = "kl",
                     temperature: float = 0.1, normalize: bool = True, seed: int = 0,
                     checks: int = 10, progress: bool = False, compile: bool = False,
-                    cuda_graph: bool = False, warmup: float = 0.0, step_images: int | None = None) -> dict:
+                    cuda_graph: bool = False, warmup: float = 0.0, backtrack: float = 10.0,
+                    step_images: int | None = None) -> dict:
     """Move the scales of ``handles`` by ``steps`` Adam steps (cosine-decayed ``lr`` on ``log(scale)``) on
     ``fitness`` between ``forward(batch)`` and ``reference`` (one calibration batch per step, in a seeded order).
     ``step_images``: consecutive calibration batches packed into steps of up to this many images (one forward
@@ -54,7 +55,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     ``checks`` times during the run (and at its end) the mean fitness over all batches is measured; the scales
     with the lowest so far are the result, set only if lower than at the start (else they stay as given and a
     warning says so). A check above the start's fitness puts the best scales so far back and divides the rate by
-    10 for the rest of the run (the rate overshoots). Ctrl-C leaves the scales as given and
+    ``backtrack`` for the rest of the run (the rate overshoots). Ctrl-C leaves the scales as given and
     re-raises. Returns ``{"steps", "lr", "fitness", "loss_before", "loss_after", "history", "kept", "compiled",
     "cuda_graph", "scales", "fixed", "seconds", "timing"}`` (``loss_after``: the best check's; ``history``:
     ``{"step", "loss", "lr"}`` per check, lr the undecayed rate then; ``cuda_graph``: whether the steps were
@@ -75,6 +76,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     record = {"steps": steps, "lr": lr, "fitness": fitness, "scales": len(movable), "fixed": fixed}
     if warmup:
         record["warmup"] = warmup
+    if backtrack != 10.0:
+        record["backtrack"] = backtrack
     warmup_steps = max(1, round(warmup * steps))
     if not movable or steps == 0:
         return {**record, "loss_before": None, "loss_after": None, "history": [], "kept": False, "compiled": False,
@@ -176,7 +179,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
         last = time.time()
         best = [torch.zeros_like(g) for g in given]
         history = [{"step": 0, "loss": round(best_loss, 6), "lr": lr}]
-        rate = lr  # cosine-decayed from here; divided by 10 at each backtrack
+        rate = lr  # cosine-decayed from here; divided by ``backtrack`` at each backtrack
         generator = torch.Generator().manual_seed(seed)
         order: list[int] = []
         try:
@@ -208,12 +211,12 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                 if checked < best_loss:
                     best_loss, best = checked, [f.detach().clone() for f in log_factors]
                 elif checked > record["loss_before"] and step + 1 < steps:
-                    # worse than at the start, the rate overshoots: back to the best scales so far, a tenth of the
+                    # worse than at the start, the rate overshoots: back to the best scales so far, a smaller
                     # rate, fresh moments (a check merely above the best is the steps' noise: the run goes on)
                     with torch.no_grad():
                         for log_factor, kept in zip(log_factors, best):
                             log_factor.copy_(kept)
-                    rate /= 10
+                    rate /= backtrack
                     reset_moments()
         finally:
             if bar is not None:

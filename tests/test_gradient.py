@@ -76,14 +76,17 @@ def test_gradient_stage_moves_fx_scales_and_convert_fx_carries_them(tiny_vit, fm
     assert mean_kl(convert_fx(refined), tiny_vit, calib) < mean_kl(convert_fx(plain), tiny_vit, calib)
 
 
-def test_a_rate_that_overshoots_backtracks_and_a_stage_that_never_gains_leaves_the_search_scales(tiny_vit, fmnist):
+@pytest.mark.parametrize("backtrack", [10.0, 2.0])
+def test_a_rate_that_overshoots_backtracks_and_a_stage_that_never_gains_leaves_the_search_scales(tiny_vit, fmnist,
+                                                                                                 backtrack):
     calib = fmnist[0]
     model = modelopt_w2a8(tiny_vit, calib)
     given = amax_of(model)
-    result = cptv_plugin.refine(model, calib, config=GRADIENT_ONLY.replace(gradient_steps=2, gradient_lr=5.0))
+    result = cptv_plugin.refine(model, calib, config=GRADIENT_ONLY.replace(gradient_steps=2, gradient_lr=5.0,
+                                                                           gradient_backtrack=backtrack))
     record = result.gradient
-    # the first check is above the start: the rate drops to a tenth for the second step, which gains nothing either
-    assert [check["lr"] for check in record["history"]] == [5.0, 5.0, 0.5]
+    # the first check is above the start: the rate drops by `backtrack` for the second step, which gains nothing
+    assert [check["lr"] for check in record["history"]] == [5.0, 5.0, 5.0 / backtrack]
     assert all(check["loss"] > record["loss_before"] for check in record["history"][1:])
     assert not record["kept"] and record["loss_after"] == record["loss_before"]
     assert all(torch.equal(value, given[name]) for name, value in amax_of(model).items())
@@ -182,6 +185,7 @@ def test_gradient_settings_are_validated_the_paper_preset_has_no_stage_and_fast_
                           ({"gradient_fitness": "nope"}, "gradient_fitness"),
                           ({"gradient_checks": 0}, "gradient_checks"), ({"gradient_warmup": 1.5}, "gradient_warmup"),
                           ({"gradient_warmup": -0.1}, "gradient_warmup"),
+                          ({"gradient_backtrack": 0.5}, "gradient_backtrack"),
                           ({"gradient_batch_size": 50}, "gradient_batch_size")]:
         with pytest.raises(ValueError, match=name):
             SearchConfig(**changes)

@@ -466,10 +466,11 @@ def load_records(path: Path) -> list[dict]:
 
 
 def save_records(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(records, indent=1))
-    temporary.replace(path)
+    """Write ``records`` as JSON, atomically (a temporary file per process, renamed onto ``path``)."""
+    from cptv_plugin._io import atomic_path
+
+    with atomic_path(path) as temporary:
+        temporary.write_text(json.dumps(records, indent=1))
 
 
 def data_for(args, model_name: str, model, seed: int, device: torch.device):

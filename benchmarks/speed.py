@@ -37,6 +37,8 @@ from pathlib import Path
 
 import torch
 
+from cptv_plugin._io import atomic_path
+
 MODELS = ["vit_base_patch16_224", "deit_small_patch16_224", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
           "levit_256"]
 # dense bf16 tensor-core peaks (NVIDIA data sheets); used only for the achieved-fraction figure
@@ -296,10 +298,8 @@ def main(argv: list[str] | None = None) -> None:
                                               and r["engine"] in ("fast", "literal")
                                               and r.get("images") == args.images
                                               and r.get("image_size", 224) == args.image_size)] + fresh
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(records, indent=1))
-        tmp.replace(out)
+        with atomic_path(out) as temporary:
+            temporary.write_text(json.dumps(records, indent=1))
         for record in fresh:
             print(json.dumps(record), flush=True)
     if world > 1:

@@ -56,8 +56,9 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     with the lowest so far are the result, set only if lower than at the start (else they stay as given and a
     warning says so). A check above the start's fitness puts the best scales so far back and divides the rate by
     ``backtrack`` for the rest of the run (the rate overshoots). Ctrl-C leaves the scales as given and
-    re-raises. Returns ``{"steps", "lr", "fitness", "loss_before", "loss_after", "history", "kept", "compiled",
-    "cuda_graph", "scales", "fixed", "seconds", "timing"}`` (``loss_after``: the best check's; ``history``:
+    re-raises. Returns ``{"steps", "lr", "fitness", "loss_before", "loss_after", "history", "kept", "backtracks",
+    "compiled", "cuda_graph", "scales", "fixed", "seconds", "timing"}`` (``loss_after``: the best check's;
+    ``backtracks``: how many times the rate was cut; ``history``:
     ``{"step", "loss", "lr"}`` per check, lr the undecayed rate then; ``cuda_graph``: whether the steps were
     replayed as CUDA graphs; ``scales``: how many quantizers moved; ``fixed``: how many could not, having no
     quantizer module; ``timing``: seconds until the first check ended (capturing or compiling included), in the
@@ -80,8 +81,9 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
         record["backtrack"] = backtrack
     warmup_steps = max(1, round(warmup * steps))
     if not movable or steps == 0:
-        return {**record, "loss_before": None, "loss_after": None, "history": [], "kept": False, "compiled": False,
-                "cuda_graph": False, "seconds": 0.0, "timing": {"setup": 0.0, "steps": 0.0, "checks": 0.0}}
+        return {**record, "loss_before": None, "loss_after": None, "history": [], "kept": False, "backtracks": 0,
+                "compiled": False, "cuda_graph": False, "seconds": 0.0,
+                "timing": {"setup": 0.0, "steps": 0.0, "checks": 0.0}}
 
     graphed = cuda_graph and given[0].is_cuda
     # fitness batches packed into steps; only the last batch may be smaller, so splitting a step's images by the
@@ -180,6 +182,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
         best = [torch.zeros_like(g) for g in given]
         history = [{"step": 0, "loss": round(best_loss, 6), "lr": lr}]
         rate = lr  # cosine-decayed from here; divided by ``backtrack`` at each backtrack
+        backtracks = 0
         generator = torch.Generator().manual_seed(seed)
         order: list[int] = []
         try:
@@ -217,6 +220,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                         for log_factor, kept in zip(log_factors, best):
                             log_factor.copy_(kept)
                     rate /= backtrack
+                    backtracks += 1
                     reset_moments()
         finally:
             if bar is not None:
@@ -224,7 +228,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     finally:
         for restore in reversed(undo):
             restore()
-    record.update(loss_after=best_loss, history=history, kept=best_loss < record["loss_before"],
+    record.update(loss_after=best_loss, history=history, kept=best_loss < record["loss_before"], backtracks=backtracks,
                   compiled=isinstance(forward, _CompiledOrEager) and not forward.failed, cuda_graph=graphed,
                   timing={"setup": round(setup_seconds, 3), "steps": round(step_seconds, 3),
                           "checks": round(check_seconds, 3)})
@@ -236,8 +240,9 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                        "(a smaller SearchConfig.gradient_lr may help; gradient_steps=0 skips the stage)", fitness,
                        record["loss_before"], ", ".join(f"{h['loss']:.5f}" for h in history[1:]))
     record["seconds"] = round(time.time() - start_time, 3)
-    logger.info("gradient stage: %s %.5f -> %.5f over %d steps (%d quantizers) in %.1f s", fitness,
-                record["loss_before"], record["loss_after"], steps, len(movable), record["seconds"])
+    logger.info("gradient stage: %s %.5f -> %.5f over %d steps (%d quantizers; the rate cut %d times at checks above "
+                "the start) in %.1f s", fitness, record["loss_before"], record["loss_after"], steps, len(movable),
+                backtracks, record["seconds"])
     return record
 
 

@@ -87,6 +87,7 @@ def test_a_rate_that_overshoots_backtracks_and_a_stage_that_never_gains_leaves_t
     record = result.gradient
     # the first check is above the start: the rate drops by `backtrack` for the second step, which gains nothing
     assert [check["lr"] for check in record["history"]] == [5.0, 5.0, 5.0 / backtrack]
+    assert record["backtracks"] == 1  # the last check is the end: no cut after it
     assert all(check["loss"] > record["loss_before"] for check in record["history"][1:])
     assert not record["kept"] and record["loss_after"] == record["loss_before"]
     assert all(torch.equal(value, given[name]) for name, value in amax_of(model).items())

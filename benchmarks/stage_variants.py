@@ -8,7 +8,7 @@ the stage only), ``stage_seconds`` the stage's own. Seconds per point gained = s
 
 Variants are names of dash-joined settings: ``s600`` (``gradient_steps``), ``gb200`` (``gradient_batch_size``),
 ``lr0.005`` (``gradient_lr``), ``wu0.1`` (``gradient_warmup``), ``c5`` (``gradient_checks``), ``bt3``
-(``gradient_backtrack``); ``s1000`` is the default's stage. ``only-s1000``: the stage from the baseline with the default's starts and no search.
+(``gradient_backtrack``), ``g100`` (``gradient_grace``); ``s1000`` is the default's stage. ``only-s1000``: the stage from the baseline with the default's starts and no search.
 
     python -m benchmarks.stage_variants --models fmnist_swin_tiny --placements e2e --bits W2A8 --seeds 0 1 2 \\
         --variants s1000 s600 gb200-s500 --out benchmarks/results/experiments/stage_variants_h200.json
@@ -28,7 +28,8 @@ from benchmarks.accuracy import (data_for, evaluation_model, fx_target, load_rec
                                  quantize_e2e, quantize_linear, save_records, search_config)
 
 SETTINGS = {"s": ("gradient_steps", int), "gb": ("gradient_batch_size", int), "lr": ("gradient_lr", float),
-            "wu": ("gradient_warmup", float), "c": ("gradient_checks", int), "bt": ("gradient_backtrack", float)}
+            "wu": ("gradient_warmup", float), "c": ("gradient_checks", int), "bt": ("gradient_backtrack", float),
+            "g": ("gradient_grace", int)}
 
 
 def variant_settings(name: str) -> tuple[bool, dict]:

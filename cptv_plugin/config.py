@@ -133,6 +133,10 @@ class SearchConfig:
             best scales so far are put back and the rate is divided by this for the rest of the stage. Default 10;
             3 keeps a stage cut twice at 1.1e-3 instead of 1e-4 (where it stalls), but measured on the Swin-like
             e2e W2A8 row (12 paired seeds) it gained +0.14, inside the noise (benchmarks/FINDINGS.md, section 38).
+        gradient_grace: checks before this many steps never cut the rate (they still keep the best scales).
+            Adam's first steps raise the fitness for a few dozen steps before it falls; a check there cuts the rate
+            for good (checks every 20 steps measured −1.35 points at the Swin-like e2e W2A8 row, section 38). 0
+            (default): every check may cut; not measured yet on the GPU.
         gradient_batch_size: images per gradient step: whole calibration batches (``batch_size``) packed into one
             forward pass of up to this many images; the step lowers the mean of their fitness (each batch keeps
             its own negatives). ``None`` (default): one calibration batch per step.
@@ -202,6 +206,7 @@ class SearchConfig:
     gradient_checks: int = 10
     gradient_warmup: float = 0.0
     gradient_backtrack: float = 10.0
+    gradient_grace: int = 0
     gradient_batch_size: int | None = None
     gradient_cuda_graph: bool = True
     lossless_kl: float = 1e-3
@@ -278,6 +283,8 @@ class SearchConfig:
         if not self.gradient_backtrack >= 1.0:
             problems.append(f"gradient_backtrack must be >= 1, the factor the rate is divided by after an "
                             f"overshoot (got {self.gradient_backtrack})")
+        if self.gradient_grace < 0:
+            problems.append(f"gradient_grace must be a number of steps >= 0 (got {self.gradient_grace})")
         if self.gradient_checks < 1:
             problems.append(f"gradient_checks must be >= 1 (got {self.gradient_checks})")
         from .fitness import list_fitness

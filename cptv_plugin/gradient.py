@@ -35,7 +35,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                     reference: list[torch.Tensor], *, steps: int, lr: float, fitness: str = "kl",
                     temperature: float = 0.1, normalize: bool = True, seed: int = 0,
                     checks: int = 10, progress: bool = False, compile: bool = False,
-                    cuda_graph: bool = False, warmup: float = 0.0, backtrack: float = 10.0,
+                    cuda_graph: bool = False, warmup: float = 0.0, backtrack: float = 10.0, grace: int = 0,
                     step_images: int | None = None) -> dict:
     """Move the scales of ``handles`` by ``steps`` Adam steps (cosine-decayed ``lr`` on ``log(scale)``) on
     ``fitness`` between ``forward(batch)`` and ``reference`` (one calibration batch per step, in a seeded order).
@@ -55,7 +55,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     ``checks`` times during the run (and at its end) the mean fitness over all batches is measured; the scales
     with the lowest so far are the result, set only if lower than at the start (else they stay as given and a
     warning says so). A check above the start's fitness puts the best scales so far back and divides the rate by
-    ``backtrack`` for the rest of the run (the rate overshoots). Ctrl-C leaves the scales as given and
+    ``backtrack`` for the rest of the run (the rate overshoots); checks before step ``grace`` do not. Ctrl-C leaves the scales as given and
     re-raises. Returns ``{"steps", "lr", "fitness", "loss_before", "loss_after", "history", "kept", "backtracks",
     "compiled", "cuda_graph", "scales", "fixed", "seconds", "timing"}`` (``loss_after``: the best check's;
     ``backtracks``: how many times the rate was cut; ``history``:
@@ -79,6 +79,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
         record["warmup"] = warmup
     if backtrack != 10.0:
         record["backtrack"] = backtrack
+    if grace:
+        record["grace"] = grace
     warmup_steps = max(1, round(warmup * steps))
     if not movable or steps == 0:
         return {**record, "loss_before": None, "loss_after": None, "history": [], "kept": False, "backtracks": 0,
@@ -213,7 +215,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                 history.append({"step": step + 1, "loss": round(checked, 6), "lr": rate})
                 if checked < best_loss:
                     best_loss, best = checked, [f.detach().clone() for f in log_factors]
-                elif checked > record["loss_before"] and step + 1 < steps:
+                elif checked > record["loss_before"] and grace <= step + 1 < steps:
                     # worse than at the start, the rate overshoots: back to the best scales so far, a smaller
                     # rate, fresh moments (a check merely above the best is the steps' noise: the run goes on)
                     with torch.no_grad():

@@ -273,7 +273,8 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
                 checks=config.gradient_checks, temperature=config.temperature, normalize=config.normalize,
                 seed=config.seed, progress=config.progress and shard.leader, compile=compile,
                 cuda_graph=config.gradient_cuda_graph, warmup=config.gradient_warmup,
-                backtrack=config.gradient_backtrack, step_images=config.gradient_batch_size)
+                backtrack=config.gradient_backtrack, grace=config.gradient_grace,
+                step_images=config.gradient_batch_size)
     except KeyboardInterrupt:
         result.interrupted = True
         result.gradient = {"steps": config.gradient_steps, "interrupted": True}
@@ -392,7 +393,8 @@ def _starts(session: RefinementSession, batches: list[torch.Tensor], names: tupl
 # settings that do not change a search's course: a checkpoint written with other values of them still fits
 CHECKPOINT_INDEPENDENT = frozenset({
     "progress", "checkpoint_path", "device", "compile", "name", "on_interrupt", "agreement_guard", "lossless_kl",
-    "gradient_cuda_graph", "gradient_warmup", "gradient_backtrack", "gradient_batch_size", "distributed"})
+    "gradient_cuda_graph", "gradient_warmup", "gradient_backtrack", "gradient_grace",
+    "gradient_batch_size", "distributed"})
 # settings the ranks of one distributed refinement may hold differently (every other one steers collectives)
 RANK_SPECIFIC = frozenset({"device", "progress"})
 

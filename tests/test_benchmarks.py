@@ -227,7 +227,8 @@ def test_stage_variant_names_parse_into_settings_and_a_typo_is_refused():
                                                              "gradient_lr": 0.005})
     assert variant_settings("only-s1000-wu0.1-c5") == (True, {"gradient_steps": 1000, "gradient_warmup": 0.1,
                                                              "gradient_checks": 5})
-    assert variant_settings("c50-bt3") == (False, {"gradient_checks": 50, "gradient_backtrack": 3.0})
+    assert variant_settings("c50-bt3-g100") == (False, {"gradient_checks": 50, "gradient_backtrack": 3.0,
+                                                         "gradient_grace": 100})
     with pytest.raises(ValueError, match="unknown setting 'x3'"):
         variant_settings("s600-x3")
 

@@ -93,6 +93,20 @@ def test_a_rate_that_overshoots_backtracks_and_a_stage_that_never_gains_leaves_t
     assert all(torch.equal(value, given[name]) for name, value in amax_of(model).items())
 
 
+def test_checks_within_the_grace_steps_keep_the_rate(tiny_vit, fmnist):
+    calib = fmnist[0]
+    model = modelopt_w2a8(tiny_vit, calib)
+    given = amax_of(model)
+    config = GRADIENT_ONLY.replace(gradient_steps=3, gradient_checks=3, gradient_lr=5.0, gradient_grace=2)
+    record = cptv_plugin.refine(model, calib, config=config).gradient
+    # the check after step 1 overshoots inside the grace: the rate stays; the one after step 2 may cut it
+    assert record["history"][1]["loss"] > record["loss_before"]
+    assert [check["lr"] for check in record["history"]][:3] == [5.0, 5.0, 5.0] and record["grace"] == 2
+    assert record["backtracks"] == (1 if record["history"][2]["loss"] > record["loss_before"] else 0)
+    if not record["kept"]:
+        assert all(torch.equal(value, given[name]) for name, value in amax_of(model).items())
+
+
 def test_ctrl_c_in_the_gradient_stage_keeps_the_search_scales(tiny_vit, fmnist, monkeypatch):
     calib = fmnist[0]
     model = modelopt_w2a8(tiny_vit, calib)
@@ -187,6 +201,7 @@ def test_gradient_settings_are_validated_the_paper_preset_has_no_stage_and_fast_
                           ({"gradient_checks": 0}, "gradient_checks"), ({"gradient_warmup": 1.5}, "gradient_warmup"),
                           ({"gradient_warmup": -0.1}, "gradient_warmup"),
                           ({"gradient_backtrack": 0.5}, "gradient_backtrack"),
+                          ({"gradient_grace": -1}, "gradient_grace"),
                           ({"gradient_batch_size": 50}, "gradient_batch_size")]:
         with pytest.raises(ValueError, match=name):
             SearchConfig(**changes)

@@ -1,14 +1,16 @@
 """Gradient-stage variants from one search: per model, placement, bits and seed, the baseline, the paper preset and
 the default's search (``gradient_steps=0``; ``--search fast``: fast's) run once; each variant's stage then starts
-from a copy of the searched model (``SearchConfig(passes=0)``: no search, no starts, the stage only). Every run alone in this process, so the
-seconds are comparable: ``seconds`` is wall time of the ``refine`` calls (a variant's: the search's plus its own),
-``result_seconds`` what ``RefineResult.seconds`` says (the accuracy benchmark's seconds; in
-``stage_variants_h200.json``, recorded before it counted the whole refinement, the lossless check, the search and
-the stage only), ``stage_seconds`` the stage's own. Seconds per point gained = seconds / (top-1 − baseline).
+from a copy of the searched model (``SearchConfig(passes=0)``: no search, no starts, the stage only). Every run
+alone in this process, so the seconds are comparable: ``seconds`` is wall time of the ``refine`` calls (a
+variant's: the search's plus its own), ``result_seconds`` what ``RefineResult.seconds`` says (the accuracy
+benchmark's seconds; in ``stage_variants_h200.json``, recorded before it counted the whole refinement, the lossless
+check, the search and the stage only), ``stage_seconds`` the stage's own. Seconds per point gained = seconds /
+(top-1 − baseline).
 
 Variants are names of dash-joined settings: ``s600`` (``gradient_steps``), ``gb200`` (``gradient_batch_size``),
 ``lr0.005`` (``gradient_lr``), ``wu0.1`` (``gradient_warmup``), ``c5`` (``gradient_checks``), ``bt3``
-(``gradient_backtrack``), ``g100`` (``gradient_grace``); ``s1000`` is the default's stage. ``only-s1000``: the stage from the baseline with the default's starts and no search.
+(``gradient_backtrack``), ``g100`` (``gradient_grace``); ``s1000`` is the default's stage. ``only-s1000``: the
+stage from the baseline with the default's starts and no search.
 
     python -m benchmarks.stage_variants --models fmnist_swin_tiny --placements e2e --bits W2A8 --seeds 0 1 2 \\
         --variants s1000 s600 gb200-s500 --out benchmarks/results/experiments/stage_variants_h200.json

@@ -55,10 +55,10 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     ``checks`` times during the run (and at its end) the mean fitness over all batches is measured; the scales
     with the lowest so far are the result, set only if lower than at the start (else they stay as given and a
     warning says so). A check above the start's fitness puts the best scales so far back and divides the rate by
-    ``backtrack`` for the rest of the run (the rate overshoots); checks before step ``grace`` do not. Ctrl-C leaves the scales as given and
-    re-raises. Returns ``{"steps", "lr", "fitness", "loss_before", "loss_after", "history", "kept", "backtracks",
-    "compiled", "cuda_graph", "scales", "fixed", "seconds", "timing"}`` (``loss_after``: the best check's;
-    ``backtracks``: how many times the rate was cut; ``history``:
+    ``backtrack`` for the rest of the run (the rate overshoots); checks before step ``grace`` do not. Ctrl-C leaves
+    the scales as given and re-raises. Returns ``{"steps", "lr", "fitness", "loss_before", "loss_after",
+    "history", "kept", "backtracks", "compiled", "cuda_graph", "scales", "fixed", "seconds", "timing"}``
+    (``loss_after``: the best check's; ``backtracks``: how many times the rate was cut; ``history``:
     ``{"step", "loss", "lr"}`` per check, lr the undecayed rate then; ``cuda_graph``: whether the steps were
     replayed as CUDA graphs; ``scales``: how many quantizers moved; ``fixed``: how many could not, having no
     quantizer module; ``timing``: seconds until the first check ended (capturing or compiling included), in the

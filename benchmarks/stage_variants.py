@@ -72,7 +72,7 @@ def refine(quantized, calib, placement: str, bits: str, config, fp_model) -> tup
     return result, seconds
 
 
-def run_seed(args, model_name: str, model, placement: str, bits: str, seed: int, device) -> list[dict]:
+def run_seed(args, model_name: str, model, placement: str, bits: str, seed: int, device) -> None:
     from cptv_plugin.train import predict_logits
 
     calib, test_x, test_y = data_for(args, model_name, model, seed, device)
@@ -81,7 +81,7 @@ def run_seed(args, model_name: str, model, placement: str, bits: str, seed: int,
     common = {"model": model_name, "placement": placement, "bits": bits, "seed": seed,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__.split("+")[0]}
-    records, out = [], Path(args.out)
+    out = Path(args.out)
 
     def record(method: str, quantized, seconds: float, result=None, **extra) -> None:
         entry = {**common, "method": method, "seconds": round(seconds, 2),
@@ -90,7 +90,6 @@ def run_seed(args, model_name: str, model, placement: str, bits: str, seed: int,
             entry["evaluations"], entry["result_seconds"] = result.evaluations, round(result.seconds, 2)
             if result.gradient is not None:
                 entry["gradient"] = result.gradient
-        records.append(entry)
         save_records(out, load_records(out) + [entry])  # each run as it ends: a timed-out call keeps the rest
         print(json.dumps({k: v for k, v in entry.items() if k not in ("gradient",)}), flush=True)
 
@@ -118,7 +117,6 @@ def run_seed(args, model_name: str, model, placement: str, bits: str, seed: int,
         stage = (result.gradient or {}).get("seconds", 0.0)
         total = seconds if from_baseline else search_seconds + seconds
         record(name, quantized, total, result, stage_seconds=stage, refine_seconds=round(seconds, 2))
-    return records
 
 
 def main(argv: list[str] | None = None) -> None:

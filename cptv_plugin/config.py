@@ -132,11 +132,22 @@ class SearchConfig:
         gradient_backtrack: when a check finds the stage's fitness above the search's (the rate overshot), the
             best scales so far are put back and the rate is divided by this for the rest of the stage. Default 10;
             3 keeps a stage cut twice at 1.1e-3 instead of 1e-4 (where it stalls), but measured on the Swin-like
-            e2e W2A8 row (12 paired seeds) it gained +0.14, inside the noise (benchmarks/FINDINGS.md, section 38).
+            e2e W2A8 row (12 paired seeds, with the weights clipped before the stage: section 39) it gained +0.14,
+            inside the noise (benchmarks/FINDINGS.md, section 38).
         gradient_grace: checks before this many steps never cut the rate (they still keep the best scales).
             Adam's first steps raise the fitness for a few dozen steps before it falls; a check there cuts the rate
             for good (checks every 20 steps measured −1.35 points at the Swin-like e2e W2A8 row, section 38). 0
-            (default): every check may cut; not measured yet on the GPU.
+            (default): every check may cut; 100 measured −0.02 with ``fast`` at the Swin-like e2e W2A8 row (12
+            paired seeds, its checks every 30 steps, the weights clipped before the stage; section 39).
+        gradient_clip_weights: before the stage, clip the weights that the commit clips (torch.ao FX weights
+            narrower than int8, ``refine_fx(clamp_weights=True)``) onto their grid at the searched scales. The
+            fake-quantized model does not change, but the stage then learns scales for the weights that will be
+            converted: a weight beyond the grid no longer pulls its scale outwards through the straight-through
+            gradient, nor comes back when the scale grows. Off by default: with ``fast`` at the Swin-like e2e W2A8
+            row it steadied the stage (12 seeds: 86.10 ± 4.16 without, the stage cut in 5 runs; 89.04 ± 0.33 with,
+            cut in none of 48 stages), but with ``default`` on 12 e2e rows it lost −0.5 to −0.8 at the DeiT- and
+            LeViT-like W2A8 rows, where the stage never overshot (benchmarks/FINDINGS.md, section 39). Frameworks
+            whose quantizers keep float weights (ModelOpt, pytorch-quantization, PT2E) have nothing to clip.
         gradient_batch_size: images per gradient step: whole calibration batches (``batch_size``) packed into one
             forward pass of up to this many images; the step lowers the mean of their fitness (each batch keeps
             its own negatives). ``None`` (default): one calibration batch per step.
@@ -207,6 +218,7 @@ class SearchConfig:
     gradient_warmup: float = 0.0
     gradient_backtrack: float = 10.0
     gradient_grace: int = 0
+    gradient_clip_weights: bool = False
     gradient_batch_size: int | None = None
     gradient_cuda_graph: bool = True
     lossless_kl: float = 1e-3

@@ -44,6 +44,9 @@ class RefinementSession(Protocol):
     def restore(self, state: dict) -> None: ...
     def begin(self) -> None: ...
     def commit(self) -> None: ...
+    def clip_weights(self, keep: bool = False) -> tuple[int, Callable[[], None] | None]:
+        """Clip weights onto their grid at the current scales as ``commit`` will (how many moved; with ``keep``,
+        the undo)."""
     def compilable(self) -> contextlib.AbstractContextManager[str | None]:
         """While it lasts, the model can be compiled usefully; yields why not (``None``: it can)."""
 
@@ -261,6 +264,11 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
     ``on_interrupt="restore"``, the given ones) and marks the result interrupted."""
     handles = [h for g in session.groups for h in g.handles]
     forward = functools.partial(session.chain.forward, eager=True)
+    # gradient_clip_weights: the weights the commit clips, clipped at the searched scales, so that the stage learns
+    # scales for what will be converted (benchmarks/FINDINGS.md, section 39)
+    clipped, unclip = 0, None
+    if config.gradient_clip_weights:
+        clipped, unclip = session.clip_weights(keep=config.on_interrupt == "restore")
     try:
         with contextlib.ExitStack() as switches:
             if config.gradient_cuda_graph and batches[0].is_cuda and not compile:
@@ -281,10 +289,13 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
         if config.on_interrupt == "restore":
             logger.warning("gradient stage interrupted: restoring the initial scales (on_interrupt='restore')")
             set_groups(session.groups, initial_vectors)
+            if unclip is not None:
+                unclip()
             result.final_fitness = result.initial_fitness
         else:
             logger.warning("gradient stage interrupted: keeping the search's scales")
         return
+    result.gradient["clipped_weights"] = clipped
     if shard.active:
         result.gradient = shard.from_leader(lambda: result.gradient)
         _agree(session, shard)
@@ -394,7 +405,7 @@ def _starts(session: RefinementSession, batches: list[torch.Tensor], names: tupl
 CHECKPOINT_INDEPENDENT = frozenset({
     "progress", "checkpoint_path", "device", "compile", "name", "on_interrupt", "agreement_guard", "lossless_kl",
     "gradient_cuda_graph", "gradient_warmup", "gradient_backtrack", "gradient_grace",
-    "gradient_batch_size", "distributed"})
+    "gradient_clip_weights", "gradient_batch_size", "distributed"})
 # settings the ranks of one distributed refinement may hold differently (every other one steers collectives)
 RANK_SPECIFIC = frozenset({"device", "progress"})
 

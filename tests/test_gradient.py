@@ -76,6 +76,64 @@ def test_gradient_stage_moves_fx_scales_and_convert_fx_carries_them(tiny_vit, fm
     assert mean_kl(convert_fx(refined), tiny_vit, calib) < mean_kl(convert_fx(plain), tiny_vit, calib)
 
 
+def weights_beyond_their_grid(handles) -> int:
+    """How many of ``handles``' weights (FX, narrower than int8) lie outside the grid of the current scales."""
+    from cptv_plugin.fx.handles import clamp_weight_to_grid
+
+    return sum(clamp_weight_to_grid(h.weight.detach().clone(), h.read(), h.zero_points(), h.quant_min, h.quant_max,
+                                    h.axis) for h in handles if h.clamps_weight)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_the_stage_learns_scales_for_the_weights_the_commit_will_clip(tiny_vit, fmnist, monkeypatch, clip):
+    """gradient_clip_weights: FX weights narrower than int8 are clipped onto their grid at the searched scales
+    before the stage starts (as the commit clips them at the final ones), so that the straight-through gradient sees
+    the weights convert_fx holds; off by default."""
+    import cptv_plugin.refinement as refinement
+
+    calib = fmnist[0]
+    beyond = []
+
+    def counting(handles, *args, **kwargs):
+        beyond.append(weights_beyond_their_grid(handles))
+        return gradient_refine(handles, *args, **kwargs)
+
+    gradient_refine = refinement.gradient_refine
+    monkeypatch.setattr(refinement, "gradient_refine", counting)
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W3A8")  # MinMax: each channel's largest weight beyond it
+    assert weights_beyond_their_grid(FxSession(prepared).all_handles) > 0
+    config = GRADIENT_ONLY.replace(gradient_steps=10, gradient_checks=2, gradient_clip_weights=clip)
+    record = cptv_plugin.refine_fx(prepared, calib, config=config).gradient
+    assert (beyond == [0]) == clip and (record["clipped_weights"] > 0) == clip
+    assert not SearchConfig().gradient_clip_weights
+    assert weights_beyond_their_grid(FxSession(prepared, clamp_weights=True).all_handles) == 0  # the commit's
+
+
+def test_ctrl_c_in_the_stage_with_restore_gives_back_the_weights_clipped_at_the_given_scales(tiny_vit, fmnist,
+                                                                                               monkeypatch):
+    """on_interrupt="restore": the given scales, and the weights as the commit of those scales clips them, not as
+    the stage's start clipped them at the searched scales."""
+    calib = fmnist[0]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W3A8")
+    unrefined = prepare_and_calibrate(tiny_vit, calib, "W3A8")
+    FxSession(unrefined).commit()  # the weights clipped at the given scales
+    calls = []
+
+    def interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupt)
+    config = GRADIENT_ONLY.replace(passes=1, population=4, cycles=2, samples=2, on_interrupt="restore",
+                                   gradient_clip_weights=True)
+    result = cptv_plugin.refine_fx(prepared, calib, config=config)
+    assert result.interrupted and result.history and calls == [1, 1, 1]  # a search ran, then the stage was stopped
+    expected = unrefined.state_dict()
+    weights = [name for name in expected if name.endswith(".weight")]
+    assert weights and all(torch.equal(prepared.state_dict()[name], expected[name]) for name in weights)
+
+
 @pytest.mark.parametrize("backtrack", [10.0, 2.0])
 def test_a_rate_that_overshoots_backtracks_and_a_stage_that_never_gains_leaves_the_search_scales(tiny_vit, fmnist,
                                                                                                  backtrack):

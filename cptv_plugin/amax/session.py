@@ -294,6 +294,10 @@ class AmaxSession:
         self._training = self.module.training
         self.module.eval()
 
+    def clip_weights(self, keep: bool = False) -> tuple[int, Callable[[], None] | None]:
+        """Nothing to clip: ``amax`` quantizers keep the float weights, which the export quantizes at ``amax``."""
+        return 0, (lambda: None) if keep else None
+
     def commit(self) -> None:
         for handle in self.all_handles:
             handle.commit()

@@ -183,9 +183,14 @@ class WeightObserverHandle(_QuantizerInfo, ScaleHandle):
                 eps=float(frozen.eps), averaging_constant=frozen.averaging_constant,
             ),
         )
-        if self.clamps_weight:
-            clamp_weight_to_grid(self.weight, self.quantizer.scale, self.quantizer.zero_point, self.quant_min,
-                                 self.quant_max, self.axis)
+        self.clip_weight()
+
+    def clip_weight(self) -> bool:
+        """Clip the weight onto the narrowed grid of the current scale (when :attr:`clamps_weight`); whether any
+        value moved."""
+        quantizer = self.quantizer
+        return self.clamps_weight and clamp_weight_to_grid(self.weight, quantizer.scale, quantizer.zero_point,
+                                                           self.quant_min, self.quant_max, self.axis)
 
 
 class FakeQuantizeHandle(_QuantizerInfo, ScaleHandle):
@@ -231,5 +236,11 @@ class FakeQuantizeHandle(_QuantizerInfo, ScaleHandle):
         fq.activation_post_process = self.refined_cls.like(fq.activation_post_process, fq.scale.detach().clone(),
                                                            fq.zero_point.detach().clone())
         fq.disable_observer()
-        if self.clamps_weight:
-            clamp_weight_to_grid(self.weight, fq.scale, fq.zero_point, self.quant_min, self.quant_max, self.axis)
+        self.clip_weight()
+
+    def clip_weight(self) -> bool:
+        """Clip a QAT module's weight onto the narrowed grid of the current scale (when :attr:`clamps_weight`);
+        whether any value moved."""
+        fq = self.fake_quant
+        return self.clamps_weight and clamp_weight_to_grid(self.weight, fq.scale, fq.zero_point, self.quant_min,
+                                                           self.quant_max, self.axis)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import operator
-from typing import Iterator, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 from torch import fx, nn
@@ -355,6 +355,21 @@ class FxSession:
         for fq in self.fake_quants:
             fq.disable_observer()
 
+    def clip_weights(self, keep: bool = False) -> tuple[int, Callable[[], None] | None]:
+        """Clip the low-bit weights onto their narrowed grid at the current scales now, as :meth:`commit` does at the
+        final ones (the fake-quantized model does not change). Returns how many weights moved and, with ``keep``,
+        what puts them back."""
+        clipping = [h for h in self.all_handles if getattr(h, "clamps_weight", False)]
+        originals = [h.weight.detach().clone() for h in clipping] if keep else None
+        moved = sum(h.clip_weight() for h in clipping)
+
+        def undo() -> None:
+            with torch.no_grad():
+                for handle, weight in zip(clipping, originals):
+                    handle.weight.copy_(weight)
+
+        return moved, undo if keep else None
+
     def commit(self) -> None:
         self._unswap()
         for handle in self.all_handles:
@@ -387,7 +402,8 @@ def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | No
             representation compute them, the second rounding of such products included).
         clamp_weights: for weight quantizers narrower than int8 (e.g. 4-bit), clip the weights onto the
             narrowed grid after the search, so that ``convert_fx`` (which quantizes with the full int8 range)
-            holds exactly the low-bit integers that were optimized. The fake-quantized model does not change.
+            holds exactly the low-bit integers that were optimized (with ``SearchConfig.gradient_clip_weights``,
+            also at the searched scales before the gradient stage). The fake-quantized model does not change.
 
     Returns:
         A :class:`RefineResult`.

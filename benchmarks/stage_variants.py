@@ -9,8 +9,13 @@ check, the search and the stage only), ``stage_seconds`` the stage's own. Second
 
 Variants are names of dash-joined settings: ``s600`` (``gradient_steps``), ``gb200`` (``gradient_batch_size``),
 ``lr0.005`` (``gradient_lr``), ``wu0.1`` (``gradient_warmup``), ``c5`` (``gradient_checks``), ``bt3``
-(``gradient_backtrack``), ``g100`` (``gradient_grace``); ``s1000`` is the default's stage. ``only-s1000``: the
-stage from the baseline with the default's starts and no search.
+(``gradient_backtrack``), ``g100`` (``gradient_grace``), ``cw1`` (``gradient_clip_weights``); ``s1000`` is the
+default's stage. ``only-s1000``: the stage from the baseline with the default's starts and no search.
+
+The search of an FX model is committed without clipping its low-bit weights (``clamp_weights=False``), so that a
+variant's stage sees the weights a single ``refine`` call's stage sees; before session 31 it clipped them at the
+searched scales, and every variant measured then ran as with ``gradient_clip_weights=True``
+(benchmarks/FINDINGS.md, section 39).
 
     python -m benchmarks.stage_variants --models fmnist_swin_tiny --placements e2e --bits W2A8 --seeds 0 1 2 \\
         --variants s1000 s600 gb200-s500 --out benchmarks/results/experiments/stage_variants_h200.json
@@ -31,7 +36,7 @@ from benchmarks.accuracy import (data_for, evaluation_model, fx_target, load_rec
 
 SETTINGS = {"s": ("gradient_steps", int), "gb": ("gradient_batch_size", int), "lr": ("gradient_lr", float),
             "wu": ("gradient_warmup", float), "c": ("gradient_checks", int), "bt": ("gradient_backtrack", float),
-            "g": ("gradient_grace", int)}
+            "g": ("gradient_grace", int), "cw": ("gradient_clip_weights", lambda value: bool(int(value)))}
 
 
 def variant_settings(name: str) -> tuple[bool, dict]:
@@ -57,13 +62,14 @@ def measure(quantized, placement: str, bits: str, test_x, test_y, fp32_logits) -
     return {k: v for k, v in outcome.items() if k != "correct"}
 
 
-def refine(quantized, calib, placement: str, bits: str, config, fp_model) -> tuple[dict, float]:
+def refine(quantized, calib, placement: str, bits: str, config, fp_model, clip: bool = True) -> tuple[dict, float]:
     """``cptv_plugin.refine`` against ``fp_model`` (a refined FX model's weights are clipped onto their grid: with
-    quantization off it is not the float model any more) and its wall time."""
+    quantization off it is not the float model any more) and its wall time; ``clip=False``: an FX model's commit
+    leaves the weights as they are."""
     import cptv_plugin
 
     target = fx_target(placement, bits)
-    options = {"target": target} if target is not None else {}
+    options = {"target": target, "clamp_weights": clip} if target is not None else {}
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.time()
@@ -104,8 +110,10 @@ def run_seed(args, model_name: str, model, placement: str, bits: str, seed: int,
         result, seconds = refine(paper, calib, placement, bits, search_config("paper", seed, device), model)
         record("paper", paper, seconds, result)
     searched = copy.deepcopy(baseline)
+    # committed unclipped: the variants' stages see the weights that the stage of one refine call sees
     result, search_seconds = refine(searched, calib, placement, bits,
-                                    search_config(args.search, seed, device).replace(gradient_steps=0), model)
+                                    search_config(args.search, seed, device).replace(gradient_steps=0), model,
+                                    clip=False)
     record("search", searched, search_seconds, result)
     for name in args.variants:
         from_baseline, overrides = variant_settings(name)

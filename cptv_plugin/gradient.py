@@ -46,7 +46,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     move every scale by about the full rate, whatever its gradient's size).
     ``compile``: run the forward and its backward as ``torch.compile`` graphs, the quantizers' replaced forwards
     included (small models spend most of an eager step launching kernels); it falls back to eager if dynamo fails
-    on the model.
+    on the model, or if the compiled model does not follow the learned scales (``compile_ignored_scales`` in the
+    record).
     ``cuda_graph`` (CUDA only): capture one eager step (forward, backward, Adam update) as a CUDA graph per batch
     shape and replay it: no kernel launches from the host and no compilation (a capture costs about two eager
     steps); the same arithmetic as the eager step. If the model cannot be captured (a host sync in its forward),
@@ -177,6 +178,11 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
             logger.info("gradient stage: compiling the model's forward and backward (on a machine without "
                         "inductor's cache for this model: minutes, e.g. ~280 s for a small Swin with every op "
                         "quantized on an H100; later runs reuse the cache)")
+            if not _follows_learned_scales(forward, batches[0], learned, log_factors):
+                logger.warning("gradient stage: the compiled model does not follow the learned scales (torch %s); "
+                               "the stage runs eagerly", torch.__version__)
+                forward, compile = forward.eager, False
+                record["compile_ignored_scales"] = True
         best_loss = record["loss_before"] = mean_loss()
         setup_seconds = time.time() - start_time  # capturing, or the first compiled call
         step_seconds = check_seconds = 0.0
@@ -246,6 +252,24 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                 "the start) in %.1f s", fitness, record["loss_before"], record["loss_after"], steps, len(movable),
                 backtracks, record["seconds"])
     return record
+
+
+def _follows_learned_scales(forward: Callable[[torch.Tensor], Any], images: torch.Tensor, learned: "_LearnedScales",
+                            log_factors: list[torch.Tensor]) -> bool:
+    """Whether ``forward``'s output on ``images`` changes when every learned scale grows by 10 % (``log_factors``
+    are 0 before and after). A compiled forward that kept the scales it was traced with would not: the stage's
+    compiled steps then moved nothing (torch 2.11 on CUDA; benchmarks/FINDINGS.md, section 39). Run with gradients
+    recorded, as the steps are: an inference graph would compile again."""
+    learned.update()
+    before = _as_output_tensor(forward(images)).detach().float().clone()
+    with torch.no_grad():
+        torch._foreach_add_(log_factors, 0.1)
+    learned.update()
+    after = _as_output_tensor(forward(images)).detach().float()
+    with torch.no_grad():
+        torch._foreach_zero_(log_factors)
+    learned.update()
+    return not torch.equal(before, after)
 
 
 class _LearnedScales:

@@ -76,6 +76,19 @@ def test_gradient_stage_moves_fx_scales_and_convert_fx_carries_them(tiny_vit, fm
     assert mean_kl(convert_fx(refined), tiny_vit, calib) < mean_kl(convert_fx(plain), tiny_vit, calib)
 
 
+def interrupt_at_third_adam_step(monkeypatch) -> list:
+    """Ctrl-C in the gradient stage's third step; returns the list of steps taken (one entry each)."""
+    calls = []
+
+    def interrupt(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch.optim.Adam, "step", interrupt)
+    return calls
+
+
 def weights_beyond_their_grid(handles) -> int:
     """How many of ``handles``' weights (FX, narrower than int8) lie outside the grid of the current scales."""
     from cptv_plugin.fx.handles import clamp_weight_to_grid
@@ -117,14 +130,7 @@ def test_ctrl_c_in_the_stage_with_restore_gives_back_the_weights_clipped_at_the_
     prepared = prepare_and_calibrate(tiny_vit, calib, "W3A8")
     unrefined = prepare_and_calibrate(tiny_vit, calib, "W3A8")
     FxSession(unrefined).commit()  # the weights clipped at the given scales
-    calls = []
-
-    def interrupt(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch.optim.Adam, "step", interrupt)
+    calls = interrupt_at_third_adam_step(monkeypatch)
     config = GRADIENT_ONLY.replace(passes=1, population=4, cycles=2, samples=2, on_interrupt="restore",
                                    gradient_clip_weights=True)
     result = cptv_plugin.refine_fx(prepared, calib, config=config)
@@ -169,16 +175,9 @@ def test_ctrl_c_in_the_gradient_stage_keeps_the_search_scales(tiny_vit, fmnist, 
     calib = fmnist[0]
     model = modelopt_w2a8(tiny_vit, calib)
     given = amax_of(model)
-    calls = []
-
-    def interrupt(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch.optim.Adam, "step", interrupt)
+    calls = interrupt_at_third_adam_step(monkeypatch)
     result = cptv_plugin.refine(model, calib, config=GRADIENT_ONLY)
-    assert result.interrupted and result.gradient["interrupted"]
+    assert result.interrupted and result.gradient["interrupted"] and calls == [1, 1, 1]
     assert all(torch.equal(value, given[name]) for name, value in amax_of(model).items())
 
 
@@ -276,6 +275,32 @@ def test_cuda_graph_setting_is_ignored_on_the_cpu(tiny_vit, fmnist):
                for graphed in (False, True)]
     assert not records[1]["cuda_graph"]
     assert records[1]["history"] == records[0]["history"] and records[1]["kept"]
+
+
+def test_a_compiled_model_that_ignores_the_learned_scales_runs_the_stage_eagerly(tiny_vit, fmnist, monkeypatch,
+                                                                                  caplog):
+    """A compiled forward that kept the scales it was traced with moved nothing in 20 steps (torch 2.11 on CUDA,
+    FINDINGS section 39): the stage finds out before its first step and runs eagerly, as without compile."""
+    calib = fmnist[0]
+    config = GRADIENT_ONLY.replace(gradient_steps=10, gradient_checks=2)
+    eager = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W3A8"), calib, config=config).gradient
+
+    def stale_compile(fn, **kwargs):  # the outputs of the first call per batch, whatever the scales are now
+        outputs = {}
+
+        def compiled(images):
+            if images.data_ptr() not in outputs:
+                outputs[images.data_ptr()] = fn(images).detach()
+            return outputs[images.data_ptr()]
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", stale_compile)
+    with caplog.at_level("WARNING", logger="cptv_plugin.gradient"):
+        record = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W3A8"), calib,
+                                       config=config.replace(compile=True)).gradient
+    assert any("does not follow the learned scales" in r.message for r in caplog.records)
+    assert record["compile_ignored_scales"] and not record["compiled"]
+    assert record["history"] == eager["history"] and record["kept"]
 
 
 def test_warmup_shrinks_the_first_steps(tiny_vit, fmnist):

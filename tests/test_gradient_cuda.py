@@ -125,6 +125,23 @@ def test_graphed_stage_packing_every_batch_into_one_step(tiny_vit, fmnist):
     assert (moved > LR / 10).float().mean() > 0.5
 
 
+def test_compiled_stage_on_cuda_moves_the_scales(tiny_vit, fmnist):
+    """``gradient_cuda_graph=False`` compiles the stage. On an H200 with torch 2.11 its compiled forward kept the
+    scales it was traced with and 20 steps moved nothing (KL 0.030299 at every check, FINDINGS section 39) until the
+    stage checked that the compiled model follows the learned scales: either it does, or the stage runs eagerly."""
+    import cptv_plugin
+    from cptv_plugin import SearchConfig
+
+    calib = fmnist[0].cuda()
+    config = SearchConfig(passes=0, population=1, cycles=0, samples=1, batch_size=50, progress=False,
+                          search_outside_blocks=False, seed_candidates=(), start_candidates=(), gradient_steps=20,
+                          gradient_checks=4, compile=True, gradient_cuda_graph=False)
+    prepared = prepare_and_calibrate(copy.deepcopy(tiny_vit).cuda(), calib, "W3A8")
+    record = cptv_plugin.refine_fx(prepared, calib, config=config).gradient
+    assert not record["cuda_graph"] and record["compiled"] != record.get("compile_ignored_scales", False)
+    assert record["kept"] and len({check["loss"] for check in record["history"]}) > 1, record["history"]
+
+
 def test_per_tensor_fake_quantize_with_mask_on_cuda_is_the_plain_arithmetic():
     """On CUDA the stage's per-tensor fake quant is torch's fused kernel: the values and the in-range mask of the
     plain ops (the CPU's path), bit for bit, with and without a zero point, also inside a captured CUDA graph."""

@@ -9,12 +9,13 @@ check, the search and the stage only), ``stage_seconds`` the stage's own. Second
 
 Variants are names of dash-joined settings: ``s600`` (``gradient_steps``), ``gb200`` (``gradient_batch_size``),
 ``lr0.005`` (``gradient_lr``), ``wu0.1`` (``gradient_warmup``), ``c5`` (``gradient_checks``), ``bt3``
-(``gradient_backtrack``), ``g100`` (``gradient_grace``), ``cw1`` (``gradient_clip_weights``); ``s1000`` is the
-default's stage. ``only-s1000``: the stage from the baseline with the default's starts and no search.
+(``gradient_backtrack``), ``g100`` (``gradient_grace``), ``clipbefore`` or ``clipon_overshoot``
+(``gradient_clip_weights``); ``s1000`` is the default's stage. ``only-s1000``: the stage from the baseline with the
+default's starts and no search.
 
 The search of an FX model is committed without clipping its low-bit weights (``clamp_weights=False``), so that a
 variant's stage sees the weights a single ``refine`` call's stage sees; before session 31 it clipped them at the
-searched scales, and every variant measured then ran as with ``gradient_clip_weights=True``
+searched scales, and every variant measured then ran as with ``gradient_clip_weights="before"``
 (benchmarks/FINDINGS.md, section 39).
 
     python -m benchmarks.stage_variants --models fmnist_swin_tiny --placements e2e --bits W2A8 --seeds 0 1 2 \\
@@ -36,7 +37,7 @@ from benchmarks.accuracy import (data_for, evaluation_model, fx_target, load_rec
 
 SETTINGS = {"s": ("gradient_steps", int), "gb": ("gradient_batch_size", int), "lr": ("gradient_lr", float),
             "wu": ("gradient_warmup", float), "c": ("gradient_checks", int), "bt": ("gradient_backtrack", float),
-            "g": ("gradient_grace", int), "cw": ("gradient_clip_weights", lambda value: bool(int(value)))}
+            "g": ("gradient_grace", int), "clip": ("gradient_clip_weights", str)}
 
 
 def variant_settings(name: str) -> tuple[bool, dict]:

@@ -139,15 +139,18 @@ class SearchConfig:
             for good (checks every 20 steps measured −1.35 points at the Swin-like e2e W2A8 row, section 38). 0
             (default): every check may cut; 100 measured −0.02 with ``fast`` at the Swin-like e2e W2A8 row (12
             paired seeds, its checks every 30 steps, the weights clipped before the stage; section 39).
-        gradient_clip_weights: before the stage, clip the weights that the commit clips (torch.ao FX weights
-            narrower than int8, ``refine_fx(clamp_weights=True)``) onto their grid at the searched scales. The
-            fake-quantized model does not change, but the stage then learns scales for the weights that will be
-            converted: a weight beyond the grid no longer pulls its scale outwards through the straight-through
-            gradient, nor comes back when the scale grows. Off by default: with ``fast`` at the Swin-like e2e W2A8
-            row it steadied the stage (12 seeds: 86.10 ± 4.16 without, the stage cut in 5 runs; 89.04 ± 0.33 with,
-            cut in none of 48 stages), but with ``default`` on 12 e2e rows it lost −0.5 to −0.8 at the DeiT- and
-            LeViT-like W2A8 rows, where the stage never overshot (benchmarks/FINDINGS.md, section 39). Frameworks
-            whose quantizers keep float weights (ModelOpt, pytorch-quantization, PT2E) have nothing to clip.
+        gradient_clip_weights: when to clip the weights that the commit clips (torch.ao FX weights narrower than
+            int8, ``refine_fx(clamp_weights=True)``) onto their grid during the stage. The fake-quantized model does
+            not change, but the stage then learns scales for the weights that will be converted: a weight beyond
+            the grid no longer pulls its scale outwards through the straight-through gradient, nor comes back when
+            the scale grows. ``"never"`` (default): only the commit clips. ``"before"``: at the searched scales,
+            before the first step; with ``fast`` at the Swin-like e2e W2A8 row it steadied the stage (12 seeds:
+            86.10 ± 4.16 without, the stage cut in 5 runs; 89.04 ± 0.33 with, cut in none of 48 stages), but it
+            lost where the stage never overshoots: the default −0.54 / −0.83 at the DeiT- / LeViT-like W2A8 rows,
+            ``fast`` −1.2 / −2.4 on the CI ViT (benchmarks/FINDINGS.md, section 39). ``"on_overshoot"``: at the
+            first check above the search's fitness, at the best scales so far, instead of cutting the rate (not
+            measured yet on the reference models). Frameworks whose quantizers keep float weights (ModelOpt,
+            pytorch-quantization, PT2E) have nothing to clip.
         gradient_batch_size: images per gradient step: whole calibration batches (``batch_size``) packed into one
             forward pass of up to this many images; the step lowers the mean of their fitness (each batch keeps
             its own negatives). ``None`` (default): one calibration batch per step.
@@ -218,7 +221,7 @@ class SearchConfig:
     gradient_warmup: float = 0.0
     gradient_backtrack: float = 10.0
     gradient_grace: int = 0
-    gradient_clip_weights: bool = False
+    gradient_clip_weights: Literal["never", "before", "on_overshoot"] = "never"
     gradient_batch_size: int | None = None
     gradient_cuda_graph: bool = True
     lossless_kl: float = 1e-3
@@ -297,6 +300,9 @@ class SearchConfig:
                             f"overshoot (got {self.gradient_backtrack})")
         if self.gradient_grace < 0:
             problems.append(f"gradient_grace must be a number of steps >= 0 (got {self.gradient_grace})")
+        if self.gradient_clip_weights not in ("never", "before", "on_overshoot"):
+            problems.append(f"gradient_clip_weights must be 'never', 'before' or 'on_overshoot' (got "
+                            f"{self.gradient_clip_weights!r})")
         if self.gradient_checks < 1:
             problems.append(f"gradient_checks must be >= 1 (got {self.gradient_checks})")
         from .fitness import list_fitness

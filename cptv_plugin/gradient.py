@@ -36,7 +36,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                     temperature: float = 0.1, normalize: bool = True, seed: int = 0,
                     checks: int = 10, progress: bool = False, compile: bool = False,
                     cuda_graph: bool = False, warmup: float = 0.0, backtrack: float = 10.0, grace: int = 0,
-                    step_images: int | None = None) -> dict:
+                    step_images: int | None = None, clip_weights: Callable[[], int] | None = None) -> dict:
     """Move the scales of ``handles`` by ``steps`` Adam steps (cosine-decayed ``lr`` on ``log(scale)``) on
     ``fitness`` between ``forward(batch)`` and ``reference`` (one calibration batch per step, in a seeded order).
     ``step_images``: consecutive calibration batches packed into steps of up to this many images (one forward
@@ -56,7 +56,10 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     ``checks`` times during the run (and at its end) the mean fitness over all batches is measured; the scales
     with the lowest so far are the result, set only if lower than at the start (else they stay as given and a
     warning says so). A check above the start's fitness puts the best scales so far back and divides the rate by
-    ``backtrack`` for the rest of the run (the rate overshoots); checks before step ``grace`` do not. Ctrl-C leaves
+    ``backtrack`` for the rest of the run (the rate overshoots); checks before step ``grace`` do not. With
+    ``clip_weights`` (clips the weights the commit will clip, at the handles' current scales; returns how many
+    moved), the first such check calls it at the best scales so far instead of cutting the rate: a weight beyond
+    its grid pulls its scale outwards (``clipped_weights`` and ``clipped_at`` in the record). Ctrl-C leaves
     the scales as given and re-raises. Returns ``{"steps", "lr", "fitness", "loss_before", "loss_after",
     "history", "kept", "backtracks", "compiled", "cuda_graph", "scales", "fixed", "seconds", "timing"}``
     (``loss_after``: the best check's; ``backtracks``: how many times the rate was cut; ``history``:
@@ -227,8 +230,12 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                     with torch.no_grad():
                         for log_factor, kept in zip(log_factors, best):
                             log_factor.copy_(kept)
-                    rate /= backtrack
-                    backtracks += 1
+                    if clip_weights is not None and "clipped_at" not in record:
+                        record["clipped_weights"] = _clip_at(movable, given, best, clip_weights)
+                        record["clipped_at"] = step + 1
+                    else:
+                        rate /= backtrack
+                        backtracks += 1
                     reset_moments()
         finally:
             if bar is not None:
@@ -252,6 +259,20 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                 "the start) in %.1f s", fitness, record["loss_before"], record["loss_after"], steps, len(movable),
                 backtracks, record["seconds"])
     return record
+
+
+def _clip_at(movable: list[ScaleHandle], given: list[torch.Tensor], factors: list[torch.Tensor],
+             clip_weights: Callable[[], int]) -> int:
+    """``clip_weights()`` with the handles at the scales ``given · exp(factors)``; the handles keep their own
+    scales afterwards (the stage sets them at its end)."""
+    saved = [h.read() for h in movable]
+    for handle, base, factor in zip(movable, given, factors):
+        handle.set((base * factor.exp()).reshape(base.shape))
+    try:
+        return clip_weights()
+    finally:
+        for handle, value in zip(movable, saved):
+            handle.set(value)
 
 
 def _follows_learned_scales(forward: Callable[[torch.Tensor], Any], images: torch.Tensor, learned: "_LearnedScales",

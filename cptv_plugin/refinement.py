@@ -264,11 +264,17 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
     ``on_interrupt="restore"``, the given ones) and marks the result interrupted."""
     handles = [h for g in session.groups for h in g.handles]
     forward = functools.partial(session.chain.forward, eager=True)
-    # gradient_clip_weights: the weights the commit clips, clipped at the searched scales, so that the stage learns
-    # scales for what will be converted (benchmarks/FINDINGS.md, section 39)
-    clipped, unclip = 0, None
-    if config.gradient_clip_weights:
-        clipped, unclip = session.clip_weights(keep=config.on_interrupt == "restore")
+    # gradient_clip_weights: the weights the commit clips, clipped at the searched scales (or at the first
+    # overshoot), so that the stage learns scales for what will be converted (benchmarks/FINDINGS.md, section 39)
+    undo_clips: list[Callable[[], None]] = []
+
+    def clip_weights() -> int:
+        moved, undo = session.clip_weights(keep=config.on_interrupt == "restore")
+        if undo is not None:
+            undo_clips.append(undo)
+        return moved
+
+    clipped = clip_weights() if config.gradient_clip_weights == "before" else None
     try:
         with contextlib.ExitStack() as switches:
             if config.gradient_cuda_graph and batches[0].is_cuda and not compile:
@@ -282,20 +288,22 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
                 seed=config.seed, progress=config.progress and shard.leader, compile=compile,
                 cuda_graph=config.gradient_cuda_graph, warmup=config.gradient_warmup,
                 backtrack=config.gradient_backtrack, grace=config.gradient_grace,
-                step_images=config.gradient_batch_size)
+                step_images=config.gradient_batch_size,
+                clip_weights=clip_weights if config.gradient_clip_weights == "on_overshoot" else None)
     except KeyboardInterrupt:
         result.interrupted = True
         result.gradient = {"steps": config.gradient_steps, "interrupted": True}
         if config.on_interrupt == "restore":
             logger.warning("gradient stage interrupted: restoring the initial scales (on_interrupt='restore')")
             set_groups(session.groups, initial_vectors)
-            if unclip is not None:
-                unclip()
+            for undo in reversed(undo_clips):
+                undo()
             result.final_fitness = result.initial_fitness
         else:
             logger.warning("gradient stage interrupted: keeping the search's scales")
         return
-    result.gradient["clipped_weights"] = clipped
+    if clipped is not None:
+        result.gradient["clipped_weights"] = clipped
     if shard.active:
         result.gradient = shard.from_leader(lambda: result.gradient)
         _agree(session, shard)

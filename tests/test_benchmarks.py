@@ -229,7 +229,8 @@ def test_stage_variant_names_parse_into_settings_and_a_typo_is_refused():
                                                              "gradient_checks": 5})
     assert variant_settings("c50-bt3-g100") == (False, {"gradient_checks": 50, "gradient_backtrack": 3.0,
                                                          "gradient_grace": 100})
-    assert variant_settings("s300-cw1") == (False, {"gradient_steps": 300, "gradient_clip_weights": True})
+    assert variant_settings("s300-clipon_overshoot") == (False, {"gradient_steps": 300,
+                                                                 "gradient_clip_weights": "on_overshoot"})
     with pytest.raises(ValueError, match="unknown setting 'x3'"):
         variant_settings("s600-x3")
 

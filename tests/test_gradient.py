@@ -97,7 +97,7 @@ def weights_beyond_their_grid(handles) -> int:
                                     h.axis) for h in handles if h.clamps_weight)
 
 
-@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("clip", ["before", "never"])
 def test_the_stage_learns_scales_for_the_weights_the_commit_will_clip(tiny_vit, fmnist, monkeypatch, clip):
     """gradient_clip_weights: FX weights narrower than int8 are clipped onto their grid at the searched scales
     before the stage starts (as the commit clips them at the final ones), so that the straight-through gradient sees
@@ -117,9 +117,27 @@ def test_the_stage_learns_scales_for_the_weights_the_commit_will_clip(tiny_vit, 
     assert weights_beyond_their_grid(FxSession(prepared).all_handles) > 0
     config = GRADIENT_ONLY.replace(gradient_steps=10, gradient_checks=2, gradient_clip_weights=clip)
     record = cptv_plugin.refine_fx(prepared, calib, config=config).gradient
-    assert (beyond == [0]) == clip and (record["clipped_weights"] > 0) == clip
-    assert not SearchConfig().gradient_clip_weights
+    assert (beyond == [0]) == (clip == "before") and (record.get("clipped_weights", 0) > 0) == (clip == "before")
+    assert SearchConfig().gradient_clip_weights == "never"
     assert weights_beyond_their_grid(FxSession(prepared, clamp_weights=True).all_handles) == 0  # the commit's
+
+
+def test_the_first_overshoot_clips_the_weights_instead_of_cutting_the_rate(tiny_vit, fmnist):
+    """gradient_clip_weights="on_overshoot": the first check above the start clips the weights at the best scales
+    so far (here the given ones) and keeps the rate; a later overshoot cuts it as usual."""
+    calib = fmnist[0]
+    prepared = prepare_and_calibrate(tiny_vit, calib, "W3A8")
+    config = GRADIENT_ONLY.replace(gradient_steps=3, gradient_checks=3, gradient_lr=5.0,
+                                   gradient_clip_weights="on_overshoot")
+    record = cptv_plugin.refine_fx(prepared, calib, config=config).gradient
+    history = record["history"]
+    assert history[1]["loss"] > record["loss_before"]  # a rate of 5 on log-scales overshoots at once
+    assert record["clipped_at"] == 1 and record["clipped_weights"] > 0 and history[2]["lr"] == 5.0
+    cut = history[2]["loss"] > record["loss_before"]
+    assert record["backtracks"] == int(cut) and history[3]["lr"] == (0.5 if cut else 5.0)
+    if not record["kept"]:  # the handles were moved to clip and put back: the given scales are committed
+        given = FxSession(prepare_and_calibrate(tiny_vit, calib, "W3A8")).all_handles
+        assert all(torch.equal(h.read(), g.read()) for h, g in zip(FxSession(prepared).all_handles, given))
 
 
 def test_ctrl_c_in_the_stage_with_restore_gives_back_the_weights_clipped_at_the_given_scales(tiny_vit, fmnist,
@@ -132,7 +150,7 @@ def test_ctrl_c_in_the_stage_with_restore_gives_back_the_weights_clipped_at_the_
     FxSession(unrefined).commit()  # the weights clipped at the given scales
     calls = interrupt_at_third_adam_step(monkeypatch)
     config = GRADIENT_ONLY.replace(passes=1, population=4, cycles=2, samples=2, on_interrupt="restore",
-                                   gradient_clip_weights=True)
+                                   gradient_clip_weights="before")
     result = cptv_plugin.refine_fx(prepared, calib, config=config)
     assert result.interrupted and result.history and calls == [1, 1, 1]  # a search ran, then the stage was stopped
     expected = unrefined.state_dict()
@@ -259,6 +277,7 @@ def test_gradient_settings_are_validated_the_paper_preset_has_no_stage_and_fast_
                           ({"gradient_warmup": -0.1}, "gradient_warmup"),
                           ({"gradient_backtrack": 0.5}, "gradient_backtrack"),
                           ({"gradient_grace": -1}, "gradient_grace"),
+                          ({"gradient_clip_weights": True}, "gradient_clip_weights"),
                           ({"gradient_batch_size": 50}, "gradient_batch_size")]:
         with pytest.raises(ValueError, match=name):
             SearchConfig(**changes)

@@ -269,7 +269,10 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
     undo_clips: list[Callable[[], None]] = []
 
     def clip_weights() -> int:
-        moved, undo = session.clip_weights(keep=config.on_interrupt == "restore")
+        # the originals kept wherever Ctrl-C may leave scales other than those the weights were clipped at: the
+        # given ones, or the search's after a clip at the stage's best scales
+        moved, undo = session.clip_weights(keep=config.on_interrupt == "restore"
+                                           or config.gradient_clip_weights == "on_overshoot")
         if undo is not None:
             undo_clips.append(undo)
         return moved
@@ -293,11 +296,11 @@ def _gradient_stage(session: RefinementSession, config: SearchConfig, batches: l
     except KeyboardInterrupt:
         result.interrupted = True
         result.gradient = {"steps": config.gradient_steps, "interrupted": True}
+        for undo in reversed(undo_clips):
+            undo()
         if config.on_interrupt == "restore":
             logger.warning("gradient stage interrupted: restoring the initial scales (on_interrupt='restore')")
             set_groups(session.groups, initial_vectors)
-            for undo in reversed(undo_clips):
-                undo()
             result.final_fitness = result.initial_fitness
         else:
             logger.warning("gradient stage interrupted: keeping the search's scales")

@@ -248,8 +248,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                   timing={"setup": round(setup_seconds, 3), "steps": round(step_seconds, 3),
                           "checks": round(check_seconds, 3)})
     if record["kept"]:
-        for handle, base, log_factor in zip(movable, given, best):
-            handle.set((base * log_factor.exp()).reshape(base.shape))
+        _set_scales(movable, given, best)
     else:
         logger.warning("gradient stage: %s never fell below %.5f (%s at the checks); keeping the search's scales "
                        "(a smaller SearchConfig.gradient_lr may help; gradient_steps=0 skips the stage)", fitness,
@@ -261,13 +260,18 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     return record
 
 
+def _set_scales(movable: list[ScaleHandle], given: list[torch.Tensor], factors: list[torch.Tensor]) -> None:
+    """Set each handle to its learned scale ``given · exp(factor)``."""
+    for handle, base, factor in zip(movable, given, factors):
+        handle.set((base * factor.exp()).reshape(base.shape))
+
+
 def _clip_at(movable: list[ScaleHandle], given: list[torch.Tensor], factors: list[torch.Tensor],
              clip_weights: Callable[[], int]) -> int:
     """``clip_weights()`` with the handles at the scales ``given · exp(factors)``; the handles keep their own
     scales afterwards (the stage sets them at its end)."""
     saved = [h.read() for h in movable]
-    for handle, base, factor in zip(movable, given, factors):
-        handle.set((base * factor.exp()).reshape(base.shape))
+    _set_scales(movable, given, factors)
     try:
         return clip_weights()
     finally:

@@ -46,7 +46,7 @@ class RefinementSession(Protocol):
     def commit(self) -> None: ...
     def clip_weights(self, keep: bool = False) -> tuple[int, Callable[[], None] | None]:
         """Clip weights onto their grid at the current scales as ``commit`` will (how many moved; with ``keep``,
-        the undo)."""
+        the undo, ``None`` where nothing can move)."""
     def compilable(self) -> contextlib.AbstractContextManager[str | None]:
         """While it lasts, the model can be compiled usefully; yields why not (``None``: it can)."""
 

@@ -295,8 +295,9 @@ class AmaxSession:
         self.module.eval()
 
     def clip_weights(self, keep: bool = False) -> tuple[int, Callable[[], None] | None]:
-        """Nothing to clip: ``amax`` quantizers keep the float weights, which the export quantizes at ``amax``."""
-        return 0, (lambda: None) if keep else None
+        """Nothing to clip, nor to undo: ``amax`` quantizers keep the float weights, which the export quantizes at
+        ``amax``."""
+        return 0, None
 
     def commit(self) -> None:
         for handle in self.all_handles:

@@ -80,6 +80,7 @@ class _QuantizerInfo:
     dtype: torch.dtype
     quant_min: int
     quant_max: int
+    axis: int | None
 
     @property
     def narrowed(self) -> bool:
@@ -90,6 +91,12 @@ class _QuantizerInfo:
     def clamps_weight(self) -> bool:
         """Whether :meth:`commit` clips the module's weight onto the narrowed grid (in place)."""
         return getattr(self, "weight", None) is not None and getattr(self, "clamp_weights", False) and self.narrowed
+
+    def clip_weight(self) -> bool:
+        """Clip the weight onto the narrowed grid of the current scale (when :attr:`clamps_weight`); whether any
+        value moved."""
+        return self.clamps_weight and clamp_weight_to_grid(self.weight, self.read(), self.zero_points(),
+                                                           self.quant_min, self.quant_max, self.axis)
 
 
 class ObserverHandle(_QuantizerInfo, ScaleHandle):
@@ -185,13 +192,6 @@ class WeightObserverHandle(_QuantizerInfo, ScaleHandle):
         )
         self.clip_weight()
 
-    def clip_weight(self) -> bool:
-        """Clip the weight onto the narrowed grid of the current scale (when :attr:`clamps_weight`); whether any
-        value moved."""
-        quantizer = self.quantizer
-        return self.clamps_weight and clamp_weight_to_grid(self.weight, quantizer.scale, quantizer.zero_point,
-                                                           self.quant_min, self.quant_max, self.axis)
-
 
 class FakeQuantizeHandle(_QuantizerInfo, ScaleHandle):
     """A torch.ao FakeQuantize (``prepare_qat_fx``), for an activation or a QAT module's weight. The search
@@ -237,10 +237,3 @@ class FakeQuantizeHandle(_QuantizerInfo, ScaleHandle):
                                                            fq.zero_point.detach().clone())
         fq.disable_observer()
         self.clip_weight()
-
-    def clip_weight(self) -> bool:
-        """Clip a QAT module's weight onto the narrowed grid of the current scale (when :attr:`clamps_weight`);
-        whether any value moved."""
-        fq = self.fake_quant
-        return self.clamps_weight and clamp_weight_to_grid(self.weight, fq.scale, fq.zero_point, self.quant_min,
-                                                           self.quant_max, self.axis)

@@ -46,8 +46,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     move every scale by about the full rate, whatever its gradient's size).
     ``compile``: run the forward and its backward as ``torch.compile`` graphs, the quantizers' replaced forwards
     included (small models spend most of an eager step launching kernels); it falls back to eager if dynamo fails
-    on the model, or if the compiled model does not follow the learned scales (``compile_ignored_scales`` in the
-    record).
+    on the model, or if the compiled model ignores the learned scales or passes them no gradient
+    (``compile_fallback`` in the record says which).
     ``cuda_graph`` (CUDA only): capture one eager step (forward, backward, Adam update) as a CUDA graph per batch
     shape and replay it: no kernel launches from the host and no compilation (a capture costs about two eager
     steps); the same arithmetic as the eager step. If the model cannot be captured (a host sync in its forward),
@@ -181,11 +181,12 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
             logger.info("gradient stage: compiling the model's forward and backward (on a machine without "
                         "inductor's cache for this model: minutes, e.g. ~280 s for a small Swin with every op "
                         "quantized on an H100; later runs reuse the cache)")
-            if not _follows_learned_scales(forward, batches[0], learned, log_factors):
-                logger.warning("gradient stage: the compiled model does not follow the learned scales (torch %s); "
-                               "the stage runs eagerly", torch.__version__)
+            fault = _compiled_stage_fault(forward, batches[0], learned, log_factors)
+            if fault is not None:
+                logger.warning("gradient stage: the compiled model %s (torch %s); the stage runs eagerly", fault,
+                               torch.__version__)
                 forward, compile = forward.eager, False
-                record["compile_ignored_scales"] = True
+                record["compile_fallback"] = fault
         best_loss = record["loss_before"] = mean_loss()
         setup_seconds = time.time() - start_time  # capturing, or the first compiled call
         step_seconds = check_seconds = 0.0
@@ -279,14 +280,20 @@ def _clip_at(movable: list[ScaleHandle], given: list[torch.Tensor], factors: lis
             handle.set(value)
 
 
-def _follows_learned_scales(forward: Callable[[torch.Tensor], Any], images: torch.Tensor, learned: "_LearnedScales",
-                            log_factors: list[torch.Tensor]) -> bool:
-    """Whether ``forward``'s output on ``images`` changes when every learned scale grows by 10 % (``log_factors``
-    are 0 before and after). A compiled forward that kept the scales it was traced with would not: the stage's
-    compiled steps then moved nothing (torch 2.11 on CUDA; benchmarks/FINDINGS.md, section 39). Run with gradients
-    recorded, as the steps are: an inference graph would compile again."""
+def _compiled_stage_fault(forward: Callable[[torch.Tensor], Any], images: torch.Tensor, learned: "_LearnedScales",
+                          log_factors: list[torch.Tensor]) -> str | None:
+    """Why the stage cannot train through ``forward`` (``None``: it can). Its output on ``images`` must change when
+    every learned scale grows by 10 % (``log_factors`` are 0 before and after), and a loss on it must pass a
+    gradient to the learned scales. On an H200 with torch 2.11 the compiled forward followed the scales but its
+    steps moved nothing: the KL equal to six digits at every check (benchmarks/FINDINGS.md, sections 39-40). Run
+    with gradients recorded, as the steps are: an inference graph would compile again."""
     learned.update()
-    before = _as_output_tensor(forward(images)).detach().float().clone()
+    output = _as_output_tensor(forward(images)).float()
+    try:
+        gradients = torch.autograd.grad(output.square().mean(), log_factors, allow_unused=True)
+    except RuntimeError:  # the output does not depend on anything that records a gradient
+        gradients = [None] * len(log_factors)
+    before = output.detach().clone()
     with torch.no_grad():
         torch._foreach_add_(log_factors, 0.1)
     learned.update()
@@ -294,7 +301,11 @@ def _follows_learned_scales(forward: Callable[[torch.Tensor], Any], images: torc
     with torch.no_grad():
         torch._foreach_zero_(log_factors)
     learned.update()
-    return not torch.equal(before, after)
+    if torch.equal(before, after):
+        return "ignores the learned scales"
+    if not any(g is not None and bool(g.ne(0).any()) for g in gradients):
+        return "passes no gradient to the learned scales"
+    return None
 
 
 class _LearnedScales:

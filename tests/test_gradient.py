@@ -317,8 +317,32 @@ def test_a_compiled_model_that_ignores_the_learned_scales_runs_the_stage_eagerly
     with caplog.at_level("WARNING", logger="cptv_plugin.gradient"):
         record = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W3A8"), calib,
                                        config=config.replace(compile=True)).gradient
-    assert any("does not follow the learned scales" in r.message for r in caplog.records)
-    assert record["compile_ignored_scales"] and not record["compiled"]
+    assert any("ignores the learned scales" in r.message for r in caplog.records)
+    assert record["compile_fallback"] == "ignores the learned scales" and not record["compiled"]
+    assert record["history"] == eager["history"] and record["kept"]
+
+
+def test_a_compiled_model_that_passes_no_gradient_to_the_scales_runs_the_stage_eagerly(tiny_vit, fmnist,
+                                                                                        monkeypatch, caplog):
+    """On an H200 with torch 2.11 the compiled forward followed the learned scales, yet its steps moved nothing
+    (FINDINGS section 40): a forward whose output changes with the scales but whose gradient to them is 0 makes
+    the stage run eagerly, as without compile."""
+    calib = fmnist[0]
+    config = GRADIENT_ONLY.replace(gradient_steps=10, gradient_checks=2)
+    eager = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W3A8"), calib, config=config).gradient
+
+    def gradient_free_compile(fn, **kwargs):  # the same outputs, a zero gradient to everything upstream
+        def compiled(images):
+            output = fn(images)
+            return output.detach() + 0 * output
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", gradient_free_compile)
+    with caplog.at_level("WARNING", logger="cptv_plugin.gradient"):
+        record = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W3A8"), calib,
+                                       config=config.replace(compile=True)).gradient
+    assert any("passes no gradient to the learned scales" in r.message for r in caplog.records)
+    assert record["compile_fallback"] == "passes no gradient to the learned scales" and not record["compiled"]
     assert record["history"] == eager["history"] and record["kept"]
 
 

@@ -126,9 +126,9 @@ def test_graphed_stage_packing_every_batch_into_one_step(tiny_vit, fmnist):
 
 
 def test_compiled_stage_on_cuda_moves_the_scales(tiny_vit, fmnist):
-    """``gradient_cuda_graph=False`` compiles the stage. On an H200 with torch 2.11 its compiled forward kept the
-    scales it was traced with and 20 steps moved nothing (KL 0.030299 at every check, FINDINGS section 39) until the
-    stage checked that the compiled model follows the learned scales: either it does, or the stage runs eagerly."""
+    """``gradient_cuda_graph=False`` compiles the stage. On an H200 with torch 2.11 its 20 steps moved nothing (KL
+    0.030299 at every check, FINDINGS sections 39-40) though its compiled forward follows the learned scales:
+    the stage now also checks that they get a gradient. Either the compiled stage trains, or it runs eagerly."""
     import cptv_plugin
     from cptv_plugin import SearchConfig
 
@@ -138,7 +138,7 @@ def test_compiled_stage_on_cuda_moves_the_scales(tiny_vit, fmnist):
                           gradient_checks=4, compile=True, gradient_cuda_graph=False)
     prepared = prepare_and_calibrate(copy.deepcopy(tiny_vit).cuda(), calib, "W3A8")
     record = cptv_plugin.refine_fx(prepared, calib, config=config).gradient
-    assert not record["cuda_graph"] and record["compiled"] != record.get("compile_ignored_scales", False)
+    assert not record["cuda_graph"] and record["compiled"] != ("compile_fallback" in record)
     assert record["kept"] and len({check["loss"] for check in record["history"]}) > 1, record["history"]
 
 

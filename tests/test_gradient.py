@@ -296,53 +296,44 @@ def test_cuda_graph_setting_is_ignored_on_the_cpu(tiny_vit, fmnist):
     assert records[1]["history"] == records[0]["history"] and records[1]["kept"]
 
 
-def test_a_compiled_model_that_ignores_the_learned_scales_runs_the_stage_eagerly(tiny_vit, fmnist, monkeypatch,
-                                                                                  caplog):
-    """A compiled forward that kept the scales it was traced with moved nothing in 20 steps (torch 2.11 on CUDA,
-    FINDINGS section 39): the stage finds out before its first step and runs eagerly, as without compile."""
+def _stale_compile(fn, **kwargs):
+    """The outputs of the first call per batch, whatever the scales are now."""
+    outputs = {}
+
+    def compiled(images):
+        if images.data_ptr() not in outputs:
+            outputs[images.data_ptr()] = fn(images).detach()
+        return outputs[images.data_ptr()]
+    return compiled
+
+
+def _gradient_free_compile(fn, **kwargs):
+    """The same outputs, a zero gradient to everything upstream."""
+    def compiled(images):
+        output = fn(images)
+        return output.detach() + 0 * output
+    return compiled
+
+
+@pytest.mark.parametrize("fake_compile, fault", [
+    (_stale_compile, "ignores the learned scales"),
+    (_gradient_free_compile, "passes no gradient to the learned scales"),
+])
+def test_a_compiled_model_that_does_not_train_the_scales_runs_the_stage_eagerly(tiny_vit, fmnist, monkeypatch,
+                                                                                caplog, fake_compile, fault):
+    """Compiled stages moved nothing on CUDA with torch 2.11: first a forward kept the scales it was traced with
+    (FINDINGS section 39), then, on an H200, one followed them yet passed them no gradient (section 40). The stage
+    finds either out before its first step and runs eagerly, as without compile."""
     calib = fmnist[0]
     config = GRADIENT_ONLY.replace(gradient_steps=10, gradient_checks=2)
     eager = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W3A8"), calib, config=config).gradient
 
-    def stale_compile(fn, **kwargs):  # the outputs of the first call per batch, whatever the scales are now
-        outputs = {}
-
-        def compiled(images):
-            if images.data_ptr() not in outputs:
-                outputs[images.data_ptr()] = fn(images).detach()
-            return outputs[images.data_ptr()]
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", stale_compile)
+    monkeypatch.setattr(torch, "compile", fake_compile)
     with caplog.at_level("WARNING", logger="cptv_plugin.gradient"):
         record = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W3A8"), calib,
                                        config=config.replace(compile=True)).gradient
-    assert any("ignores the learned scales" in r.message for r in caplog.records)
-    assert record["compile_fallback"] == "ignores the learned scales" and not record["compiled"]
-    assert record["history"] == eager["history"] and record["kept"]
-
-
-def test_a_compiled_model_that_passes_no_gradient_to_the_scales_runs_the_stage_eagerly(tiny_vit, fmnist,
-                                                                                        monkeypatch, caplog):
-    """On an H200 with torch 2.11 the compiled forward followed the learned scales, yet its steps moved nothing
-    (FINDINGS section 40): a forward whose output changes with the scales but whose gradient to them is 0 makes
-    the stage run eagerly, as without compile."""
-    calib = fmnist[0]
-    config = GRADIENT_ONLY.replace(gradient_steps=10, gradient_checks=2)
-    eager = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W3A8"), calib, config=config).gradient
-
-    def gradient_free_compile(fn, **kwargs):  # the same outputs, a zero gradient to everything upstream
-        def compiled(images):
-            output = fn(images)
-            return output.detach() + 0 * output
-        return compiled
-
-    monkeypatch.setattr(torch, "compile", gradient_free_compile)
-    with caplog.at_level("WARNING", logger="cptv_plugin.gradient"):
-        record = cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W3A8"), calib,
-                                       config=config.replace(compile=True)).gradient
-    assert any("passes no gradient to the learned scales" in r.message for r in caplog.records)
-    assert record["compile_fallback"] == "passes no gradient to the learned scales" and not record["compiled"]
+    assert any(fault in r.message for r in caplog.records)
+    assert record["compile_fallback"] == fault and not record["compiled"]
     assert record["history"] == eager["history"] and record["kept"]
 
 

@@ -58,8 +58,9 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     warning says so). A check above the start's fitness puts the best scales so far back and divides the rate by
     ``backtrack`` for the rest of the run (the rate overshoots); checks before step ``grace`` do not. With
     ``clip_weights`` (clips the weights the commit will clip, at the handles' current scales; returns how many
-    moved), the first such check calls it at the best scales so far instead of cutting the rate: a weight beyond
-    its grid pulls its scale outwards (``clipped_weights`` and ``clipped_at`` in the record). Ctrl-C leaves
+    moved), the first such check that clips some weight does so at the best scales so far instead of cutting the
+    rate: a weight beyond its grid pulls its scale outwards (``clipped_weights`` and ``clipped_at`` in the record);
+    where none moves (8-bit weights, or none beyond the grid yet) the rate is cut as without it. Ctrl-C leaves
     the scales as given and re-raises. Returns ``{"steps", "lr", "fitness", "loss_before", "loss_after",
     "history", "kept", "backtracks", "compiled", "cuda_graph", "scales", "fixed", "seconds", "timing"}``
     (``loss_after``: the best check's; ``backtracks``: how many times the rate was cut; ``history``:
@@ -231,9 +232,12 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                     with torch.no_grad():
                         for log_factor, kept in zip(log_factors, best):
                             log_factor.copy_(kept)
-                    if clip_weights is not None and "clipped_at" not in record:
-                        record["clipped_weights"] = _clip_at(movable, given, best, clip_weights)
-                        record["clipped_at"] = step + 1
+                    # gradient_clip_weights="on_overshoot": the first overshoot that clips some weight keeps the
+                    # rate (a model with no weight beyond its grid, e.g. at 8 bits, cuts it as without the clip)
+                    moved = (_clip_at(movable, given, best, clip_weights)
+                             if clip_weights is not None and "clipped_at" not in record else 0)
+                    if moved:
+                        record["clipped_weights"], record["clipped_at"] = moved, step + 1
                     else:
                         rate /= backtrack
                         backtracks += 1

@@ -140,6 +140,19 @@ def test_the_first_overshoot_clips_the_weights_instead_of_cutting_the_rate(tiny_
         assert all(torch.equal(h.read(), g.read()) for h, g in zip(FxSession(prepared).all_handles, given))
 
 
+def test_an_overshoot_with_no_weight_to_clip_cuts_the_rate_as_without_the_clip(tiny_vit, fmnist):
+    """At 8-bit weights the commit clips nothing (the grid is the dtype's), so "on_overshoot" has nothing to offer
+    in place of the cut: the stage runs as with "never" instead of retrying the overshooting rate."""
+    calib = fmnist[0]
+    config = GRADIENT_ONLY.replace(gradient_steps=3, gradient_checks=3, gradient_lr=5.0)
+    records = [cptv_plugin.refine_fx(prepare_and_calibrate(tiny_vit, calib, "W8A8"), calib,
+                                     config=config.replace(gradient_clip_weights=clip)).gradient
+               for clip in ("never", "on_overshoot")]
+    assert records[0]["history"][1]["loss"] > records[0]["loss_before"] and records[0]["backtracks"] >= 1
+    assert records[1]["history"] == records[0]["history"] and records[1]["backtracks"] == records[0]["backtracks"]
+    assert "clipped_at" not in records[1]
+
+
 def test_ctrl_c_in_the_stage_with_restore_gives_back_the_weights_clipped_at_the_given_scales(tiny_vit, fmnist,
                                                                                                monkeypatch):
     """on_interrupt="restore": the given scales, and the weights as the commit of those scales clips them, not as

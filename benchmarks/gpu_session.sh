@@ -4,22 +4,7 @@
 #   bash benchmarks/gpu_session.sh OUT_DIR SECONDS WORKERS [benchmarks.accuracy arguments...]
 set -u
 out=$1; seconds=$2; workers=$3; shift 3
-# Two sessions may run side by side in one device call (different matrices into different OUT_DIRs): the first
-# installs the wheels and starts MPS, a second finds both done (flock) and leaves the running daemon alone
-if ls .whl/*.whl >/dev/null 2>&1; then
-  stamp=/tmp/site/.installed-$(ls .whl | md5sum | cut -c1-12)  # other wheels on a warm machine: install again
-  install="[ -e $stamp ] || { python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
-    --upgrade --target /tmp/site .whl/*.whl && touch $stamp; }"
-  if command -v flock >/dev/null; then flock /tmp/site.lock sh -c "$install"; else sh -c "$install"; fi
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
-fi
-export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 CPTV_FASHION_MNIST_DIR=${CPTV_FASHION_MNIST_DIR:-$PWD/.fmnist}
-# (a process's name is cut to 15 characters: nvidia-cuda-mps is the control daemon or its server)
-if { pgrep -x nvidia-cuda-mps >/dev/null || nvidia-cuda-mps-control -d 2>/dev/null; } && python3 -c "import torch; torch.ones(1, device='cuda')"; then
-  echo "MPS on"
-else
-  echo quit | nvidia-cuda-mps-control 2>/dev/null; echo "MPS off"
-fi
+source "$(dirname "$0")/device_setup.sh"
 # ModelOpt builds its CUDA extension on first use: once, here, not in every worker at the same time
 python3 -c "from modelopt.torch.quantization.extensions import get_cuda_ext; print('modelopt ext', get_cuda_ext() is not None)" &
 # CPTV_FRESH=1: an empty record file (runs already in accuracy.json are run again, e.g. to record new fields)

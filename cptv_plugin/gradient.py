@@ -56,7 +56,8 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     ``checks`` times during the run (and at its end) the mean fitness over all batches is measured; the scales
     with the lowest so far are the result, set only if lower than at the start (else they stay as given and a
     warning says so). A check above the start's fitness puts the best scales so far back and divides the rate by
-    ``backtrack`` for the rest of the run (the rate overshoots); checks before step ``grace`` do not. With
+    ``backtrack`` for the rest of the run (the rate overshoots); checks before step ``grace`` do not (a first cut by
+    step 100 with no grace is most often Adam's first rise: the log names the grace that lets it pass). With
     ``clip_weights`` (clips the weights the commit will clip, at the handles' current scales; returns how many
     moved), the first such check that clips some weight does so at the best scales so far instead of cutting the
     rate: a weight beyond its grid pulls its scale outwards (``clipped_weights`` and ``clipped_at`` in the record);
@@ -195,7 +196,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
         best = [torch.zeros_like(g) for g in given]
         history = [{"step": 0, "loss": round(best_loss, 6), "lr": lr}]
         rate = lr  # cosine-decayed from here; divided by ``backtrack`` at each backtrack
-        backtracks = 0
+        backtracks = first_cut = 0
         generator = torch.Generator().manual_seed(seed)
         order: list[int] = []
         try:
@@ -241,6 +242,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                     else:
                         rate /= backtrack
                         backtracks += 1
+                        first_cut = first_cut or step + 1
                     reset_moments()
         finally:
             if bar is not None:
@@ -252,17 +254,36 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
                   compiled=isinstance(forward, _CompiledOrEager) and not forward.failed, cuda_graph=graphed,
                   timing={"setup": round(setup_seconds, 3), "steps": round(step_seconds, 3),
                           "checks": round(check_seconds, 3)})
+    early_cut = first_cut and first_cut <= EARLY_CUT_STEPS and not grace
+    # a cut within Adam's first rise: fresh moments move every scale by about the full rate, so the fitness rises
+    # for a few dozen steps before it falls; a grace lets those steps pass (benchmarks/FINDINGS.md, section 42)
+    advice = (f"SearchConfig.gradient_grace={_grace_past(first_cut, check_every)} lets the first steps pass: the "
+              f"rate was cut at step {first_cut}, where Adam's first steps raise the fitness before it falls"
+              if early_cut else "a smaller SearchConfig.gradient_lr may help")
     if record["kept"]:
         _set_scales(movable, given, best)
+        if early_cut:
+            logger.info("gradient stage: %s", advice)
     else:
         logger.warning("gradient stage: %s never fell below %.5f (%s at the checks); keeping the search's scales "
-                       "(a smaller SearchConfig.gradient_lr may help; gradient_steps=0 skips the stage)", fitness,
-                       record["loss_before"], ", ".join(f"{h['loss']:.5f}" for h in history[1:]))
+                       "(%s; gradient_steps=0 skips the stage)", fitness, record["loss_before"],
+                       ", ".join(f"{h['loss']:.5f}" for h in history[1:]), advice)
     record["seconds"] = round(time.time() - start_time, 3)
     logger.info("gradient stage: %s %.5f -> %.5f over %d steps (%d quantizers; the rate cut %d times at checks above "
                 "the start) in %.1f s", fitness, record["loss_before"], record["loss_after"], steps, len(movable),
                 backtracks, record["seconds"])
     return record
+
+
+# a rate cut at or before this step is taken for Adam's first rise (the first 100 steps: both presets' first check)
+EARLY_CUT_STEPS = 100
+
+
+def _grace_past(step: int, check_every: int) -> int:
+    """A round ``gradient_grace`` under which no check up to ``max(step, EARLY_CUT_STEPS)`` cuts the rate: 100 for
+    ``fast``'s checks every 30 steps, 110 for the default's every 100 (101 to 200 act alike there)."""
+    last_free = max(step, EARLY_CUT_STEPS) // check_every * check_every
+    return math.ceil((last_free + 1) / 10) * 10
 
 
 def _set_scales(movable: list[ScaleHandle], given: list[torch.Tensor], factors: list[torch.Tensor]) -> None:

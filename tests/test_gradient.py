@@ -1,6 +1,7 @@
 """The gradient stage: after the search, Adam moves every scale on a differentiable fitness (cptv_plugin.gradient)."""
 
 import contextlib
+import logging
 
 import pytest
 import torch
@@ -173,12 +174,13 @@ def test_ctrl_c_in_the_stage_with_restore_gives_back_the_weights_clipped_at_the_
 
 @pytest.mark.parametrize("backtrack", [10.0, 2.0])
 def test_a_rate_that_overshoots_backtracks_and_a_stage_that_never_gains_leaves_the_search_scales(tiny_vit, fmnist,
-                                                                                                 backtrack):
+                                                                                                 backtrack, caplog):
     calib = fmnist[0]
     model = modelopt_w2a8(tiny_vit, calib)
     given = amax_of(model)
-    result = cptv_plugin.refine(model, calib, config=GRADIENT_ONLY.replace(gradient_steps=2, gradient_lr=5.0,
-                                                                           gradient_backtrack=backtrack))
+    with caplog.at_level(logging.WARNING, logger="cptv_plugin.gradient"):
+        result = cptv_plugin.refine(model, calib, config=GRADIENT_ONLY.replace(gradient_steps=2, gradient_lr=5.0,
+                                                                               gradient_backtrack=backtrack))
     record = result.gradient
     # the first check is above the start: the rate drops by `backtrack` for the second step, which gains nothing
     assert [check["lr"] for check in record["history"]] == [5.0, 5.0, 5.0 / backtrack]
@@ -186,14 +188,20 @@ def test_a_rate_that_overshoots_backtracks_and_a_stage_that_never_gains_leaves_t
     assert all(check["loss"] > record["loss_before"] for check in record["history"][1:])
     assert not record["kept"] and record["loss_after"] == record["loss_before"]
     assert all(torch.equal(value, given[name]) for name, value in amax_of(model).items())
+    # the cut came at step 1, within Adam's first rise: the warning names a grace past step 100 (checks every
+    # step: 110), not a smaller rate
+    warning = next(r.getMessage() for r in caplog.records if "never fell below" in r.getMessage())
+    assert "gradient_grace=110" in warning and "cut at step 1" in warning and "gradient_lr" not in warning
 
 
-def test_checks_within_the_grace_steps_keep_the_rate(tiny_vit, fmnist):
+def test_checks_within_the_grace_steps_keep_the_rate(tiny_vit, fmnist, caplog):
     calib = fmnist[0]
     model = modelopt_w2a8(tiny_vit, calib)
     given = amax_of(model)
     config = GRADIENT_ONLY.replace(gradient_steps=3, gradient_checks=3, gradient_lr=5.0, gradient_grace=2)
-    record = cptv_plugin.refine(model, calib, config=config).gradient
+    with caplog.at_level(logging.INFO, logger="cptv_plugin.gradient"):
+        record = cptv_plugin.refine(model, calib, config=config).gradient
+    assert not any("gradient_grace=" in r.getMessage() for r in caplog.records)  # a grace is set: no advice
     # the check after step 1 overshoots inside the grace: the rate stays; the one after step 2 may cut it
     assert record["history"][1]["loss"] > record["loss_before"]
     assert [check["lr"] for check in record["history"]][:3] == [5.0, 5.0, 5.0] and record["grace"] == 2

@@ -257,7 +257,7 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
     early_cut = first_cut and first_cut <= EARLY_CUT_STEPS and not grace
     # a cut within Adam's first rise: fresh moments move every scale by about the full rate, so the fitness rises
     # for a few dozen steps before it falls; a grace lets those steps pass (benchmarks/FINDINGS.md, section 42)
-    advice = (f"SearchConfig.gradient_grace={_grace_past(first_cut, check_every)} lets the first steps pass: the "
+    advice = (f"SearchConfig.gradient_grace={_early_grace(check_every)} lets the first steps pass: the "
               f"rate was cut at step {first_cut}, where Adam's first steps raise the fitness before it falls"
               if early_cut else "a smaller SearchConfig.gradient_lr may help")
     if record["kept"]:
@@ -279,11 +279,10 @@ def gradient_refine(handles: list[ScaleHandle], forward: Callable[[torch.Tensor]
 EARLY_CUT_STEPS = 100
 
 
-def _grace_past(step: int, check_every: int) -> int:
-    """A round ``gradient_grace`` under which no check up to ``max(step, EARLY_CUT_STEPS)`` cuts the rate: 100 for
+def _early_grace(check_every: int) -> int:
+    """A round ``gradient_grace`` under which no check up to step ``EARLY_CUT_STEPS`` cuts the rate: 100 for
     ``fast``'s checks every 30 steps, 110 for the default's every 100 (101 to 200 act alike there)."""
-    last_free = max(step, EARLY_CUT_STEPS) // check_every * check_every
-    return math.ceil((last_free + 1) / 10) * 10
+    return math.ceil((EARLY_CUT_STEPS // check_every * check_every + 1) / 10) * 10
 
 
 def _set_scales(movable: list[ScaleHandle], given: list[torch.Tensor], factors: list[torch.Tensor]) -> None:

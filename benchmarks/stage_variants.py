@@ -10,8 +10,9 @@ check, the search and the stage only), ``stage_seconds`` the stage's own. Second
 Variants are names of dash-joined settings: ``s600`` (``gradient_steps``), ``gb200`` (``gradient_batch_size``),
 ``lr0.005`` (``gradient_lr``), ``wu0.1`` (``gradient_warmup``), ``c5`` (``gradient_checks``), ``bt3``
 (``gradient_backtrack``), ``g100`` (``gradient_grace``), ``clipbefore`` or ``clipon_overshoot``
-(``gradient_clip_weights``); ``s1000`` is the default's stage. ``only-s1000``: the stage from the baseline with the
-default's starts and no search.
+(``gradient_clip_weights``); ``s1000`` is the default's stage. With ``--search fast``, ``s300`` is fast's stage
+(``gradient_grace=100`` since session 36) and ``s300-g0`` the stage it ran before. ``only-s1000``: the stage from the
+baseline with the default's starts and no search.
 
 The search of an FX model is committed without clipping its low-bit weights (``clamp_weights=False``), so that a
 variant's stage sees the weights a single ``refine`` call's stage sees; before session 31 it clipped them at the

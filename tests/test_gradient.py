@@ -292,6 +292,9 @@ def test_stage_runs_the_learned_fake_quant_instead_of_the_quantizers_own(tiny_vi
 def test_gradient_settings_are_validated_the_paper_preset_has_no_stage_and_fast_a_short_one():
     assert SearchConfig().gradient_steps == 1000 and SearchConfig.paper().gradient_steps == 0
     assert SearchConfig.fast().gradient_steps == 300
+    # fast's checks cut the rate only from step 100 (FINDINGS 42-44); the default's may cut at any check
+    assert SearchConfig.fast().gradient_grace == 100 and SearchConfig().gradient_grace == 0
+    assert SearchConfig.fast(gradient_grace=0).gradient_grace == 0
     for changes, name in [({"gradient_steps": -1}, "gradient_steps"), ({"gradient_lr": 0.0}, "gradient_lr"),
                           ({"gradient_fitness": "nope"}, "gradient_fitness"),
                           ({"gradient_checks": 0}, "gradient_checks"), ({"gradient_warmup": 1.5}, "gradient_warmup"),

@@ -137,9 +137,8 @@ class SearchConfig:
         gradient_grace: checks before this many steps never cut the rate (they still keep the best scales).
             Adam's first steps raise the fitness for a few dozen steps before it falls; a check there cuts the rate
             for good (checks every 20 steps measured −1.35 points at the Swin-like e2e W2A8 row, section 38). 0
-            (default): every check may cut; ``fast`` takes 100 (its checks every 30 steps), which gained in 21 of
-            the 22 runs it changed, the other −0.03 (sections 42-44), and measured −0.02 at the Swin-like e2e W2A8 row with the weights
-            clipped before the stage (12 paired seeds; section 39).
+            (default): every check may cut; ``fast`` takes 100 (its checks every 30 steps; sections 42-44). With
+            the weights clipped before the stage, 100 measured −0.02 at the Swin-like e2e W2A8 row (section 39).
         gradient_clip_weights: when to clip the weights that the commit clips (torch.ao FX weights narrower than
             int8, ``refine_fx(clamp_weights=True)``) onto their grid during the stage. The fake-quantized model does
             not change, but the stage then learns scales for the weights that will be converted: a weight beyond
@@ -386,10 +385,8 @@ class SearchConfig:
         every op quantized at 4-bit activations (torch.ao FX's global qconfig), ``passes=6`` gained 1.3 points on
         average for 10-21 % more GPU time (section 24); elsewhere it did not help. The stage's checks cut its rate
         only from step 100 (``gradient_grace=100``; before, they still keep the best scales): Adam's first steps
-        raise the fitness before it falls, and a cut there stalled the stage. In 21 of the 22 runs that changed it
-        gained 0.2-12.9 points, the other lost 0.03 (LeViT- and Swin-like 8-bit-activation rows, the CI ViT's
-        4-bit-activation and ModelOpt rows; Swin-like e2e W2A8, seeds 0-9 on an H100: 85.25 ± 4.66 → 88.70 ± 0.41;
-        sections 42-44); elsewhere the CPU runs were identical.
+        raise the fitness before it falls, and a cut there stalled the stage (Swin-like e2e W2A8, seeds 0-9 on an
+        H100: 85.25 ± 4.66 → 88.70 ± 0.41; 21 of the 22 runs it changed gained, sections 42-44).
         ``fast(gradient_grace=0)`` is the old stage."""
         settings = dict(passes=3, population=8, cycles=3, samples=4, seed_candidates=(), gradient_steps=300,
                         gradient_grace=100, name="fast")

@@ -187,6 +187,12 @@ VARIANTS["default-nograd-guarded"] = ("default", {**_FROZEN["default"], **_NO_GR
 # ... and the 1/5th rule in the whole current default (its gradient stage and lossless check kept): does what it adds
 # to the search survive the stage?
 VARIANTS["default-onefifth"] = ("default", {"step_adaptation": "one_fifth"})
+# fast as it was from session 20 until session 36: its stage's early checks could cut the rate (no grace). The
+# `fast` records of accuracy.json before session 37 are this preset and were renamed to it; the fast variants above
+# ran with it too, so they keep it
+VARIANTS["fast-grace0"] = ("fast", {"gradient_grace": 0})
+for _name in ("fast-stage300", "fast-stage300-lossless", "fast-weightseed", "fast-lr003", "fast-passes6"):
+    VARIANTS[_name][1]["gradient_grace"] = 0
 PRESETS = ["default", "paper", "fast", *VARIANTS]
 METHODS = {
     "e2e": ["fp32", "baseline", "default", "paper", "fast", "paper-mse", "default-unseeded", "histogram",

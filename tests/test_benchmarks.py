@@ -235,6 +235,23 @@ def test_stage_variant_names_parse_into_settings_and_a_typo_is_refused():
         variant_settings("s600-x3")
 
 
+def test_benchmark_variant_names_keep_the_settings_their_records_ran_with():
+    """`fast` took a stage grace in session 36: its older records are `fast-grace0`, and the fast variants measured
+    before then must not silently pick the grace up on a re-run."""
+    import dataclasses
+
+    from benchmarks.accuracy import search_config
+
+    cpu = torch.device("cpu")
+    fast, old = search_config("fast", 0, cpu), search_config("fast-grace0", 0, cpu)
+    assert fast.gradient_grace == 100 and old.gradient_grace == 0
+    differing = {field.name for field in dataclasses.fields(fast)
+                 if getattr(fast, field.name) != getattr(old, field.name)}
+    assert differing == {"gradient_grace", "name"}
+    for name in ("fast-stage300", "fast-stage300-lossless", "fast-weightseed", "fast-lr003", "fast-passes6"):
+        assert search_config(name, 0, cpu).gradient_grace == 0, name
+
+
 @pytest.mark.parametrize("module", ["profile_attention", "profile_fake_quant"])
 def test_cuda_only_diagnostics_refuse_a_machine_without_cuda_by_name(module, monkeypatch, capsys):
     import importlib

@@ -13,13 +13,13 @@ import cptv_plugin
 from cptv_plugin import SearchConfig
 from cptv_plugin.data import CalibrationError
 from cptv_plugin.distributed import Shard
+from conftest import environment_with_this_package
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 # one thread per rank; gloo on the loopback interface (a container's hostname may not resolve to an address); the
-# ranks import the cptv_plugin this test imported (a checkout not installed, or another version installed, otherwise)
-PACKAGE_ROOT = str(Path(cptv_plugin.__file__).resolve().parents[1])
-LAUNCH_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": os.environ.get("GLOO_SOCKET_IFNAME", "lo"),
-              "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+# ranks import the cptv_plugin this test imported
+LAUNCH_ENV = environment_with_this_package(OMP_NUM_THREADS="1",
+                                           GLOO_SOCKET_IFNAME=os.environ.get("GLOO_SOCKET_IFNAME", "lo"))
 
 
 def run_ranks(scenario: str, ranks: int, out: Path) -> list[dict]:

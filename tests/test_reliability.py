@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import cptv_plugin
 from cptv_plugin import CalibrationError, SearchConfig
 from cptv_plugin.search import CheckpointMismatchError, evolutionary_search
-from conftest import TINY_SEARCH, prepare_and_calibrate
+from conftest import TINY_SEARCH, environment_with_this_package, prepare_and_calibrate
 from test_search import make_problem
 
 WORKER = Path(__file__).with_name("resume_worker.py")
@@ -22,7 +22,7 @@ WORKER = Path(__file__).with_name("resume_worker.py")
 
 def run_worker(checkpoint: Path, out: Path, kill_after_visits: int | None = None) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, str(WORKER), str(checkpoint), str(out)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=environment_with_this_package())
     if kill_after_visits is None:
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err.decode()[-2000:]

@@ -505,6 +505,7 @@ def method_tier(method: str) -> int:
 def tasks(args) -> list[dict]:
     """Every run the arguments ask for, most important first (so a partial run is a useful one)."""
     models = [args.imagenet_model] if args.imagenet else args.models
+    only = {tuple(run.split(":")) for run in getattr(args, "only", None) or ()}
     found = []
     for model_name in models:
         for seed in args.seeds:
@@ -515,6 +516,8 @@ def tasks(args) -> list[dict]:
                             continue
                         if method == "fp32" and bits != args.bits[0]:
                             continue  # one fp32 record per model, placement and seed
+                        if only and (model_name, placement, bits, str(seed)) not in only:
+                            continue
                         found.append({"model": model_name, "bits": bits, "placement": placement, "method": method,
                                       "seed": seed})
     return sorted(found, key=lambda t: (method_tier(t["method"]), t["seed"]))  # stable: models, bits stay in order
@@ -810,6 +813,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=None, help="default: all of the placement's methods")
     parser.add_argument("--placements", nargs="+", default=["e2e", "linear", "pt2e"], choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--only", nargs="+", default=None, metavar="MODEL:PLACEMENT:BITS:SEED",
+                        help="run only these of the other options' runs (e.g. the rows a variant is for)")
     parser.add_argument("--calibration", type=int, default=1000)
     parser.add_argument("--test-images", type=int, default=None, help="default: the whole test set")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -73,6 +73,13 @@ def test_accuracy_benchmark_workers_share_the_tasks_once_each(tmp_path):
         methods=["histogram+default", "fast", "default", "baseline"]))]
     assert order == ["default", "baseline", "default", "baseline", "fast", "fast", "histogram+default",
                      "histogram+default"]
+    # --only keeps just the named model:placement:bits:seed runs of the cross product
+    picked = tasks(__import__("argparse").Namespace(
+        imagenet=None, models=["m", "n"], seeds=[0, 1], placements=["e2e"], bits=["W4A8", "W3A4"],
+        methods=["default", "default-grace110"], only=["m:e2e:W3A4:1", "n:e2e:W4A8:0"]))
+    assert sorted((t["model"], t["bits"], t["seed"], t["method"]) for t in picked) == [
+        ("m", "W3A4", 1, "default"), ("m", "W3A4", 1, "default-grace110"),
+        ("n", "W4A8", 0, "default"), ("n", "W4A8", 0, "default-grace110")]
 
 
 def test_accuracy_benchmark_does_not_record_an_interrupted_search(tmp_path, monkeypatch):

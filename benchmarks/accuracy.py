@@ -506,6 +506,8 @@ def tasks(args) -> list[dict]:
     """Every run the arguments ask for, most important first (so a partial run is a useful one)."""
     models = [args.imagenet_model] if args.imagenet else args.models
     only = {tuple(run.split(":")) for run in getattr(args, "only", None) or ()}
+    if any(len(run) != 4 for run in only):
+        raise SystemExit(f"--only takes MODEL:PLACEMENT:BITS:SEED, e.g. fmnist_levit:e2e:W3A4:0 (got {args.only})")
     found = []
     for model_name in models:
         for seed in args.seeds:

@@ -8,6 +8,7 @@ import torch
 
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 
+import cptv_plugin  # noqa: E402
 from cptv_plugin import SearchConfig  # noqa: E402
 from cptv_plugin.datasets import calibration_subset, load_fashion_mnist  # noqa: E402
 from cptv_plugin.models import load_reference_model  # noqa: E402
@@ -20,10 +21,9 @@ def environment_with_this_package(**extra: str) -> dict:
     """``os.environ`` (and ``extra``) with the cptv_plugin these tests import first on ``PYTHONPATH``: a subprocess
     (torchrun's ranks, a worker script run by its path) then imports it too, not another installed version, nor
     nothing on a checkout that was not pip-installed."""
-    import cptv_plugin
-
     root = str(Path(cptv_plugin.__file__).resolve().parents[1])
     return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+
 
 # a search small enough for CPU tests: 1 pass, P=4, C=2, S=2, no gradient stage (tests/test_gradient.py has its own)
 # and no lossless check (the CI models at 8 bits may pass it; tests/test_lossless.py covers it)

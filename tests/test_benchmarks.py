@@ -80,6 +80,9 @@ def test_accuracy_benchmark_workers_share_the_tasks_once_each(tmp_path):
     assert sorted((t["model"], t["bits"], t["seed"], t["method"]) for t in picked) == [
         ("m", "W3A4", 1, "default"), ("m", "W3A4", 1, "default-grace110"),
         ("n", "W4A8", 0, "default"), ("n", "W4A8", 0, "default-grace110")]
+    with pytest.raises(SystemExit, match="MODEL:PLACEMENT:BITS:SEED"):
+        tasks(__import__("argparse").Namespace(imagenet=None, models=["m"], seeds=[0], placements=["e2e"],
+                                               bits=["W4A8"], methods=["default"], only=["m:e2e:W4A8"]))
 
 
 def test_accuracy_benchmark_does_not_record_an_interrupted_search(tmp_path, monkeypatch):

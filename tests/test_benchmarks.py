@@ -76,10 +76,10 @@ def test_accuracy_benchmark_workers_share_the_tasks_once_each(tmp_path):
     # --only keeps just the named model:placement:bits:seed runs of the cross product
     picked = tasks(__import__("argparse").Namespace(
         imagenet=None, models=["m", "n"], seeds=[0, 1], placements=["e2e"], bits=["W4A8", "W3A4"],
-        methods=["default", "default-grace110"], only=["m:e2e:W3A4:1", "n:e2e:W4A8:0"]))
+        methods=["default", "default-grace0"], only=["m:e2e:W3A4:1", "n:e2e:W4A8:0"]))
     assert sorted((t["model"], t["bits"], t["seed"], t["method"]) for t in picked) == [
-        ("m", "W3A4", 1, "default"), ("m", "W3A4", 1, "default-grace110"),
-        ("n", "W4A8", 0, "default"), ("n", "W4A8", 0, "default-grace110")]
+        ("m", "W3A4", 1, "default"), ("m", "W3A4", 1, "default-grace0"),
+        ("n", "W4A8", 0, "default"), ("n", "W4A8", 0, "default-grace0")]
     with pytest.raises(SystemExit, match="MODEL:PLACEMENT:BITS:SEED"):
         tasks(__import__("argparse").Namespace(imagenet=None, models=["m"], seeds=[0], placements=["e2e"],
                                                bits=["W4A8"], methods=["default"], only=["m:e2e:W4A8"]))
@@ -245,21 +245,27 @@ def test_stage_variant_names_parse_into_settings_and_a_typo_is_refused():
         variant_settings("s600-x3")
 
 
-def test_benchmark_variant_names_keep_the_settings_their_records_ran_with():
-    """`fast` took a stage grace in session 36: its older records are `fast-grace0`, and the fast variants measured
-    before then must not silently pick the grace up on a re-run."""
+@pytest.mark.parametrize("preset, grace", [("fast", 100), ("default", 110)])
+def test_benchmark_variant_names_keep_the_settings_their_records_ran_with(preset, grace):
+    """`fast` took a stage grace in session 36, the default in session 39: their older records are `fast-grace0` /
+    `default-grace0`, and the variants measured before then must not silently pick the grace up on a re-run."""
     import dataclasses
 
-    from benchmarks.accuracy import search_config
+    from benchmarks.accuracy import VARIANTS, search_config
 
     cpu = torch.device("cpu")
-    fast, old = search_config("fast", 0, cpu), search_config("fast-grace0", 0, cpu)
-    assert fast.gradient_grace == 100 and old.gradient_grace == 0
-    differing = {field.name for field in dataclasses.fields(fast)
-                 if getattr(fast, field.name) != getattr(old, field.name)}
+    new, old = search_config(preset, 0, cpu), search_config(f"{preset}-grace0", 0, cpu)
+    assert new.gradient_grace == grace and old.gradient_grace == 0
+    differing = {field.name for field in dataclasses.fields(new)
+                 if getattr(new, field.name) != getattr(old, field.name)}
     assert differing == {"gradient_grace", "name"}
-    for name in ("fast-stage300", "fast-stage300-lossless", "fast-weightseed", "fast-lr003", "fast-passes6"):
+    older = {"fast": ("fast-stage300", "fast-stage300-lossless", "fast-weightseed", "fast-lr003", "fast-passes6"),
+             "default": [name for name, (base, _) in VARIANTS.items()
+                         if base == "default" and name != "default-grace110"]}
+    assert len(older[preset]) >= 5
+    for name in older[preset]:
         assert search_config(name, 0, cpu).gradient_grace == 0, name
+    assert search_config("default-grace110", 0, cpu) == search_config("default", 0, cpu)  # names are not compared
 
 
 @pytest.mark.parametrize("module", ["profile_attention", "profile_fake_quant"])
@@ -296,3 +302,17 @@ def test_accuracy_report_puts_variants_in_their_own_table_beside_the_reference_m
     assert "W4A4" not in variants  # rows without a variant stay in the first table only
     assert "| m | e2e | W2A8 |" not in matrix  # ... and rows with no matrix method stay out of the first
     assert (tmp_path / "both.md").read_text().count("## Variants") == 1
+
+
+def test_slim_fashion_mnist_keeps_the_seeds_calibration_images_and_refuses_its_source(fmnist, tmp_path):
+    from benchmarks.slim_fashion_mnist import main
+    from cptv_plugin.datasets import FASHION_MNIST_DIR, calibration_subset, load_fashion_mnist
+
+    main([str(tmp_path / "slim"), "--seeds", "1"])
+    full, slim = load_fashion_mnist("train"), load_fashion_mnist("train", root=tmp_path / "slim")
+    assert torch.equal(full[1], slim[1]) and not torch.equal(full[0], slim[0])  # other images zeroed
+    assert torch.equal(calibration_subset(full[0], 1000, 1), calibration_subset(slim[0], 1000, 1))
+    assert not torch.equal(calibration_subset(full[0], 1000, 2), calibration_subset(slim[0], 1000, 2))
+    assert torch.equal(load_fashion_mnist("test")[0], load_fashion_mnist("test", root=tmp_path / "slim")[0])
+    with pytest.raises(SystemExit, match="source folder"):
+        main([str(FASHION_MNIST_DIR)])

@@ -15,7 +15,8 @@ from conftest import prepare_and_calibrate
 # one visit of one member per group (the search changes nothing), then the gradient stage alone
 GRADIENT_ONLY = SearchConfig(passes=0, population=1, cycles=0, samples=1, batch_size=50, progress=False,
                              search_outside_blocks=False, seed_candidates=(), start_candidates=(),
-                             gradient_steps=60, gradient_lr=0.01)
+                             gradient_steps=60, gradient_lr=0.01, gradient_grace=0)  # these stages are short:
+# the default's grace (110 steps) would cover every check
 
 
 def modelopt_w2a8(tiny_vit, calib):
@@ -292,8 +293,9 @@ def test_stage_runs_the_learned_fake_quant_instead_of_the_quantizers_own(tiny_vi
 def test_gradient_settings_are_validated_the_paper_preset_has_no_stage_and_fast_a_short_one():
     assert SearchConfig().gradient_steps == 1000 and SearchConfig.paper().gradient_steps == 0
     assert SearchConfig.fast().gradient_steps == 300
-    # fast's checks cut the rate only from step 100 (FINDINGS 42-44); the default's may cut at any check
-    assert SearchConfig.fast().gradient_grace == 100 and SearchConfig().gradient_grace == 0
+    # fast's checks cut the rate only from step 100 (FINDINGS 42-44), the default's from step 110 (section 47)
+    assert SearchConfig.fast().gradient_grace == 100 and SearchConfig().gradient_grace == 110
+    assert SearchConfig.paper().gradient_grace == 110 and SearchConfig.paper().gradient_steps == 0  # no stage at all
     assert SearchConfig.fast(gradient_grace=0).gradient_grace == 0
     for changes, name in [({"gradient_steps": -1}, "gradient_steps"), ({"gradient_lr": 0.0}, "gradient_lr"),
                           ({"gradient_fitness": "nope"}, "gradient_fitness"),

@@ -363,9 +363,8 @@ class SearchConfig:
         """Our default: the paper's budget with scale-relative mutation, activation scales and the groups
         outside the blocks searched too, a sharper InfoNCE temperature, MSE-clipped activation ranges offered as
         the start, MSE-clipped weight scales as one member of each group's first population, and the gradient
-        stage (1,000 Adam steps on every scale at once, whose checks cut the rate only from step 110) after the search;
-        a model that already matches the
-        full-precision one (``lossless_kl``) is left as it is."""
+        stage (1,000 Adam steps on every scale at once, whose checks cut the rate only from step 110) after the
+        search; a model that already matches the full-precision one (``lossless_kl``) is left as it is."""
         return cls(**overrides)
 
     @classmethod

@@ -72,7 +72,8 @@ def test_a_search_and_a_gradient_stage_each_lower_the_hessian_metric(tiny_vit, f
     # the metric is differentiable: the stage alone (no search) lowers it, from the MinMax scales
     stepped = prepare_and_calibrate(tiny_vit, calibration, bits="W2A8")
     result = cptv_plugin.refine_fx(stepped, calibration, config=cptv_plugin.SearchConfig(
-        passes=0, fitness="hessian", gradient_fitness="hessian", gradient_steps=40, gradient_lr=1e-4, **common))
+        passes=0, fitness="hessian", gradient_fitness="hessian", gradient_steps=40, gradient_lr=1e-4,
+        gradient_grace=0, **common))  # 40 steps: the default's grace (110) would let no check cut the rate
     stage = result.gradient
     assert stage["fitness"] == "hessian" and stage["loss_after"] < stage["loss_before"] and stage["kept"]
 

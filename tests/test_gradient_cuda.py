@@ -135,7 +135,8 @@ def test_compiled_stage_on_cuda_moves_the_scales(tiny_vit, fmnist):
     calib = fmnist[0].cuda()
     config = SearchConfig(passes=0, population=1, cycles=0, samples=1, batch_size=50, progress=False,
                           search_outside_blocks=False, seed_candidates=(), start_candidates=(), gradient_steps=20,
-                          gradient_checks=4, compile=True, gradient_cuda_graph=False)
+                          gradient_checks=4, compile=True, gradient_cuda_graph=False,
+                          gradient_grace=0)  # 20 steps: as this test ran before the default's grace (110 steps)
     prepared = prepare_and_calibrate(copy.deepcopy(tiny_vit).cuda(), calib, "W3A8")
     record = cptv_plugin.refine_fx(prepared, calib, config=config).gradient
     assert not record["cuda_graph"] and record["compiled"] != ("compile_fallback" in record)

@@ -142,7 +142,8 @@ class SearchConfig:
             against a same-call control (10 runs beyond +2, all LeViT-like at 4-bit activations, up to +12.6;
             none below −1), and a run whose step-100 check is below its start takes the same steps (section 47).
             ``fast`` takes 100 (its checks every 30 steps; sections 42-44). 0: every check may cut (the default
-            before session 39). With the weights clipped before the stage, 100 measured −0.02 at the Swin-like
+            before session 39; a stage of at most 110 steps is never cut with the grace, only kept at its best
+            check, so give it 0 where a short stage should back off). With the weights clipped before the stage, 100 measured −0.02 at the Swin-like
             e2e W2A8 row (section 39).
         gradient_clip_weights: when to clip the weights that the commit clips (torch.ao FX weights narrower than
             int8, ``refine_fx(clamp_weights=True)``) onto their grid during the stage. The fake-quantized model does

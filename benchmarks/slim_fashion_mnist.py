@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from cptv_plugin.datasets import FASHION_MNIST_DIR
+from cptv_plugin.datasets import FASHION_MNIST_DIR, calibration_subset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> None:
         data = bytearray(handle.read())
     header, count, pixels = 16, int.from_bytes(data[4:8], "big"), 28 * 28
     keep = torch.zeros(count, dtype=torch.bool)
-    for seed in args.seeds:  # the draw of cptv_plugin.datasets.calibration_subset
-        keep[torch.randperm(count, generator=torch.Generator().manual_seed(seed))[: args.calibration]] = True
+    for seed in args.seeds:  # the images calibration_subset draws: its draw applied to the indices
+        keep[calibration_subset(torch.arange(count), args.calibration, seed)] = True
     for index in (~keep).nonzero().flatten().tolist():
         data[header + index * pixels : header + (index + 1) * pixels] = bytes(pixels)
     temporary = args.out / "train-images-idx3-ubyte.gz.partial"

@@ -211,6 +211,7 @@ def _search(session: RefinementSession, config: SearchConfig, device: torch.devi
                                   f"({final_validation:.5f} > {initial_validation:.5f})")
                 result.validation = {**(result.validation or {}), "initial": initial_validation,
                                      "final": final_validation, "restored": restored, "images": len(held_out)}
+        result.search_fitness = result.final_fitness
         if config.gradient_steps and not result.interrupted:
             # the stage runs whole on every rank (the same steps on every batch): it needs every batch's reference
             _gradient_stage(session, config, batches,

@@ -61,6 +61,8 @@ class RefineResult:
         start: with ``start_candidates``: the fitness of the user's scales (``"given"``) and of each candidate,
             which one the search started from (``"chosen"``) and by what (``"judged_by"``: ``"fitness"``, or
             ``"agreement"`` when the given scales were far off; then ``"agreement"`` holds each one's).
+        search_fitness: fitness after the search and its guards, before the gradient stage (``None`` where no
+            search ran): the figure that shows what the search did when the stage then moves ``final_fitness``.
         gradient: with ``gradient_steps``: the gradient stage's fitness before and after, whether its scales were
             kept (``"kept"``), how many quantizers it moved and its seconds (``cptv_plugin.gradient``).
         lossless: with ``lossless_kl``: the given scales' mean KL divergence from the full-precision outputs, the
@@ -87,11 +89,21 @@ class RefineResult:
     start: dict | None = None
     gradient: dict | None = None
     lossless: dict | None = None
+    search_fitness: float | None = None
 
     @property
     def improvement(self) -> float:
         """Relative fitness reduction, ``1 - final / initial``."""
         return 1.0 - self.final_fitness / self.initial_fitness if self.initial_fitness else 0.0
+
+    def figures(self) -> dict:
+        """The figures a script reports (JSON-friendly): the fitness at the start and the end, the search's own
+        result, the gradient stage's loss and verdict, evaluations and seconds."""
+        stage = self.gradient or {}
+        return {"fitness": [self.initial_fitness, self.final_fitness], "search_fitness": self.search_fitness,
+                "stage": {key: stage.get(key) for key in ("fitness", "loss_before", "loss_after", "kept")}
+                if stage.get("loss_before") is not None else None,
+                "evaluations": self.evaluations, "seconds": self.seconds}
 
     def __str__(self) -> str:
         """One line: the search's fitness, and the gradient stage's own (it lowers another fitness, which is why

@@ -51,7 +51,7 @@ def run(bits: str = "W4A8", preset: str | cptv_plugin.SearchConfig = "fast", cal
     mto.save(model, str(out_dir / "refined.pth"))                                    # 3. save
     onnx_path = cptv_plugin.export_onnx(model, out_dir / "model.onnx", calib[:2])    # 4. ONNX for TensorRT
     return {"bits": bits, "algorithm": algorithm, "preset": config.name, "top1_before": before, "top1_after": after,
-            "fitness": [result.initial_fitness, result.final_fitness], "seconds": result.seconds,
+            **result.figures(),
             "checkpoint": str(out_dir / "refined.pth"), "onnx": str(onnx_path),
             "tensorrt_violations": cptv_plugin.check_tensorrt_onnx(onnx_path)}
 

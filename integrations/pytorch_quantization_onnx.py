@@ -29,7 +29,7 @@ def run(bits: str = "W4A8", preset: str | cptv_plugin.SearchConfig = "fast", cal
     after = evaluate_top1(model, test_x, test_y)
     onnx_path = cptv_plugin.export_onnx(model, out, calib[:2])                       # 3. ONNX for TensorRT
     return {"bits": bits, "preset": config.name, "top1_before": before, "top1_after": after,
-            "fitness": [result.initial_fitness, result.final_fitness], "seconds": result.seconds,
+            **result.figures(),
             "onnx": str(onnx_path), "tensorrt_violations": cptv_plugin.check_tensorrt_onnx(onnx_path)}
 
 

@@ -38,7 +38,7 @@ def run(bits: str = "W3A8", preset: str | cptv_plugin.SearchConfig = "fast", cal
     quantized = convert_fx(prepared)                                                      # 4. convert
     after = evaluate_top1(quantized, test_x, test_y)
     return {"bits": bits, "preset": config.name, "top1_before": before, "top1_after": after,
-            "fitness": [result.initial_fitness, result.final_fitness], "seconds": result.seconds}
+            **result.figures()}
 
 
 if __name__ == "__main__":

@@ -56,8 +56,7 @@ def run(bits: str = "W3A8", preset: str | cptv_plugin.SearchConfig = "fast", cal
     if out:
         torch.save(quantized.state_dict(), out)                                           # 5. save (rank 0)
     return {"bits": bits, "preset": config.name, "ranks": result.ranks, "device": result.device,
-            "top1_before": before, "top1_after": after, "fitness": [result.initial_fitness, result.final_fitness],
-            "evaluations": result.evaluations, "seconds": result.seconds}
+            "top1_before": before, "top1_after": after, **result.figures()}
 
 
 def main(argv: list[str] | None = None) -> None:

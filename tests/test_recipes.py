@@ -23,12 +23,17 @@ QUICK = SearchConfig.fast(passes=1, gradient_steps=20)
 
 
 def assert_refined(report):
-    """The search lowered its fitness and the gradient stage its own loss. The stage's loss is not the search's
-    fitness, so the final fitness is not compared with the first: on a CI CPU a 20-step stage lifted it from
-    1.77936 to 1.78010 (the search had lowered it), on another it ended at 1.77239."""
+    """The search lowered its fitness; the gradient stage ran and either lowered its own loss or left the search's
+    scales. The stage's loss is not the search's fitness, so the final fitness is not compared with the first: on a
+    CI CPU a 20-step stage lifted it from 1.77936 to 1.78010 (the search had lowered it), on another it ended at
+    1.77239; with one thread the stage of the GPTQ start (KL 0.004) found nothing lower and was not kept."""
     assert report["search_fitness"] < report["fitness"][0]
     stage = report["stage"]
-    assert stage is not None and stage["kept"] and stage["loss_after"] < stage["loss_before"]
+    assert stage is not None
+    if stage["kept"]:
+        assert stage["loss_after"] < stage["loss_before"]
+    else:
+        assert report["fitness"][1] == report["search_fitness"]
 
 
 def test_fx_recipe_improves_on_the_baseline_fitness():

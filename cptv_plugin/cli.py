@@ -53,7 +53,7 @@ def run_demo(bits: str = "W2A8", preset: str | SearchConfig = "fast", calibratio
         refined = convert_fx(prepared)
     rows.append((f"cpt-v refined ({config.name} preset)", evaluate_top1(refined, test_x, test_y),
                  f"{result.initial_fitness:.4f} -> {result.final_fitness:.4f}", f"{result.seconds:.0f} s"))
-    return {"model": model_name, "bits": bits, "rows": rows, "evaluations": result.evaluations,
+    return {"model": model_name, "bits": bits, "rows": rows, "passes": config.passes, "evaluations": result.evaluations,
             "gradient_steps": result.gradient["steps"] if result.gradient else 0, "test_images": len(test_x)}
 
 
@@ -64,7 +64,10 @@ def _print_table(report: dict) -> None:
         print(f"{name:<34} {top1:>8.2f}  {fitness or '':>17}  {seconds or '':>7}")
 
 
-def _add_gradient_steps(command: argparse.ArgumentParser) -> None:
+def _add_search_length(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--passes", type=int, default=None,
+                         help="passes of the search over the blocks (default: the preset's, 3 for fast, 10 for "
+                              "default and paper); fewer for a quicker, less accurate try")
     command.add_argument("--gradient-steps", type=int, default=None,
                          help="steps of the gradient stage after the search (default: the preset's, 300 for fast and "
                               "1000 for default; 0 skips it: the demo's refinement took 169 s with fast's 300 "
@@ -72,10 +75,12 @@ def _add_gradient_steps(command: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace) -> SearchConfig:
-    """The preset the command line names, with its seed and, if given, its gradient stage's length."""
+    """The preset the command line names, with its seed and, if given, its number of passes and its gradient
+    stage's length."""
     from . import SearchConfig
 
-    overrides = {} if args.gradient_steps is None else {"gradient_steps": args.gradient_steps}
+    given = {"passes": args.passes, "gradient_steps": args.gradient_steps}
+    overrides = {name: value for name, value in given.items() if value is not None}
     return SearchConfig.preset(args.preset, seed=args.seed, **overrides)
 
 
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--test-images", type=int, default=None,
                       help="score on the first N test images only (default: all 10,000)")
-    _add_gradient_steps(demo)
+    _add_search_length(demo)
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     post = commands.add_parser(
         "refine-modelopt", help="refine a ModelOpt checkpoint (mto.save) and write a new one for mto.restore")
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     post.add_argument("--out", required=True, help="where to write the refined checkpoint")
     post.add_argument("--preset", default="default", choices=["fast", "default", "paper"])
     post.add_argument("--seed", type=int, default=0)
-    _add_gradient_steps(post)
+    _add_search_length(post)
     post.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     post.add_argument("--device", default=None,
                       help="where to refine: cuda, cuda:N or cpu (default: a GPU if there is one; under torchrun "

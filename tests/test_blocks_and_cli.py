@@ -27,12 +27,13 @@ def test_every_quantizer_is_in_exactly_one_group(tiny_vit, fmnist):
 def test_demo_prints_before_and_after(capsys):
     from cptv_plugin.cli import main
 
-    main(["demo", "--calibration", "100", "--preset", "fast", "--gradient-steps", "20", "--test-images", "1000",
-          "--json"])
+    main(["demo", "--calibration", "100", "--preset", "fast", "--passes", "1", "--gradient-steps", "20",
+          "--test-images", "1000", "--json"])
     import json
 
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     names = [row[0] for row in report["rows"]]
     assert names[0] == "fp32" and names[1].startswith("baseline") and names[2].startswith("cpt-v")
     assert all(0 < row[1] <= 100 for row in report["rows"])
-    assert report["gradient_steps"] == 20 and report["evaluations"] > 0 and report["test_images"] == 1000
+    assert report["gradient_steps"] == 20 and report["passes"] == 1 and report["evaluations"] > 0
+    assert report["test_images"] == 1000

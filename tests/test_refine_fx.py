@@ -8,6 +8,7 @@ from torch.ao.quantization import get_default_qat_qconfig_mapping, get_default_q
 from torch.ao.quantization.quantize_fx import convert_fx, convert_to_reference_fx
 
 import cptv_plugin
+from cptv_plugin import SearchConfig
 from cptv_plugin.fx.refine import FxSession
 from cptv_plugin.fx.quantizers import RefinedObserver
 from conftest import TINY_SEARCH, prepare_and_calibrate
@@ -72,7 +73,9 @@ def refined_w3a8(tiny_vit, fmnist):
     calib = fmnist[0]
     prepared = prepare_and_calibrate(tiny_vit, calib, "W3A8")
     baseline = copy.deepcopy(prepared)
-    result = cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH)
+    # with the presets' activation start: the whole path of a refinement, its start included
+    config = TINY_SEARCH.replace(start_candidates=SearchConfig().start_candidates)
+    result = cptv_plugin.refine_fx(prepared, calib, config=config)
     return baseline, prepared, result
 
 

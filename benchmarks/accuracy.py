@@ -196,6 +196,9 @@ VARIANTS["fast-grace0"] = ("fast", {"gradient_grace": 0})
 # row). Measured under this name against a same-call control in sessions 38-39, then made the default (session 39):
 # accuracy.json's records of it were renamed `default`
 VARIANTS["default-grace110"] = ("default", {"gradient_grace": 110})
+# `fast` (with its grace) and the clip of the weights at the stage's first overshoot: README advised the clip at 2-bit
+# FX weights before the grace, which lets most early overshoots pass (session 40)
+VARIANTS["fast-overshoot"] = ("fast", {"gradient_clip_weights": "on_overshoot"})
 for _name in ("fast-stage300", "fast-stage300-lossless", "fast-weightseed", "fast-lr003", "fast-passes6"):
     VARIANTS[_name][1]["gradient_grace"] = 0
 # the default as it was until session 39: its stage's checks could cut the rate from the first (no grace). Its

@@ -61,8 +61,9 @@ class RefineResult:
         start: with ``start_candidates``: the fitness of the user's scales (``"given"``) and of each candidate,
             which one the search started from (``"chosen"``) and by what (``"judged_by"``: ``"fitness"``, or
             ``"agreement"`` when the given scales were far off; then ``"agreement"`` holds each one's).
-        search_fitness: fitness after the search and its guards, before the gradient stage (``None`` where no
-            search ran): the figure that shows what the search did when the stage then moves ``final_fitness``.
+        search_fitness: fitness after the search and its guards, before the gradient stage (with ``passes=0``
+            the given scales'; ``None`` where the model was left as given, see ``lossless``): what the search did,
+            whichever way the stage then moves ``final_fitness``.
         gradient: with ``gradient_steps``: the gradient stage's fitness before and after, whether its scales were
             kept (``"kept"``), how many quantizers it moved and its seconds (``cptv_plugin.gradient``).
         lossless: with ``lossless_kl``: the given scales' mean KL divergence from the full-precision outputs, the

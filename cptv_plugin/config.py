@@ -143,8 +143,8 @@ class SearchConfig:
             none below −1), and a run whose step-100 check is below its start takes the same steps (section 47).
             ``fast`` takes 100 (its checks every 30 steps; sections 42-44). 0: every check may cut (the default
             before session 39; a stage of at most 110 steps is never cut with the grace, only kept at its best
-            check, so give it 0 where a short stage should back off). With the weights clipped before the stage, 100 measured −0.02 at the Swin-like
-            e2e W2A8 row (section 39).
+            check, so give it 0 where a short stage should back off). With the weights clipped before the stage,
+            100 measured −0.02 at the Swin-like e2e W2A8 row (section 39).
         gradient_clip_weights: when to clip the weights that the commit clips (torch.ao FX weights narrower than
             int8, ``refine_fx(clamp_weights=True)``) onto their grid during the stage. The fake-quantized model does
             not change, but the stage then learns scales for the weights that will be converted: a weight beyond
@@ -157,8 +157,9 @@ class SearchConfig:
             ``"on_overshoot"``: at the first check above the search's fitness that finds a weight to clip, at the
             best scales so far, instead of cutting the rate: a stage that never overshoots, or has no weight beyond
             its grid (8-bit weights), runs as with ``"never"``. With ``fast`` at the Swin-like e2e W2A8 row: 86.55 ±
-            4.35 → 88.27 ± 2.01 (12 paired seeds; it never fired at the DeiT- and LeViT-like W2A8 rows; section 40). Frameworks whose quantizers keep float weights (ModelOpt,
-            pytorch-quantization, PT2E) have nothing to clip.
+            4.35 → 88.27 ± 2.01 (12 paired seeds; it never fired at the DeiT- and LeViT-like W2A8 rows; section 40;
+            with ``fast``'s grace it never fired at the CI ViT's e2e W2A8 row, section 49). Frameworks whose
+            quantizers keep float weights (ModelOpt, pytorch-quantization, PT2E) have nothing to clip.
         gradient_batch_size: images per gradient step: whole calibration batches (``batch_size``) packed into one
             forward pass of up to this many images; the step lowers the mean of their fitness (each batch keeps
             its own negatives). ``None`` (default): one calibration batch per step.

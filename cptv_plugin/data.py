@@ -69,11 +69,13 @@ def calibration_images(data, *, min_batch: int = 1, example_shape: tuple[int, ..
             raise CalibrationError(f"calibration images have different shapes: {sorted(shapes)}")
         images = torch.cat(parts)
     else:
-        raise CalibrationError(f"calibration data must be a tensor or an iterable of tensors, not {type(data).__name__}")
+        raise CalibrationError(
+            f"calibration data must be a tensor or an iterable of tensors, not {type(data).__name__}")
     if images.dim() < 2 or len(images) == 0:
         raise CalibrationError(f"the calibration set is empty or not batched (shape {tuple(images.shape)})")
     if not images.is_floating_point():
-        raise CalibrationError(f"calibration images must be floating point, got {images.dtype}; convert and normalize them first")
+        raise CalibrationError(
+            f"calibration images must be floating point, got {images.dtype}; convert and normalize them first")
     if example_shape is not None and tuple(images.shape[1:]) != tuple(example_shape):
         raise CalibrationError(
             f"calibration images have shape {tuple(images.shape[1:])} but the model expects {tuple(example_shape)}"

@@ -235,7 +235,8 @@ class Evaluator:
         self._stacked: dict[int, torch.Tensor | None] = {}
         self.features = features
         self._feature_reference = None if features is None else [
-            F.normalize(torch.stack([features.reference[m].float().reshape(self.sizes[m], -1) for m in members]), dim=-1)
+            F.normalize(torch.stack([features.reference[m].float().reshape(self.sizes[m], -1) for m in members]),
+                        dim=-1)
             if len({self.sizes[m] for m in members}) == 1 else None for members in self.passes]
 
     def invalidate(self) -> None:

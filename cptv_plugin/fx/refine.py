@@ -332,7 +332,8 @@ class FxSession:
         state = {"scales": [h.read() for h in self.all_handles]}
         state["fq_flags"] = [(fq.fake_quant_enabled.clone(), fq.observer_enabled.clone(),
                               fq.activation_post_process) for fq in self.fake_quants]
-        state["weights"] = [h.weight.detach().clone() for h in self.all_handles if getattr(h, "weight", None) is not None]
+        state["weights"] = [h.weight.detach().clone() for h in self.all_handles
+                            if getattr(h, "weight", None) is not None]
         state["qconfigs"] = [(h.module, h.qconfig) for h in self.all_handles if isinstance(h, WeightObserverHandle)]
         state["modules"] = {path: h.observer for h in self.all_handles if isinstance(h, ObserverHandle)
                             for path in h.paths}

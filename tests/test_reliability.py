@@ -190,7 +190,8 @@ def test_agreement_guard_restores_scales_that_make_the_model_disagree(tiny_vit, 
     import cptv_plugin.refinement as refinement
     from cptv_plugin.fx.refine import FxSession
 
-    def collapsing_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None, pass_judge=None):
+    def collapsing_search(groups, evaluator, config, fingerprint="", starts=None, given_agreement=None,
+                          pass_judge=None):
         initial = evaluator(None)
         for group in groups:
             group.set(group.read() * 50)  # coarse steps everywhere: the predictions stop matching

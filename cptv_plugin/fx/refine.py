@@ -192,6 +192,9 @@ class FxSession:
                 # PT2E observes weights as values: an observer whose input is a constant quantizes a weight
                 role = "weight" if node.all_input_nodes and all(
                     a.op == "get_attr" for a in node.all_input_nodes) else "activation"
+                # searched or not, convert_fx's kernels compute with it (in FX a constant such as a position
+                # embedding is observed as a value too: not a matmul's weight, which the module's qconfig observes)
+                wide["activation"] |= role == "activation" and _eight_bit_range(module)
                 if isinstance(module, fake_quant_types()):
                     self.fake_quants.append(module)
                     root[node.target] = FakeQuantizeView(module) if is_fused_fake_quantize(module) else module
@@ -213,7 +216,6 @@ class FxSession:
                         handle.paths.append(node.target)
                     handle_of_node[node] = handle
                     sim = handle.quantizer
-                    wide["activation"] |= role == "activation" and module.quant_max - module.quant_min > 127
                     if handle.narrowed and target == "convert_fx":
                         narrowed_activations.append(node.target)
                 else:  # fixed qparams (or activations not searched): simulate without searching
@@ -234,6 +236,7 @@ class FxSession:
                     "use FakeQuantize in the QAT qconfig (e.g. fx_qconfig_mapping(bits, qat=True)), or prepare_fx "
                     "for post-training quantization")
             if isinstance(weight_fq, FakeQuantizeBase):  # a QAT module: its own forward fake-quantizes
+                wide["weight"] |= _eight_bit_range(weight_fq)
                 root[node.target] = module
                 self.fake_quants.append(weight_fq)
                 if is_fused_fake_quantize(weight_fq):  # put back by commit() / restore()
@@ -247,7 +250,7 @@ class FxSession:
             if isinstance(leader, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and \
                     _weight_quantized_by_convert(original, module, observed):
                 handle = WeightObserverHandle(node.target, module, clamp_weights)
-                wide["weight"] |= handle.quant_max - handle.quant_min > 127
+                wide["weight"] |= _eight_bit_range(handle)
                 if "weight" in roles:
                     handle_of_node[node] = handle
                 name = f"cptv_weight_{len(self.simulated)}"
@@ -446,6 +449,11 @@ def _refuse_clipped_reference(prepared: fx.GraphModule) -> None:
             f"(clamp_weights=True; {len(clamped)} weights, e.g. {clamped[0]}), so with quantization off it no longer "
             "computes the full-precision model, the reference a refinement matches: pass fp_model=<the float "
             "model> to refine it again, or refine a fresh prepare_fx copy of the float model")
+
+
+def _eight_bit_range(quantizer) -> bool:
+    """Whether an observer, FakeQuantize or handle spans more than 7 bits (``quant_max - quant_min > 127``)."""
+    return quantizer.quant_max - quantizer.quant_min > 127
 
 
 def _saturating_int8_kernels() -> bool:

@@ -31,8 +31,6 @@ def environment_with_this_package(**extra: str) -> dict:
 # 100 images, without 1.6 s)
 TINY_SEARCH = SearchConfig(passes=1, population=4, cycles=2, samples=2, batch_size=50, progress=False,
                            gradient_steps=0, lossless_kl=0.0, start_candidates=())
-# the name the block-adapter tests use: TINY_SEARCH without the activation start, which TINY_SEARCH now leaves out too
-ADAPTER_SEARCH = TINY_SEARCH
 
 
 @pytest.fixture(scope="session")

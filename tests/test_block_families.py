@@ -11,7 +11,7 @@ from cptv_plugin import ModelStructure, discover_blocks
 from cptv_plugin.fx.refine import FxSession
 from cptv_plugin.models import load_reference_model
 from cptv_plugin.qconfigs import prepare_timm_for_fx
-from conftest import ADAPTER_SEARCH, assert_suffix_matches_full, prepare_and_calibrate
+from conftest import TINY_SEARCH, assert_suffix_matches_full, prepare_and_calibrate
 
 FAMILIES = {
     "fmnist_vit_tiny": ("vit", [f"blocks.{i}" for i in range(4)]),
@@ -96,7 +96,7 @@ def test_refinement_lowers_the_fitness(family, fmnist):
     name, model, _ = family
     prepared = prepare_and_calibrate(model, fmnist[0][:100], "W4A8")
     before = {k: v.clone() for k, v in prepared.state_dict().items() if k.endswith("max_val")}
-    result = cptv_plugin.refine_fx(prepared, fmnist[0][:100], config=ADAPTER_SEARCH)
+    result = cptv_plugin.refine_fx(prepared, fmnist[0][:100], config=TINY_SEARCH)
     assert result.final_fitness < result.initial_fitness
     assert set(result.groups) == {"prefix", "head", *FAMILIES[name][1]}
     assert before  # the observers are still there for convert_fx (activation ones were frozen, not removed)
@@ -125,7 +125,7 @@ def test_generic_adapter_takes_repeated_blocks_and_says_so(fmnist, caplog):
         assert discover_blocks(ModelStructure.from_module(model)) == ("generic", ["layers.0", "layers.1", "layers.2"])
     assert "layers" in caplog.text
     prepared = prepare_and_calibrate(model, fmnist[0][:100], "W4A8")
-    result = cptv_plugin.refine_fx(prepared, fmnist[0][:100], config=ADAPTER_SEARCH)
+    result = cptv_plugin.refine_fx(prepared, fmnist[0][:100], config=TINY_SEARCH)
     assert list(result.groups) == ["prefix", "layers.0", "layers.1", "layers.2", "head"]
     assert result.final_fitness < result.initial_fitness
 
@@ -170,7 +170,7 @@ def test_adapters_serve_modelopt_models_too(name, fmnist):
     with torch.no_grad():
         full = model(images)
     assert_suffix_matches_full(session.chain, session.groups, images, full)
-    result = cptv_plugin.refine_modelopt(model, calib, config=ADAPTER_SEARCH)
+    result = cptv_plugin.refine_modelopt(model, calib, config=TINY_SEARCH)
     assert result.final_fitness < result.initial_fitness
 
 
@@ -186,5 +186,5 @@ def test_adapters_serve_pytorch_quantization_models_too(name, fmnist):
     assert session.adapter == FAMILIES[name][0]
     assert [g.name for g in session.groups if g.name not in ("prefix", "head")] == FAMILIES[name][1]
     assert_suffix_matches_full(session.chain, session.groups, fmnist[0][:8])
-    result = cptv_plugin.refine_pytorch_quantization(model, calib, config=ADAPTER_SEARCH)
+    result = cptv_plugin.refine_pytorch_quantization(model, calib, config=TINY_SEARCH)
     assert result.final_fitness < result.initial_fitness

@@ -153,8 +153,6 @@ def test_scaled_queries_are_simulated_as_convert_fx_multiplies_them(tiny_vit, fm
     former with target="fake_quant"), and the refined scale reaches the observer under both of its names."""
     import operator
 
-    from conftest import ADAPTER_SEARCH
-
     calib, images = fmnist[0][:100], fmnist[1][:200]
     # 7-bit activations: on x86 CPUs without VNNI, fbgemm's int8 kernels saturate the int16 sums of pairs of 8-bit
     # activations times 8-bit weights (why torch.ao's x86 qconfig reduces their range): there the lowered model
@@ -174,7 +172,7 @@ def test_scaled_queries_are_simulated_as_convert_fx_multiplies_them(tiny_vit, fm
     with torch.no_grad():
         # measured: 0.0017 against 0.063 (the scaled queries were nearly all of the simulation's distance at W8A7)
         assert (simulated.eval_module(images) - lowered).abs().mean() < 0.2 * (reference - lowered).abs().mean()
-    cptv_plugin.refine_fx(prepared, calib, config=ADAPTER_SEARCH)
+    cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH)
     shared = [(n.args[0].target, next(iter(n.users)).target) for n in prepared.graph.nodes if n.target is operator.mul]
     assert len(shared) == 4
     assert all(isinstance(prepared.get_submodule(q), RefinedObserver)

@@ -9,7 +9,7 @@ import cptv_plugin
 from cptv_plugin import NotPreparedError
 from cptv_plugin.fx.refine import FxSession
 from cptv_plugin.models import load_reference_model
-from conftest import ADAPTER_SEARCH, TINY_SEARCH, assert_suffix_matches_full
+from conftest import TINY_SEARCH, assert_suffix_matches_full
 
 pytest.importorskip("torchao")
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
@@ -109,7 +109,7 @@ def test_other_families_through_the_same_adapters(name, adapter, fmnist):
     assert session.adapter == adapter and len(session.chain.segments) == len(session.groups)
     images = fmnist[0][:8]
     assert_suffix_matches_full(session.chain, session.groups, images)
-    result = cptv_plugin.refine_pt2e(prepared, calib, config=ADAPTER_SEARCH)
+    result = cptv_plugin.refine_pt2e(prepared, calib, config=TINY_SEARCH)
     assert result.final_fitness < result.initial_fitness
 
 

@@ -316,3 +316,36 @@ def test_slim_fashion_mnist_keeps_the_seeds_calibration_images_and_refuses_its_s
     assert torch.equal(load_fashion_mnist("test")[0], load_fashion_mnist("test", root=tmp_path / "slim")[0])
     with pytest.raises(SystemExit, match="source folder"):
         main([str(FASHION_MNIST_DIR)])
+
+
+def test_goals_report_names_each_goal_a_row_misses_and_counts_only_paired_seeds():
+    from benchmarks.accuracy import goals_report
+
+    def record(method, bits, top1, seed=0, model="fmnist_deit_tiny", placement="linear"):
+        return {"model": model, "placement": placement, "bits": bits, "method": method, "seed": seed, "top1": top1}
+
+    records = [record("fp32", "W8A8", 89.0), record("fp32", "W8A8", 90.0, model="m", placement="e2e")]
+    for seed in (0, 1):
+        records += [record("baseline", "W4A4", 84.0, seed), record("default", "W4A4", 85.0 + seed, seed),
+                    record("paper", "W4A4", 85.5, seed), record("modelopt-mse", "W4A4", 84.5, seed),
+                    record("baseline", "W8A8", 88.9, seed), record("default", "W8A8", 88.8 + 0.2 * seed, seed),
+                    record("baseline", "W2A8", 50.0, seed, "m", "e2e"),
+                    record("default", "W2A8", 75.0, seed, "m", "e2e"),
+                    record("histogram", "W2A8", 80.0, seed, "m", "e2e")]
+    records += [record("modelopt-mse+default", "W4A4", 84.0), record("histogram+default", "W2A8", 85.0, 1, "m", "e2e"),
+                record("paper", "W2A8", 74.0, 0, "m", "e2e")]
+    text = goals_report(records)
+    # DeiT-like linear W4A4: mean 85.5 against the absolute goal 86; the paper wins seed 0, loses seed 1
+    assert "| fmnist_deit_tiny | linear | W4A4 | 84.00 | 85.50 (n=2) | 89.00 | ≥ 86 | **no** |" in text
+    assert "- fmnist_deit_tiny linear W4A4: ≥ 86" in text
+    assert "- fmnist_deit_tiny linear W4A4: default > paper at 1 / 2 seeds" in text
+    # the stacked run at seed 0 only is compared with its start at seed 0 (84.0 vs 84.5): no improvement
+    assert "modelopt-mse: -0.50 (n=1)" in text and "modelopt-mse+default does not improve modelopt-mse" in text
+    # another model's e2e W2A8: half of the 40-point gap closed (62 %), but the histogram calibration is better
+    assert "| m | e2e | W2A8 | 50.00 | 75.00 (n=2) | 90.00 | half the gap (closed 62 %) | yes |" in text
+    assert "- m e2e W2A8: histogram 80.00 ≥ default 75.00" in text
+    assert "histogram: +5.00 (n=1)" in text and "| 1 / 1 |" in text  # paper recorded at seed 0 only
+    # 8-bit activations: below the baseline at seed 0 only
+    assert "| fmnist_deit_tiny | linear | W8A8 | 88.90 | 88.90 (n=2) | 1 / 2 |  |" in text
+    assert "- fmnist_deit_tiny linear W8A8: default below the baseline at 1 / 2 seeds" in text
+    assert goals_report([record("baseline", "W4A4", 84.0)]) == ""

@@ -322,7 +322,8 @@ def test_goals_report_names_each_goal_a_row_misses_and_counts_only_paired_seeds(
     from benchmarks.accuracy import goals_report
 
     def record(method, bits, top1, seed=0, model="fmnist_deit_tiny", placement="linear"):
-        return {"model": model, "placement": placement, "bits": bits, "method": method, "seed": seed, "top1": top1}
+        return {"model": model, "placement": placement, "bits": bits, "method": method, "seed": seed, "top1": top1,
+                "seconds": 10.0 if method == "default" else 1.0}
 
     records = [record("fp32", "W8A8", 89.0), record("fp32", "W8A8", 90.0, model="m", placement="e2e")]
     for seed in (0, 1):
@@ -339,6 +340,8 @@ def test_goals_report_names_each_goal_a_row_misses_and_counts_only_paired_seeds(
     assert "| fmnist_deit_tiny | linear | W4A4 | 84.00 | 85.50 (n=2) | 89.00 | ≥ 86 | **no** |" in text
     assert "- fmnist_deit_tiny linear W4A4: ≥ 86" in text
     assert "- fmnist_deit_tiny linear W4A4: default > paper at 1 / 2 seeds" in text
+    # 10 s for 1.5 points against 1 s for 1.5 points
+    assert "- fmnist_deit_tiny linear W4A4: default dearer per point than paper (6.7 / 0.7 s)" in text
     # the stacked run at seed 0 only is compared with its start at seed 0 (84.0 vs 84.5): no improvement
     assert "modelopt-mse: -0.50 (n=1)" in text and "modelopt-mse+default does not improve modelopt-mse" in text
     # another model's e2e W2A8: half of the 40-point gap closed (62 %), but the histogram calibration is better

@@ -341,7 +341,7 @@ def test_goals_report_names_each_goal_a_row_misses_and_counts_only_paired_seeds(
     assert "- fmnist_deit_tiny linear W4A4: ≥ 86" in text
     assert "- fmnist_deit_tiny linear W4A4: default > paper at 1 / 2 seeds" in text
     # 10 s for 1.5 points against 1 s for 1.5 points
-    assert "- fmnist_deit_tiny linear W4A4: default dearer per point than paper (6.7 / 0.7 s)" in text
+    assert "- fmnist_deit_tiny linear W4A4: default dearer per point than paper, 6.67 / 0.67 s" in text
     # the stacked run at seed 0 only is compared with its start at seed 0 (84.0 vs 84.5): no improvement
     assert "modelopt-mse: -0.50 (n=1)" in text and "modelopt-mse+default does not improve modelopt-mse" in text
     # another model's e2e W2A8: half of the 40-point gap closed (62 %), but the histogram calibration is better
@@ -351,4 +351,9 @@ def test_goals_report_names_each_goal_a_row_misses_and_counts_only_paired_seeds(
     # 8-bit activations: below the baseline at seed 0 only
     assert "| fmnist_deit_tiny | linear | W8A8 | 88.90 | 88.90 (n=2) | 1 / 2 |  |" in text
     assert "- fmnist_deit_tiny linear W8A8: default below the baseline at 1 / 2 seeds" in text
+    assert "(timed alone)" not in text
+    for r in records:
+        r["timed_alone"] = r["placement"] == "linear"
+    assert "- fmnist_deit_tiny linear W4A4: default dearer per point than paper, 6.67 / 0.67 s (timed alone)" in \
+        goals_report(records)
     assert goals_report([record("baseline", "W4A4", 84.0)]) == ""

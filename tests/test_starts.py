@@ -213,6 +213,30 @@ def test_activation_mse_start_lowers_every_activation_error(tiny_vit, fmnist, fr
         assert torch.equal(handle.read(), before[handle])
 
 
+def test_activation_mse_start_does_not_depend_on_how_the_inputs_are_sliced(tiny_vit, fmnist, monkeypatch):
+    """The errors are summed slice by slice (on the CPU in cache-sized slices): the chosen scales are the same
+    with 64 input elements a slice."""
+    import cptv_plugin.starts as starts
+
+    calib = fmnist[0][:100]
+    session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W4A4"), target="fake_quant")
+
+    def run_full_precision():
+        session.set_quantization(False)
+        try:
+            with torch.no_grad():
+                session.chain.forward(calib[:16], eager=True)
+        finally:
+            session.set_quantization(True)
+
+    chosen = []
+    for elements in (2 ** 22, 64 * len(starts.ACTIVATION_RATIOS)):  # one slice per call; 64 elements a slice
+        monkeypatch.setitem(starts._ERROR_ELEMENTS, "cpu", elements)
+        chosen.append(starts.activation_mse_scales(session.all_handles, run_full_precision, sample=4096))
+    assert len(chosen[0]) >= 8 and chosen[0].keys() == chosen[1].keys()
+    assert all(torch.equal(chosen[0][h], chosen[1][h]) for h in chosen[0])
+
+
 # the groups outside the blocks included: clipping only the blocks' activation ranges at 4 bits, with MinMax
 # ranges left before and after them, measured worse than MinMax everywhere (InfoNCE 5.5 vs 3.9 here)
 ONE_VISIT_STARTED = SearchConfig(passes=1, population=1, cycles=0, samples=1, batch_size=50, progress=False,

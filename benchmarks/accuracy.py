@@ -956,6 +956,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile the searches' evaluation segments (GPU)")
     parser.add_argument("--report", action="store_true", help="only write accuracy.md and the plots")
+    parser.add_argument("--goals", action="store_true",
+                        help="only print the accuracy issue's goals, row by row, from the records (writes nothing)")
     parser.add_argument("--workers", type=int, default=1,
                         help="processes sharing the device (claim tasks in priority order; merged at the end)")
     parser.add_argument("--deadline", type=float, default=None,
@@ -965,6 +967,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     out = Path(args.out)
+    if args.goals:
+        print(goals_report(load_records(out)) or f"no row of {out} has both a baseline and a default record")
+        return
     if not args.report:
         if args.workers > 1:
             run_workers(args, argv)

@@ -357,3 +357,19 @@ def test_goals_report_names_each_goal_a_row_misses_and_counts_only_paired_seeds(
     assert "- fmnist_deit_tiny linear W4A4: default dearer per point than paper, 6.67 / 0.67 s (timed alone)" in \
         goals_report(records)
     assert goals_report([record("baseline", "W4A4", 84.0)]) == ""
+
+
+def test_goals_flag_prints_the_goals_and_writes_nothing(tmp_path, capsys):
+    from benchmarks.accuracy import main, save_records
+
+    def record(method, top1, seed):
+        return {"model": "m", "placement": "e2e", "bits": "W2A8", "method": method, "seed": seed, "top1": top1,
+                "seconds": 1.0, "calibration_images": 100, "test_images": 100}
+
+    out = tmp_path / "records.json"
+    save_records(out, [record("fp32", 90.0, 0), record("baseline", 50.0, 0), record("default", 60.0, 0)])
+    main(["--goals", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert "| m | e2e | W2A8 | 50.00 | 60.00 (n=1) | 90.00 | half the gap (closed 25 %) | **no** |" in printed
+    assert "- m e2e W2A8: half the gap (closed 25 %)" in printed
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["records.json"]

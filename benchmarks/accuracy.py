@@ -757,6 +757,17 @@ def report(records: list[dict], out_dir: Path, stem: str = "accuracy") -> str:
     return table
 
 
+def _gain_and_seconds(runs: dict[tuple, dict], row: tuple, method: str) -> tuple[float, float] | None:
+    """``method``'s mean gain over the baseline and its mean seconds per run, over the seeds of ``row`` (model,
+    placement, bits) that recorded both (``runs``: records by model, placement, bits, seed, method); None if none."""
+    pairs = [(r, runs[(*row, seed, "baseline")]) for (*head, seed, m), r in runs.items()
+             if tuple(head) == row and m == method and (*row, seed, "baseline") in runs]
+    if not pairs:
+        return None
+    return (statistics.mean(r["top1"] - b["top1"] for r, b in pairs),
+            statistics.mean(r.get("seconds", 0.0) for r, _ in pairs))
+
+
 # the accuracy issue's goals: absolute top-1 on the DeiT-like model's linear placement (the issue's reference ViT,
 # ModelOpt's placement), half of the baseline-to-FP32 gap closed at the other low-bit rows
 ABSOLUTE_GOALS = {("fmnist_deit_tiny", "linear", "W4A4"): 86.0, ("fmnist_deit_tiny", "linear", "W3A4"): 85.0,
@@ -776,18 +787,14 @@ def goals_report(records: list[dict]) -> str:
     seed by seed (wins / seeds), and the 8-bit-activation rows' "never below the baseline" (seeds below / seeds).
     A cell counts only seeds both sides recorded. Markdown ("" without default records)."""
     top1: dict[tuple, dict[str, dict[int, float]]] = {}
-    seconds: dict[tuple, float] = {}
-    alone: set[tuple] = set()  # (row, method, seed) of runs timed with the device to themselves
+    runs = {(r["model"], r["placement"], r["bits"], r["seed"], r["method"]): r for r in records}
     fp32: dict[str, list[float]] = {}
     for r in records:
         if r["method"] == "fp32":
             fp32.setdefault(r["model"], []).append(r["top1"])
-            continue
-        row = (r["model"], r["placement"], r["bits"])
-        top1.setdefault(row, {}).setdefault(r["method"], {})[r["seed"]] = r["top1"]
-        seconds[(*row, r["method"], r["seed"])] = r.get("seconds", 0.0)
-        if r.get("timed_alone"):
-            alone.add((*row, r["method"], r["seed"]))
+        else:
+            top1.setdefault((r["model"], r["placement"], r["bits"]), {}).setdefault(r["method"], {})[r["seed"]] = \
+                r["top1"]
     rows = sorted(row for row, methods in top1.items() if "default" in methods and "baseline" in methods)
     if not rows:
         return ""
@@ -798,11 +805,8 @@ def goals_report(records: list[dict]) -> str:
 
     def per_point(row: tuple, method: str) -> float | None:
         """Mean seconds per point gained over the baseline (same seeds); None without a gain."""
-        seeds = [s for s in top1[row].get(method, {}) if s in top1[row]["baseline"]]
-        if not seeds:
-            return None
-        gain = statistics.mean(top1[row][method][s] - top1[row]["baseline"][s] for s in seeds)
-        return statistics.mean(seconds[(*row, method, s)] for s in seeds) / gain if gain > 0 else None
+        measured = _gain_and_seconds(runs, row, method)
+        return measured[1] / measured[0] if measured and measured[0] > 0 else None
 
     low = ["| model | placement | bits | baseline | default | FP32 | goal | met | default vs users' picks "
            "| START+default vs START | default > paper, seeds | s per point, default / paper |", "|---" * 12 + "|"]
@@ -820,8 +824,8 @@ def goals_report(records: list[dict]) -> str:
             short.append(f"{model} {placement} {bits}: default > paper at {paper_cell} seeds")
         ours, theirs = per_point(row, "default"), per_point(row, "paper")
         costs = " / ".join("no gain" if v is None else f"{v:.2f}" if v < 10 else f"{v:.0f}" for v in (ours, theirs))
-        note = " (timed alone)" if versus_paper and all((*row, m, s) in alone for m in ("default", "paper")
-                                                         for s in values[m]) else ""
+        note = " (timed alone)" if versus_paper and all(runs[(*row, s, m)].get("timed_alone")
+                                                         for m in ("default", "paper") for s in values[m]) else ""
         cost_cell = costs + note if versus_paper else ""
         if theirs is not None and (ours is None or ours > theirs):
             short.append(f"{model} {placement} {bits}: default dearer per point than paper, {costs} s{note}")
@@ -883,14 +887,11 @@ def cost_report(records: list[dict], methods: tuple[str, ...] = ("paper", "fast"
     for row in rows:
         cells = []
         for method in methods:
-            pairs = [(top1[(*row, seed, method)], top1[(*row, seed, "baseline")]) for seed in
-                     sorted({k[3] for k in top1 if k[:3] == row}) if (*row, seed, method) in top1
-                     and (*row, seed, "baseline") in top1]
-            if not pairs:
+            measured = _gain_and_seconds(top1, row, method)
+            if measured is None:
                 cells.append("")
                 continue
-            gain = statistics.mean(r["top1"] - b["top1"] for r, b in pairs)
-            seconds = statistics.mean(r["seconds"] for r, _ in pairs)
+            gain, seconds = measured
             per_point = f"{seconds / gain:.1f}" if gain > 0 else "no gain"
             cells.append(f"{gain:+.2f} / {seconds:.0f} / {per_point}")
         lines.append(f"| {' | '.join(row)} | " + " | ".join(cells) + " |")

@@ -136,17 +136,28 @@ def test_only_the_default_preset_seeds_and_unknown_seeds_are_refused():
 # ------------------------------------------------------------------------------ start candidates
 
 
+def full_precision_runner(session, images):
+    """What the refinement hands a start: runs ``images`` through the session's model with quantization off."""
+
+    def run_full_precision():
+        session.set_quantization(False)
+        try:
+            with torch.no_grad():
+                session.chain.forward(images, eager=True)
+        finally:
+            session.set_quantization(True)
+
+    return run_full_precision
+
+
 def captured_inputs(session, handles, images):
     """The full-precision tensors each handle's input module sees (quantization off), by handle."""
     seen = {h: [] for h in handles}
     hooks = [h.input_module.register_forward_pre_hook(lambda m, args, h=h: seen[h].append(args[0].detach().float()))
              for h in handles]
-    session.set_quantization(False)
     try:
-        with torch.no_grad():
-            session.chain.forward(images, eager=True)
+        full_precision_runner(session, images)()
     finally:
-        session.set_quantization(True)
         for hook in hooks:
             hook.remove()
     return seen
@@ -193,16 +204,7 @@ def test_activation_mse_start_lowers_every_activation_error(tiny_vit, fmnist, fr
     handles = session.all_handles
     activations = [h for h in handles if h.role == "activation" and h.input_module is not None]
     before = {h: h.read().clone() for h in handles}
-
-    def run_full_precision():
-        session.set_quantization(False)
-        try:
-            with torch.no_grad():
-                session.chain.forward(calib[:64], eager=True)
-        finally:
-            session.set_quantization(True)
-
-    started = STARTS["activation_mse"](handles, run_full_precision)
+    started = STARTS["activation_mse"](handles, full_precision_runner(session, calib[:64]))
     assert all(h.role == "activation" for h in started)  # weights keep their scales
     assert len(started) >= len(activations) // 2  # 4-bit MinMax ranges are far wider than the MSE optimum
     seen = captured_inputs(session, list(started), calib[:64])
@@ -220,15 +222,7 @@ def test_activation_mse_start_does_not_depend_on_how_the_inputs_are_sliced(tiny_
 
     calib = fmnist[0][:100]
     session = FxSession(prepare_and_calibrate(tiny_vit, calib, "W4A4"), target="fake_quant")
-
-    def run_full_precision():
-        session.set_quantization(False)
-        try:
-            with torch.no_grad():
-                session.chain.forward(calib[:16], eager=True)
-        finally:
-            session.set_quantization(True)
-
+    run_full_precision = full_precision_runner(session, calib[:16])
     chosen = []
     for elements in (2 ** 22, 64 * len(starts.ACTIVATION_RATIOS)):  # one slice per call; 64 elements a slice
         monkeypatch.setitem(starts._ERROR_ELEMENTS, "cpu", elements)

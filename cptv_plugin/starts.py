@@ -126,8 +126,8 @@ ACTIVATION_RATIOS = tuple(round(0.02 * k, 2) for k in range(1, 61))
 # elements of each tensor a quantizer sees that judge its ratios (drawn uniformly, the same draw for every ratio)
 ACTIVATION_SAMPLE = 2 ** 16
 # (ratios × elements) computed at once: on a GPU large kernels; on the CPU slices that stay in the cache (2 ** 18
-# floats, 1 MiB: the CI ViT's activation start on 1,000 images took 2.8 s instead of 4.1 s, medians of 4 runs on
-# 2 cores; with 2 ** 14 or 2 ** 16 the calls' overhead made it slower)
+# floats, 1 MiB: the CI ViT's activation start, on the 256 images it sees, took 2.8 s instead of 4.1 s, medians of
+# 4 runs on 2 cores; with 2 ** 14 or 2 ** 16 the calls' overhead made it slower)
 _ERROR_ELEMENTS = {"cpu": 2 ** 18}
 _ERROR_ELEMENTS_DEFAULT = 2 ** 22
 

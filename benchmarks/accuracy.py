@@ -785,7 +785,8 @@ def goals_report(records: list[dict]) -> str:
     rows, half of the baseline-to-FP32 gap elsewhere), against each calibration users pick instead, and each of
     those starts refined by the default against the start itself. Every row: the default against the paper preset
     seed by seed (wins / seeds), and the 8-bit-activation rows' "never below the baseline" (seeds below / seeds).
-    A cell counts only seeds both sides recorded. Markdown ("" without default records)."""
+    A cell counts only seeds both sides recorded; a seed that misses the paper or the baseline is tested image by
+    image (exact McNemar) where both records carry their per-image verdicts. Markdown ("" without default records)."""
     top1: dict[tuple, dict[str, dict[int, float]]] = {}
     runs = {(r["model"], r["placement"], r["bits"], r["seed"], r["method"]): r for r in records}
     fp32: dict[str, list[float]] = {}
@@ -799,9 +800,20 @@ def goals_report(records: list[dict]) -> str:
     if not rows:
         return ""
 
-    def paired(values: dict, first: str, second: str) -> list[tuple[float, float]]:
-        return [(values[first][s], values[second][s]) for s in sorted(values.get(first, {}))
+    def paired(values: dict, first: str, second: str) -> list[tuple[int, float, float]]:
+        """(seed, first's top-1, second's top-1) at the seeds both recorded."""
+        return [(s, values[first][s], values[second][s]) for s in sorted(values.get(first, {}))
                 if s in values.get(second, {})]
+
+    def won_lost(row: tuple, pairs: list[tuple[int, float, float]], other: str) -> str:
+        """The default against ``other`` image by image at the seeds of ``pairs`` that missed: " (won-lost, p)" where
+        both records carry their per-image verdicts, "" otherwise (a miss of a few images may be chance)."""
+        tests = [paired_test(runs[(*row, seed, "default")], runs[(*row, seed, other)]) for seed, _, _ in pairs
+                 if runs[(*row, seed, "default")].get("correct") and runs[(*row, seed, other)].get("correct")]
+        if not tests or len(tests) < len(pairs):
+            return ""
+        return (" (test images only the default / only the " + other + " got right, exact McNemar p: "
+                + ", ".join(f"{t['only_first']}-{t['only_second']} p={t['p']:.2f}" for t in tests) + ")")
 
     def per_point(row: tuple, method: str) -> float | None:
         """Mean seconds per point gained over the baseline (same seeds); None without a gain."""
@@ -819,9 +831,10 @@ def goals_report(records: list[dict]) -> str:
         base, default = (statistics.mean(values[m].values()) for m in ("baseline", "default"))
         n = len(values["default"])
         versus_paper = paired(values, "default", "paper")
-        paper_cell = (f"{sum(d > p for d, p in versus_paper)} / {len(versus_paper)}" if versus_paper else "")
-        if versus_paper and not all(d > p for d, p in versus_paper):
-            short.append(f"{model} {placement} {bits}: default > paper at {paper_cell} seeds")
+        paper_cell = (f"{sum(d > p for _, d, p in versus_paper)} / {len(versus_paper)}" if versus_paper else "")
+        if versus_paper and not all(d > p for _, d, p in versus_paper):
+            short.append(f"{model} {placement} {bits}: default > paper at {paper_cell} seeds"
+                         + won_lost(row, [pair for pair in versus_paper if pair[1] <= pair[2]], "paper"))
         ours, theirs = per_point(row, "default"), per_point(row, "paper")
         costs = " / ".join("no gain" if v is None else f"{v:.2f}" if v < 10 else f"{v:.0f}" for v in (ours, theirs))
         note = " (timed alone)" if versus_paper and all(runs[(*row, s, m)].get("timed_alone")
@@ -831,11 +844,12 @@ def goals_report(records: list[dict]) -> str:
             short.append(f"{model} {placement} {bits}: default dearer per point than paper, {costs} s{note}")
         if bits not in LOW_BITS:
             below = paired(values, "default", "baseline")
-            lost = sum(d < b for d, b in below)
+            lost = [pair for pair in below if pair[1] < pair[2]]
             if lost:
-                short.append(f"{model} {placement} {bits}: default below the baseline at {lost} / {len(below)} seeds")
+                short.append(f"{model} {placement} {bits}: default below the baseline at {len(lost)} / {len(below)} "
+                             "seeds" + won_lost(row, lost, "baseline"))
             high.append(f"| {model} | {placement} | {bits} | {base:.2f} | {default:.2f} (n={n}) "
-                        f"| {lost} / {len(below)} | {paper_cell} | {cost_cell} |")
+                        f"| {len(lost)} / {len(below)} | {paper_cell} | {cost_cell} |")
             continue
         full = statistics.mean(fp32[model]) if model in fp32 else None
         if row in ABSOLUTE_GOALS:
@@ -856,7 +870,7 @@ def goals_report(records: list[dict]) -> str:
                     short.append(f"{model} {placement} {bits}: {pick} {mean:.2f} ≥ default {default:.2f}")
             both = paired(values, f"{pick}+default", pick)
             if both:
-                gain = statistics.mean([a - b for a, b in both])
+                gain = statistics.mean([a - b for _, a, b in both])
                 stacked.append(f"{pick}: {gain:+.2f} (n={len(both)})")
                 if gain <= 0:
                     short.append(f"{model} {placement} {bits}: {pick}+default does not improve {pick}")

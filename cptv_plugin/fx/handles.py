@@ -99,7 +99,27 @@ class _QuantizerInfo:
                                                            self.quant_min, self.quant_max, self.axis)
 
 
-class ObserverHandle(_QuantizerInfo, ScaleHandle):
+class _SimulatedScale(_QuantizerInfo):
+    """A handle whose search moves the scale of its own :class:`SimulatedQuantizer` (``self.quantizer``); the
+    model's observer learns the result only at ``commit``."""
+
+    quantizer: SimulatedQuantizer
+
+    def read(self) -> torch.Tensor:
+        return self.quantizer.scale.clone()
+
+    def zero_points(self) -> torch.Tensor:
+        return self.quantizer.zero_point
+
+    def set(self, scale: torch.Tensor) -> None:
+        self.quantizer.scale.copy_(scale)
+
+    @property
+    def quantizer_module(self) -> nn.Module | None:
+        return self.quantizer
+
+
+class ObserverHandle(_SimulatedScale, ScaleHandle):
     """An activation observer of a ``prepare_fx`` model. The search moves a :class:`SimulatedQuantizer`;
     ``commit`` puts a :class:`RefinedObserver` at the observer's path so ``convert_fx`` uses the result."""
 
@@ -116,23 +136,10 @@ class ObserverHandle(_QuantizerInfo, ScaleHandle):
         low, high = DTYPE_RANGES[self.dtype] if clamp_to_dtype else (self.quant_min, self.quant_max)
         self.quantizer = SimulatedQuantizer(scale, zero_point, low, high, self.axis)
 
-    def read(self) -> torch.Tensor:
-        return self.quantizer.scale.clone()
-
-    def zero_points(self) -> torch.Tensor:
-        return self.quantizer.zero_point
-
-    def set(self, scale: torch.Tensor) -> None:
-        self.quantizer.scale.copy_(scale)
-
     @property
     def input_module(self) -> nn.Module | None:
         """The simulated quantizer in the evaluation model (switched off, it passes its input through)."""
         return self.quantizer if self.role == "activation" else None
-
-    @property
-    def quantizer_module(self) -> nn.Module | None:
-        return self.quantizer
 
     def clamp_range(self) -> tuple[int, int]:
         """The simulated quantizer's (the integer type's full range, for ``convert_fx`` at 8 bits)."""
@@ -145,7 +152,7 @@ class ObserverHandle(_QuantizerInfo, ScaleHandle):
             set_submodule(self.root, path, refined)
 
 
-class WeightObserverHandle(_QuantizerInfo, ScaleHandle):
+class WeightObserverHandle(_SimulatedScale, ScaleHandle):
     """The weight of a Linear/Conv in a ``prepare_fx`` model. ``convert_fx`` builds the weight observer from
     the module's qconfig; ``commit`` replaces that qconfig's weight factory with a frozen RefinedObserver."""
 
@@ -165,19 +172,6 @@ class WeightObserverHandle(_QuantizerInfo, ScaleHandle):
         self.dtype, self.quant_min, self.quant_max = observer.dtype, observer.quant_min, observer.quant_max
         self.axis = _axis(observer.qscheme, getattr(observer, "ch_axis", 0))
         self.quantizer = SimulatedQuantizer(scale, zero_point, self.quant_min, self.quant_max, self.axis)
-
-    def read(self) -> torch.Tensor:
-        return self.quantizer.scale.clone()
-
-    def zero_points(self) -> torch.Tensor:
-        return self.quantizer.zero_point
-
-    def set(self, scale: torch.Tensor) -> None:
-        self.quantizer.scale.copy_(scale)
-
-    @property
-    def quantizer_module(self) -> nn.Module | None:
-        return self.quantizer
 
     def commit(self) -> None:
         scale = self.quantizer.scale.reshape(self._scale_shape).clone()

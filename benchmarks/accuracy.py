@@ -806,12 +806,12 @@ def goals_report(records: list[dict]) -> str:
                 if s in values.get(second, {})]
 
     def won_lost(row: tuple, pairs: list[tuple[int, float, float]], other: str) -> str:
-        """The default against ``other`` image by image at the seeds of ``pairs`` that missed: " (won-lost, p)" where
-        both records carry their per-image verdicts, "" otherwise (a miss of a few images may be chance)."""
+        """The default against ``other`` image by image at the seeds of ``pairs`` that missed (a miss of a few images
+        may be chance): " (won-lost, p)" per seed where both records carry their per-image verdicts."""
         tests = [paired_test(runs[(*row, seed, "default")], runs[(*row, seed, other)]) for seed, _, _ in pairs
                  if runs[(*row, seed, "default")].get("correct") and runs[(*row, seed, other)].get("correct")]
-        if not tests or len(tests) < len(pairs):
-            return ""
+        if len(tests) < len(pairs):
+            return " (not tested image by image: a run has no per-image verdicts)"
         return (" (test images only the default / only the " + other + " got right, exact McNemar p: "
                 + ", ".join(f"{t['only_first']}-{t['only_second']} p={t['p']:.2f}" for t in tests) + ")")
 

@@ -64,7 +64,13 @@ def _print_table(report: dict) -> None:
         print(f"{name:<34} {top1:>8.2f}  {fitness or '':>17}  {seconds or '':>7}")
 
 
-def _add_search_length(command: argparse.ArgumentParser) -> None:
+def _add_search_settings(command: argparse.ArgumentParser, preset: str) -> None:
+    """The options every refining command takes: the preset (``preset`` unless given), its seed and its length."""
+    command.add_argument("--preset", default=preset, choices=["fast", "default", "paper"],
+                         help=f"search settings, {preset!r} unless given: fast for a quick try, default for the "
+                              "most accurate result, paper for the published preset")
+    command.add_argument("--seed", type=int, default=0,
+                         help="seed of the search (default 0): the same seed gives the same scales on the CPU")
     command.add_argument("--passes", type=int, default=None,
                          help="passes of the search over the blocks (default: the preset's, 3 for fast, 10 for "
                               "default and paper); fewer for a quicker, less accurate try")
@@ -109,12 +115,10 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="PTQ → refine → top-1 before and after, on an embedded ViT")
     demo.add_argument("--bits", default="W2A8", help="bit setting, e.g. W4A8 (default W2A8)")
-    demo.add_argument("--preset", default="fast", choices=["fast", "default", "paper"])
     demo.add_argument("--calibration", type=int, default=1000, help="calibration images (default 1000)")
-    demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--test-images", type=int, default=None,
                       help="score on the first N test images only (default: all 10,000)")
-    _add_search_length(demo)
+    _add_search_settings(demo, "fast")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
     post = commands.add_parser(
         "refine-modelopt", help="refine a ModelOpt checkpoint (mto.save) and write a new one for mto.restore")
@@ -124,11 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     post.add_argument("--model-kwargs", default="{}", help='constructor kwargs as JSON, e.g. \'{"num_classes": 10}\'')
     post.add_argument("--calibration", required=True,
                       help="'fashion-mnist', a folder of images (ImageNet layout or flat) or a tensor file")
-    post.add_argument("--calibration-size", type=int, default=1000)
+    post.add_argument("--calibration-size", type=int, default=1000, help="calibration images used (default 1000)")
     post.add_argument("--out", required=True, help="where to write the refined checkpoint")
-    post.add_argument("--preset", default="default", choices=["fast", "default", "paper"])
-    post.add_argument("--seed", type=int, default=0)
-    _add_search_length(post)
+    _add_search_settings(post, "default")
     post.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     post.add_argument("--device", default=None,
                       help="where to refine: cuda, cuda:N or cpu (default: a GPU if there is one; under torchrun "

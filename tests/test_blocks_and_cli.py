@@ -1,3 +1,4 @@
+import pytest
 
 from cptv_plugin import ModelStructure, discover_blocks, list_block_adapters
 from cptv_plugin.models import create_reference_model
@@ -37,3 +38,13 @@ def test_demo_prints_before_and_after(capsys):
     assert all(0 < row[1] <= 100 for row in report["rows"])
     assert report["gradient_steps"] == 20 and report["passes"] == 1 and report["evaluations"] > 0
     assert report["test_images"] == 1000
+
+
+def test_each_command_says_which_preset_it_runs_unless_given(capsys):
+    from cptv_plugin.cli import main
+
+    for command, preset in (("demo", "fast"), ("refine-modelopt", "default")):
+        with pytest.raises(SystemExit) as done:
+            main([command, "--help"])
+        assert done.value.code == 0
+        assert f"search settings, '{preset}' unless given" in " ".join(capsys.readouterr().out.split())

@@ -902,7 +902,7 @@ def goals_report(records: list[dict]) -> str:
             "counts the seeds both methods recorded). Goals: ≥ 86 / 85 / 85 at the DeiT-like model's linear W4A4 / "
             "W3A4 / W2A8 rows, half of the baseline-to-FP32 gap closed at the other low-bit rows, the default above "
             "each calibration users pick instead, our refinement improving each of them, the default above the "
-            "paper preset at every seed and no dearer per point gained, on average and at every seed (seconds as "
+            "paper preset and no dearer per point gained, at every seed as well as on average (seconds as "
             "recorded: unless marked timed alone, runs of different device calls shared the GPU with different "
             "loads), and never below the baseline at 8-bit activations.\n\n"
             "### Low-bit rows\n\n" + "\n".join(low) + "\n\n### 8-bit activations\n\n" + "\n".join(high)

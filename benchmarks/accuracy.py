@@ -477,6 +477,26 @@ def paired_test(first: dict, second: dict) -> dict:
     return {"only_first": only_first, "only_second": only_second, "p": p}
 
 
+def pooled_test(pairs: list[tuple[dict, dict]]) -> dict:
+    """Exact sign test of two methods over several paired runs on the same test images (e.g. seeds): per image, the
+    runs only the first got right minus those only the second got right; ``images_first`` / ``images_second``
+    count the images where that net count favours one side, and ``p`` is the two-sided p-value that neither is more
+    accurate. The image is the unit: the seeds share the test set, and an image that flips at every seed is one
+    piece of evidence, not one per seed (summing the seeds' McNemar counts would count it several times)."""
+    import math
+
+    if not pairs:
+        raise ValueError("a pooled test needs at least one pair of runs")
+    if len({(r["model"], r["test_images"]) for pair in pairs for r in pair}) > 1:
+        raise ValueError("a pooled test needs runs of one model on the same test images (got "
+                         f"{sorted({(r['model'], r['test_images']) for pair in pairs for r in pair})})")
+    net = sum(correct_images(a).int() - correct_images(b).int() for a, b in pairs)
+    first, second = int((net > 0).sum()), int((net < 0).sum())
+    n, low = first + second, min(first, second)
+    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(low + 1)) / 2 ** n) if n else 1.0
+    return {"images_first": first, "images_second": second, "runs": len(pairs), "p": p}
+
+
 def key(record: dict) -> tuple:
     return (record["model"], record["bits"], record["placement"], record["method"], record["seed"],
             record.get("calibration_images"), record.get("test_images"))
@@ -805,15 +825,27 @@ def goals_report(records: list[dict]) -> str:
         return [(s, values[first][s], values[second][s]) for s in sorted(values.get(first, {}))
                 if s in values.get(second, {})]
 
-    def won_lost(row: tuple, pairs: list[tuple[int, float, float]], other: str) -> str:
-        """The default against ``other`` image by image at the seeds of ``pairs`` that missed (a miss of a few images
-        may be chance): " (won-lost, p)" per seed where both records carry their per-image verdicts."""
-        tests = [paired_test(runs[(*row, seed, "default")], runs[(*row, seed, other)]) for seed, _, _ in pairs
-                 if runs[(*row, seed, "default")].get("correct") and runs[(*row, seed, other)].get("correct")]
-        if len(tests) < len(pairs):
+    def verdicts(row: tuple, pairs: list[tuple[int, float, float]], other: str) -> list[tuple[dict, dict]]:
+        """The default's and ``other``'s records at the seeds of ``pairs`` that carry per-image verdicts."""
+        both = [(runs[(*row, seed, "default")], runs[(*row, seed, other)]) for seed, _, _ in pairs]
+        return [(a, b) for a, b in both if a.get("correct") and b.get("correct")]
+
+    def won_lost(row: tuple, missed: list[tuple[int, float, float]], other: str,
+                 every: list[tuple[int, float, float]]) -> str:
+        """The default against ``other`` image by image at the seeds that missed (``missed``; a miss of a few images
+        may be chance): " (won-lost, p)" per seed where both records carry their per-image verdicts, and, over all
+        the paired seeds (``every``, not only those that missed), the images where the default / ``other`` was
+        right at more seeds (one sign test with the image as the unit)."""
+        tests = [paired_test(a, b) for a, b in verdicts(row, missed, other)]
+        if len(tests) < len(missed):
             return " (not tested image by image: a run has no per-image verdicts)"
-        return (" (test images only the default / only the " + other + " got right, exact McNemar p: "
-                + ", ".join(f"{t['only_first']}-{t['only_second']} p={t['p']:.2f}" for t in tests) + ")")
+        text = ", ".join(f"{t['only_first']}-{t['only_second']} p={t['p']:.2f}" for t in tests)
+        pairs = verdicts(row, every, other)
+        if len(every) > 1 and len(pairs) == len(every):
+            pooled = pooled_test(pairs)
+            text += (f"; over all {pooled['runs']} seeds, images right at more seeds with the default / the {other}: "
+                     f"{pooled['images_first']}-{pooled['images_second']} p={pooled['p']:.2f}")
+        return " (test images only the default / only the " + other + " got right, exact McNemar p: " + text + ")"
 
     def per_point(row: tuple, method: str) -> float | None:
         """Mean seconds per point gained over the baseline (same seeds); None without a gain."""
@@ -846,7 +878,8 @@ def goals_report(records: list[dict]) -> str:
         paper_cell = (f"{sum(d > p for _, d, p in versus_paper)} / {len(versus_paper)}" if versus_paper else "")
         if versus_paper and not all(d > p for _, d, p in versus_paper):
             short.append(f"{model} {placement} {bits}: default > paper at {paper_cell} seeds"
-                         + won_lost(row, [pair for pair in versus_paper if pair[1] <= pair[2]], "paper"))
+                         + won_lost(row, [pair for pair in versus_paper if pair[1] <= pair[2]], "paper",
+                                    versus_paper))
         ours, theirs = per_point(row, "default"), per_point(row, "paper")
         costs = costs_text(ours, theirs)
         note = " (timed alone)" if versus_paper and all(runs[(*row, s, m)].get("timed_alone")
@@ -867,7 +900,7 @@ def goals_report(records: list[dict]) -> str:
             lost = [pair for pair in below if pair[1] < pair[2]]
             if lost:
                 short.append(f"{model} {placement} {bits}: default below the baseline at {len(lost)} / {len(below)} "
-                             "seeds" + won_lost(row, lost, "baseline"))
+                             "seeds" + won_lost(row, lost, "baseline", below))
             high.append(f"| {model} | {placement} | {bits} | {base:.2f} | {default:.2f} (n={n}) "
                         f"| {len(lost)} / {len(below)} | {paper_cell} | {cost_cell} |")
             continue

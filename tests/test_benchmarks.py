@@ -406,3 +406,36 @@ def test_goals_flag_prints_the_goals_and_writes_nothing(tmp_path, capsys):
     assert "| m | e2e | W2A8 | 50.00 | 60.00 (n=1) | 90.00 | half the gap (closed 25 %) | **no** |" in printed
     assert "- m e2e W2A8: half the gap (closed 25 %)" in printed
     assert sorted(p.name for p in tmp_path.iterdir()) == ["records.json"]
+
+
+def test_pooled_test_counts_an_image_once_however_many_seeds_it_flips_at():
+    from benchmarks.accuracy import goals_report, pooled_test
+
+    def record(method, seed, right):
+        verdicts = torch.tensor(right)
+        return {"model": "m", "placement": "e2e", "bits": "W8A8", "method": method, "seed": seed,
+                "top1": verdicts.float().mean().item() * 100, "seconds": 1.0, "test_images": len(right),
+                "correct": base64.b64encode(np.packbits(verdicts.numpy()).tobytes()).decode()}
+
+    # 10 test images; at every seed the baseline alone gets images 0-3 right, the default alone image 4 + seed
+    records, pairs = [], []
+    for seed in range(3):
+        baseline = record("baseline", seed, [True] * 4 + [False] * 6)
+        default = record("default", seed, [False] * 4 + [i == 4 + seed for i in range(4, 10)])
+        records += [baseline, default]
+        pairs.append((default, baseline))
+    # summed over the seeds, 3 against 12 (p = 0.035); image by image, 3 images against the same 4 at every seed
+    assert pooled_test(pairs) == {"images_first": 3, "images_second": 4, "runs": 3, "p": 1.0}
+    assert pooled_test([(pairs[0][1], pairs[0][1])])["p"] == 1.0
+    with pytest.raises(ValueError, match="same test images"):
+        pooled_test([pairs[0], (dict(pairs[1][0], test_images=8), pairs[1][1])])
+    assert ("- m e2e W8A8: default below the baseline at 3 / 3 seeds (test images only the default / only the "
+            "baseline got right, exact McNemar p: 1-4 p=0.38, 1-4 p=0.38, 1-4 p=0.38; over all 3 seeds, images right "
+            "at more seeds with the default / the baseline: 3-4 p=1.00)") in goals_report(records)
+    # a fourth seed, not below the baseline, without per-image verdicts: the misses are still tested seed by seed,
+    # but there is no pooled test (it would leave that seed out)
+    records += [dict(record("baseline", 3, [True] * 10), correct=None), dict(record("default", 3, [True] * 10),
+                                                                             correct=None)]
+    text = goals_report(records)
+    assert "default below the baseline at 3 / 4 seeds" in text and "1-4 p=0.38, 1-4 p=0.38, 1-4 p=0.38)" in text
+    assert "over all" not in text

@@ -409,7 +409,7 @@ def test_goals_flag_prints_the_goals_and_writes_nothing(tmp_path, capsys):
 
 
 def test_pooled_test_counts_an_image_once_however_many_seeds_it_flips_at():
-    from benchmarks.accuracy import goals_report, pooled_test
+    from benchmarks.accuracy import goals_report, pooled_report, pooled_test
 
     def record(method, seed, right):
         verdicts = torch.tensor(right)
@@ -432,6 +432,9 @@ def test_pooled_test_counts_an_image_once_however_many_seeds_it_flips_at():
     assert ("- m e2e W8A8: default below the baseline at 3 / 3 seeds (test images only the default / only the "
             "baseline got right, exact McNemar p: 1-4 p=0.38, 1-4 p=0.38, 1-4 p=0.38; over all 3 seeds, images right "
             "at more seeds with the default / the baseline: 3-4 p=1.00)") in goals_report(records)
+    # the table of every row: no paper records here, and a single seed is not pooled
+    assert "| m | e2e | W8A8 | 3-4 (1; 3 seeds) |  |" in pooled_report(records)
+    assert pooled_report(records[:2]) == ""
     # a fourth seed, not below the baseline, without per-image verdicts: the misses are still tested seed by seed,
     # but there is no pooled test (it would leave that seed out)
     records += [dict(record("baseline", 3, [True] * 10), correct=None), dict(record("default", 3, [True] * 10),

@@ -465,16 +465,20 @@ def correct_images(record: dict) -> "torch.Tensor":
 def paired_test(first: dict, second: dict) -> dict:
     """Exact McNemar test of two records on the same test images: ``only_first`` / ``only_second`` images right
     in one record alone, and the two-sided p-value that the two models are equally accurate."""
-    import math
-
     if (first["model"], first["test_images"]) != (second["model"], second["test_images"]):
         raise ValueError("a paired test needs two runs of one model on the same test images (got "
                          f"{first['model']} on {first['test_images']}, {second['model']} on {second['test_images']})")
     a, b = correct_images(first), correct_images(second)
     only_first, only_second = int((a & ~b).sum()), int((~a & b).sum())
-    n, low = only_first + only_second, min(only_first, only_second)
-    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(low + 1)) / 2 ** n) if n else 1.0
-    return {"only_first": only_first, "only_second": only_second, "p": p}
+    return {"only_first": only_first, "only_second": only_second, "p": _sign_test(only_first, only_second)}
+
+
+def _sign_test(first: int, second: int) -> float:
+    """Two-sided exact p-value that ``first`` and ``second`` successes out of their sum are equally likely."""
+    import math
+
+    n, low = first + second, min(first, second)
+    return min(1.0, 2 * sum(math.comb(n, k) for k in range(low + 1)) / 2 ** n) if n else 1.0
 
 
 def pooled_test(pairs: list[tuple[dict, dict]]) -> dict:
@@ -483,8 +487,6 @@ def pooled_test(pairs: list[tuple[dict, dict]]) -> dict:
     count the images where that net count favours one side, and ``p`` is the two-sided p-value that neither is more
     accurate. The image is the unit: the seeds share the test set, and an image that flips at every seed is one
     piece of evidence, not one per seed (summing the seeds' McNemar counts would count it several times)."""
-    import math
-
     if not pairs:
         raise ValueError("a pooled test needs at least one pair of runs")
     if len({(r["model"], r["test_images"]) for pair in pairs for r in pair}) > 1:
@@ -492,9 +494,7 @@ def pooled_test(pairs: list[tuple[dict, dict]]) -> dict:
                          f"{sorted({(r['model'], r['test_images']) for pair in pairs for r in pair})})")
     net = sum(correct_images(a).int() - correct_images(b).int() for a, b in pairs)
     first, second = int((net > 0).sum()), int((net < 0).sum())
-    n, low = first + second, min(first, second)
-    p = min(1.0, 2 * sum(math.comb(n, k) for k in range(low + 1)) / 2 ** n) if n else 1.0
-    return {"images_first": first, "images_second": second, "runs": len(pairs), "p": p}
+    return {"images_first": first, "images_second": second, "runs": len(pairs), "p": _sign_test(first, second)}
 
 
 def key(record: dict) -> tuple:

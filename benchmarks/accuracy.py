@@ -481,6 +481,22 @@ def _sign_test(first: int, second: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, k) for k in range(low + 1)) / 2 ** n) if n else 1.0
 
 
+def images_behind(first: dict, second: dict) -> int | None:
+    """How many more test images ``second`` got right than ``first``, from the two records' top-1 alone (exact: a
+    record's top-1 is its count of right images over ``test_images``); None unless both name the same test count."""
+    count = first.get("test_images")
+    if not count or second.get("test_images") != count:
+        return None
+    return round((second["top1"] - first["top1"]) * count / 100)
+
+
+def smallest_mcnemar_p(images: int) -> float:
+    """The smallest two-sided exact McNemar p-value that two runs ``images`` test images apart in top-1 can reach,
+    whichever images differ: the one where every differing image favours the same run. Each further pair of
+    images, one for each side, only raises it, so a gap of a few images is chance without per-image verdicts."""
+    return _sign_test(abs(images), 0)
+
+
 def pooled_test(pairs: list[tuple[dict, dict]]) -> dict:
     """Exact sign test of two methods over several paired runs on the same test images (e.g. seeds): per image, the
     runs only the first got right minus those only the second got right; ``images_first`` / ``images_second``
@@ -806,7 +822,8 @@ def goals_report(records: list[dict]) -> str:
     those starts refined by the default against the start itself. Every row: the default against the paper preset
     seed by seed (wins / seeds), and the 8-bit-activation rows' "never below the baseline" (seeds below / seeds).
     A cell counts only seeds both sides recorded; a seed that misses the paper or the baseline is tested image by
-    image (exact McNemar) where both records carry their per-image verdicts. Markdown ("" without default records)."""
+    image (exact McNemar) where both records carry their per-image verdicts, and otherwise gets the smallest p-value
+    its top-1 gap in test images allows. Markdown ("" without default records)."""
     top1: dict[tuple, dict[str, dict[int, float]]] = {}
     runs = {(r["model"], r["placement"], r["bits"], r["seed"], r["method"]): r for r in records}
     fp32: dict[str, list[float]] = {}
@@ -838,7 +855,7 @@ def goals_report(records: list[dict]) -> str:
         right at more seeds (one sign test with the image as the unit)."""
         tests = [paired_test(a, b) for a, b in verdicts(row, missed, other)]
         if len(tests) < len(missed):
-            return " (not tested image by image: a run has no per-image verdicts)"
+            return gap_bounds(row, missed, other)
         text = ", ".join(f"{t['only_first']}-{t['only_second']} p={t['p']:.2f}" for t in tests)
         pairs = verdicts(row, every, other)
         if len(every) > 1 and len(pairs) == len(every):
@@ -846,6 +863,24 @@ def goals_report(records: list[dict]) -> str:
             text += (f"; over all {pooled['runs']} seeds, images right at more seeds with the default / the {other}: "
                      f"{pooled['images_first']}-{pooled['images_second']} p={pooled['p']:.2f}")
         return " (test images only the default / only the " + other + " got right, exact McNemar p: " + text + ")"
+
+    def gap_bounds(row: tuple, missed: list[tuple[int, float, float]], other: str) -> str:
+        """Where some missed seed lacks per-image verdicts: each missed seed's test, or, without verdicts, how many
+        test images it is behind and the smallest exact McNemar p-value any images could give for that gap."""
+        tested = {a["seed"]: paired_test(a, b) for a, b in verdicts(row, missed, other)}
+        parts = []
+        for seed, _, _ in missed:
+            if seed in tested:
+                parts.append(f"seed {seed} {tested[seed]['only_first']}-{tested[seed]['only_second']} "
+                             f"p={tested[seed]['p']:.2f}")
+                continue
+            behind = images_behind(runs[(*row, seed, "default")], runs[(*row, seed, other)])
+            if behind is None:
+                return " (not tested image by image: a run has no per-image verdicts)"
+            bound = smallest_mcnemar_p(behind)
+            parts.append(f"seed {seed} {behind} test images behind, p ≥ "
+                         + (f"{bound:.2f}" if bound >= 0.01 else f"{bound:.1e}") + " whichever images differ")
+        return " (not every run has per-image verdicts; exact McNemar: " + "; ".join(parts) + ")"
 
     def per_point(row: tuple, method: str) -> float | None:
         """Mean seconds per point gained over the baseline (same seeds); None without a gain."""

@@ -371,6 +371,41 @@ def test_goals_report_names_each_goal_a_row_misses_and_counts_only_paired_seeds(
             "only the baseline got right, exact McNemar p: 0-3 p=0.25)") in goals_report(records)
 
 
+def test_a_miss_without_per_image_verdicts_gets_the_smallest_p_its_top1_gap_allows():
+    from benchmarks.accuracy import _sign_test, goals_report, images_behind, smallest_mcnemar_p
+
+    # the bound: of all the ways two runs can be `gap` images apart, every differing image on one side is the least
+    # likely by chance; more differing images, one for each side, only raise p
+    for gap in range(8):
+        assert smallest_mcnemar_p(gap) == min(1.0, 2.0 ** (1 - gap))
+        assert all(_sign_test(gap + both, both) >= smallest_mcnemar_p(gap) for both in range(150))
+
+    def record(method, seed, right, verdicts=None):
+        r = {"model": "m", "placement": "linear", "bits": "W4A8", "method": method, "seed": seed,
+             "top1": 100.0 * right / 10000, "seconds": 1.0, "test_images": 10000}
+        if verdicts is not None:
+            r["correct"] = base64.b64encode(np.packbits(verdicts.numpy()).tobytes()).decode()
+        return r
+
+    records = [record("baseline", s, 9050, None) for s in (0, 1, 2)]
+    records += [record("default", 0, 9072), record("paper", 0, 9062),
+                record("default", 1, 9063), record("paper", 1, 9065),
+                record("default", 2, 9060), record("paper", 2, 9070)]
+    assert images_behind(records[5], records[6]) == 2 and images_behind(records[6], records[5]) == -2
+    assert images_behind(records[5], {**records[6], "test_images": 1000}) is None
+    assert ("- m linear W4A8: default > paper at 1 / 3 seeds (not every run has per-image verdicts; exact McNemar: "
+            "seed 1 2 test images behind, p ≥ 0.50 whichever images differ; seed 2 10 test images behind, p ≥ 2.0e-03 "
+            "whichever images differ)") in goals_report(records)
+    # a missed seed with verdicts is tested image by image beside the one without
+    right = torch.arange(10000) < 9063
+    records[5]["correct"] = record("x", 1, 0, right)["correct"]
+    records[6]["correct"] = record("x", 1, 0, right.roll(5) | (torch.arange(10000) < 2))["correct"]
+    assert "exact McNemar: seed 1 3-5 p=0.73; seed 2 10 test images behind" in goals_report(records)
+    for r in records:  # older records: no test count (nor verdicts), no bound
+        r.pop("test_images"), r.pop("correct", None)
+    assert "(not tested image by image: a run has no per-image verdicts)" in goals_report(records)
+
+
 def test_goals_report_checks_the_cost_per_point_at_every_seed_not_only_on_average():
     from benchmarks.accuracy import goals_report
 

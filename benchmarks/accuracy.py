@@ -853,10 +853,10 @@ def goals_report(records: list[dict]) -> str:
         may be chance): " (won-lost, p)" per seed where both records carry their per-image verdicts, and, over all
         the paired seeds (``every``, not only those that missed), the images where the default / ``other`` was
         right at more seeds (one sign test with the image as the unit)."""
-        tests = [paired_test(a, b) for a, b in verdicts(row, missed, other)]
-        if len(tests) < len(missed):
-            return gap_bounds(row, missed, other)
-        text = ", ".join(f"{t['only_first']}-{t['only_second']} p={t['p']:.2f}" for t in tests)
+        tested = {a["seed"]: paired_test(a, b) for a, b in verdicts(row, missed, other)}
+        if len(tested) < len(missed):
+            return gap_bounds(row, missed, other, tested)
+        text = ", ".join(f"{t['only_first']}-{t['only_second']} p={t['p']:.2f}" for t in tested.values())
         pairs = verdicts(row, every, other)
         if len(every) > 1 and len(pairs) == len(every):
             pooled = pooled_test(pairs)
@@ -864,10 +864,9 @@ def goals_report(records: list[dict]) -> str:
                      f"{pooled['images_first']}-{pooled['images_second']} p={pooled['p']:.2f}")
         return " (test images only the default / only the " + other + " got right, exact McNemar p: " + text + ")"
 
-    def gap_bounds(row: tuple, missed: list[tuple[int, float, float]], other: str) -> str:
-        """Where some missed seed lacks per-image verdicts: each missed seed's test, or, without verdicts, how many
-        test images it is behind and the smallest exact McNemar p-value any images could give for that gap."""
-        tested = {a["seed"]: paired_test(a, b) for a, b in verdicts(row, missed, other)}
+    def gap_bounds(row: tuple, missed: list[tuple[int, float, float]], other: str, tested: dict[int, dict]) -> str:
+        """Where some missed seed lacks per-image verdicts: each missed seed's test (``tested``, by seed), or, without
+        verdicts, how many test images it is behind and the smallest exact McNemar p-value any images could give."""
         parts = []
         for seed, _, _ in missed:
             if seed in tested:

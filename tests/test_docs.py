@@ -23,19 +23,31 @@ def changelog_sections(text: str) -> dict[str, list[str]]:
     return sections
 
 
+def changelog_problems(text: str) -> list[str]:
+    """What breaks Keep a Changelog's shape: unknown change types, one listed twice under a version, or out of order."""
+    problems = []
+    for version, types in changelog_sections(text).items():
+        if unknown := [name for name in types if name not in CHANGE_TYPES]:
+            problems.append(f"{version}: change types {unknown} are not Keep a Changelog's {CHANGE_TYPES}")
+        elif len(types) != len(set(types)):
+            problems.append(f"{version}: a change type appears twice: {types}")
+        elif types != sorted(types, key=CHANGE_TYPES.index):
+            problems.append(f"{version}: out of order: {types}")
+    return problems
+
+
 def test_changelog_lists_each_change_type_once_per_version_in_keep_a_changelog_order() -> None:
-    sections = changelog_sections((ROOT / "CHANGELOG.md").read_text())
-    assert "[Unreleased]" in sections
-    for version, types in sections.items():
-        unknown = [name for name in types if name not in CHANGE_TYPES]
-        assert not unknown, f"{version}: change types {unknown} are not Keep a Changelog's {CHANGE_TYPES}"
-        assert len(types) == len(set(types)), f"{version}: a change type appears twice: {types}"
-        assert types == sorted(types, key=CHANGE_TYPES.index), f"{version}: out of order: {types}"
+    text = (ROOT / "CHANGELOG.md").read_text()
+    assert "[Unreleased]" in changelog_sections(text)
+    assert changelog_problems(text) == []
 
 
-def test_changelog_check_catches_a_repeated_section() -> None:
-    repeated = "## [Unreleased]\n### Fixed\n- a\n### Added\n- b\n### Fixed\n- c\n"
-    assert changelog_sections(repeated) == {"[Unreleased]": ["Fixed", "Added", "Fixed"]}
+def test_changelog_check_catches_a_repeated_a_misordered_and_an_unknown_section() -> None:
+    assert changelog_problems("## [Unreleased]\n### Fixed\n- a\n### Added\n- b\n### Fixed\n- c\n") == [
+        "[Unreleased]: a change type appears twice: ['Fixed', 'Added', 'Fixed']"]
+    assert changelog_problems("## [1.0.0]\n### Fixed\n- a\n### Added\n- b\n") == [
+        "[1.0.0]: out of order: ['Fixed', 'Added']"]
+    assert "not Keep a Changelog's" in changelog_problems("## [1.0.0]\n### Improved\n- a\n")[0]
 
 
 def test_ci_runs_the_test_command_the_readme_gives() -> None:

@@ -75,6 +75,10 @@ def test_accuracy_benchmark_workers_share_the_tasks_once_each(tmp_path):
         methods=["histogram+default", "fast", "default", "baseline"]))]
     assert order == ["default", "baseline", "default", "baseline", "fast", "fast", "histogram+default",
                      "histogram+default"]
+    # ... and the seeds in the order given, so a call cut short by its time limit has the seeds named first
+    seeds = [t["seed"] for t in tasks(__import__("argparse").Namespace(
+        imagenet=None, models=["m"], seeds=[2, 0], placements=["e2e"], bits=["W4A8"], methods=["fast", "default"]))]
+    assert seeds == [2, 0, 2, 0]
     # --only keeps just the named model:placement:bits:seed runs of the cross product
     picked = tasks(__import__("argparse").Namespace(
         imagenet=None, models=["m", "n"], seeds=[0, 1], placements=["e2e"], bits=["W4A8", "W3A4"],

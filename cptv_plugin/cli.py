@@ -110,8 +110,26 @@ def _torchrun_process_group(device: str | None):
         torch.distributed.destroy_process_group()
 
 
+def _versions() -> str:
+    """``cptv_plugin X (python, torch, timm, modelopt ...)``: the versions a bug report needs, read from the installed
+    distributions' metadata (nothing is imported)."""
+    import platform
+    from importlib import metadata
+
+    from . import __version__
+
+    found = [f"python {platform.python_version()}"]
+    for name in ("torch", "timm", "torchao", "nvidia-modelopt", "pytorch-quantization", "onnx", "onnxruntime"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found.append(f"{name} {metadata.version(name)}")
+    return f"cptv_plugin {__version__} ({', '.join(found)})"
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cptv", description="CPT-V refinement of quantized vision transformers")
+    parser = argparse.ArgumentParser(prog="cptv", description="CPT-V refinement of quantized vision transformers",
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # --version on one line
+    parser.add_argument("--version", action="version", version=_versions(),
+                        help="print this package's version and those of the libraries it runs on (for bug reports)")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="PTQ → refine → top-1 before and after, on an embedded ViT")
     demo.add_argument("--bits", default="W2A8", help="bit setting, e.g. W4A8 (default W2A8)")

@@ -40,6 +40,21 @@ def test_demo_prints_before_and_after(capsys):
     assert report["test_images"] == 1000
 
 
+def test_version_names_this_package_and_the_libraries_it_runs_on(capsys):
+    import torch
+
+    import cptv_plugin
+    from cptv_plugin.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    printed = capsys.readouterr().out.strip()
+    assert "\n" not in printed  # one line, to paste into a bug report
+    assert printed.startswith(f"cptv_plugin {cptv_plugin.__version__} (python ")
+    assert f"torch {torch.__version__.split('+')[0]}" in printed and "timm " in printed
+
+
 def test_each_command_says_which_preset_it_runs_unless_given(capsys):
     from cptv_plugin.cli import main
 

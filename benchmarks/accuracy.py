@@ -893,6 +893,15 @@ def goals_report(records: list[dict]) -> str:
         gain = run["top1"] - base["top1"]
         return run.get("seconds", 0.0) / gain if gain > 0 else None
 
+    def gains_text(row: tuple, seed: int) -> str:
+        """ " (gains 20 / 13 test images)": what the default and the paper bought over the baseline at one seed, in
+        test images where the records name their count (a per-point cost divided by a handful of images is noise)."""
+        base = runs[(*row, seed, "baseline")]
+        gains = [images_behind(base, runs[(*row, seed, method)]) for method in ("default", "paper")]
+        if None in gains:
+            return ""
+        return " (gains " + " / ".join(f"{gain:,}" for gain in gains) + " test images)"
+
     def dearer(ours: float | None, theirs: float | None) -> bool:
         return theirs is not None and (ours is None or ours > theirs)
 
@@ -929,7 +938,8 @@ def goals_report(records: list[dict]) -> str:
         if dearer_seeds:
             short.append(f"{model} {placement} {bits}: default dearer per point than paper at {len(dearer_seeds)} / "
                          f"{len(seed_costs)} seeds (s per point, default / paper: "
-                         + ", ".join(f"seed {seed} {costs_text(a, b)}" for seed, a, b in dearer_seeds) + f"){note}")
+                         + ", ".join(f"seed {seed} {costs_text(a, b)}{gains_text(row, seed)}"
+                                     for seed, a, b in dearer_seeds) + f"){note}")
         if bits not in LOW_BITS:
             below = paired(values, "default", "baseline")
             lost = [pair for pair in below if pair[1] < pair[2]]

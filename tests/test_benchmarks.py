@@ -427,6 +427,9 @@ def test_goals_report_checks_the_cost_per_point_at_every_seed_not_only_on_averag
     assert short.strip().splitlines() == [
         "- m linear W8A8: default dearer per point than paper at 1 / 2 seeds (s per point, default / paper: "
         "seed 0 5.00 / 1.00)"]
+    for r in records:  # records that name their test count show what each side bought, in images
+        r["test_images"] = 10000
+    assert "(s per point, default / paper: seed 0 5.00 / 1.00 (gains 200 / 100 test images))" in goals_report(records)
     records[2]["top1"] = 80.0  # the paper gains nothing at seed 0: no cost of its own to compare with
     assert "- none" in goals_report(records)
 

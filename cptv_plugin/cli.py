@@ -112,7 +112,7 @@ def _torchrun_process_group(device: str | None):
 
 def _versions() -> str:
     """``cptv_plugin X (python, torch, timm, modelopt ...)``: the versions a bug report needs, read from the installed
-    distributions' metadata (nothing is imported)."""
+    distributions' metadata, without importing them."""
     import platform
     from importlib import metadata
 

@@ -161,12 +161,16 @@ def main(argv: list[str] | None = None) -> None:
         report["seconds"] = round(time.time() - start, 1)
         print(json.dumps(report)) if args.json else _print_table(report)
     elif args.command == "refine-modelopt":
-        from .amax.modelopt import refine_modelopt_checkpoint
+        from .amax.modelopt import check_checkpoint_paths, refine_modelopt_checkpoint
 
         try:
             kwargs = json.loads(args.model_kwargs)
         except json.JSONDecodeError as error:
-            parser.error(f"--model-kwargs is not valid JSON: {error}")
+            post.error(f"--model-kwargs is not valid JSON: {error}")
+        try:  # a wrong path is a usage error: say so before loading anything, without a traceback
+            check_checkpoint_paths(args.checkpoint, args.out, args.overwrite)
+        except (OSError, ValueError) as error:
+            post.error(str(error))
         with _torchrun_process_group(args.device) as device:
             result = refine_modelopt_checkpoint(
                 args.checkpoint, args.model, args.calibration, args.out, model_kwargs=kwargs,

@@ -55,6 +55,25 @@ def test_version_names_this_package_and_the_libraries_it_runs_on(capsys):
     assert f"torch {torch.__version__.split('+')[0]}" in printed and "timm " in printed
 
 
+def test_refine_modelopt_refuses_a_wrong_path_as_a_usage_error_before_loading_anything(tmp_path, capsys):
+    from cptv_plugin.cli import main
+
+    source = tmp_path / "quantized.pth"
+    common = ["--model", "cptv:fmnist_vit_tiny", "--calibration", "fashion-mnist"]
+    source.write_bytes(b"not read")
+    (tmp_path / "taken.pth").write_bytes(b"someone's file")
+    for checkpoint, out, message in ((tmp_path / "missing.pth", tmp_path / "out.pth", "does not exist"),
+                                     (source, source, "never modifies its input"),
+                                     (source, tmp_path / "taken.pth", "--overwrite")):
+        with pytest.raises(SystemExit) as done:
+            main(["refine-modelopt", str(checkpoint), *common, "--out", str(out)])
+        assert done.value.code == 2  # argparse's usage error: a message, no traceback
+        printed = capsys.readouterr().err
+        assert "cptv refine-modelopt: error: " in printed and message in printed and "Traceback" not in printed
+    assert source.read_bytes() == b"not read" and (tmp_path / "taken.pth").read_bytes() == b"someone's file"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quantized.pth", "taken.pth"]
+
+
 def test_each_command_says_which_preset_it_runs_unless_given(capsys):
     from cptv_plugin.cli import main
 

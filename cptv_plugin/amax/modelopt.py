@@ -22,8 +22,8 @@ from ..refinement import run_refinement
 from ..search import RefineResult
 from .session import AmaxSession, QuantizerKind, integer_fake_quant
 
-__all__ = ["refine_modelopt", "refine_modelopt_checkpoint", "is_modelopt_model", "modelopt_kind",
-           "COMPILABLE_BACKEND"]
+__all__ = ["refine_modelopt", "refine_modelopt_checkpoint", "check_checkpoint_paths", "is_modelopt_model",
+           "modelopt_kind", "COMPILABLE_BACKEND"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,21 @@ def refine_modelopt(model: nn.Module, calib_data, *, config: SearchConfig | None
     return run_refinement(session, calib_data, config, fp_model)
 
 
+def check_checkpoint_paths(checkpoint: str | os.PathLike, output: str | os.PathLike,
+                           overwrite: bool = False) -> tuple[Path, Path]:
+    """Refuse, before any work, a ``checkpoint`` that is not a file, an ``output`` that is the checkpoint itself
+    (the input is never modified) and an existing ``output`` unless ``overwrite``; returns both as paths."""
+    checkpoint, output = Path(checkpoint), Path(output)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"ModelOpt checkpoint {checkpoint} does not exist")
+    if output.resolve() == checkpoint.resolve():
+        raise ValueError(f"output {output} is the input checkpoint: cptv_plugin never modifies its input; "
+                         "choose another output path")
+    if output.exists() and not overwrite:
+        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    return checkpoint, output
+
+
 def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Callable[..., nn.Module],
                                calibration: str | os.PathLike, output: str | os.PathLike, *,
                                model_kwargs: dict | None = None, config: SearchConfig | None = None,
@@ -185,14 +200,7 @@ def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Calla
     from ..datasets import load_calibration_source
     from ..models import build_model
 
-    checkpoint, output = Path(checkpoint), Path(output)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"ModelOpt checkpoint {checkpoint} does not exist")
-    if output.resolve() == checkpoint.resolve():
-        raise ValueError(f"output {output} is the input checkpoint: cptv_plugin never modifies its input; "
-                         "choose another output path")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    checkpoint, output = check_checkpoint_paths(checkpoint, output, overwrite)
     config = config or SearchConfig()
     if config.seed != seed:
         config = config.replace(seed=seed)

@@ -10,7 +10,7 @@ import logging
 import os
 import time
 import warnings
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -64,6 +64,30 @@ def _print_table(report: dict) -> None:
         print(f"{name:<34} {top1:>8.2f}  {fitness or '':>17}  {seconds or '':>7}")
 
 
+def _bit_setting(text: str) -> str:
+    """argparse type of ``--bits``: a setting ``parse_bits`` accepts (``W4A8``), refused as a usage error."""
+    from .qconfigs import parse_bits
+
+    try:
+        parse_bits(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type of a count: a whole number of at least ``minimum``, refused as a usage error otherwise."""
+    def count(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a whole number of at least {minimum}, got {text!r}")
+        return value
+    return count
+
+
 def _add_search_settings(command: argparse.ArgumentParser, preset: str) -> None:
     """The options every refining command takes: the preset (``preset`` unless given), its seed and its length."""
     command.add_argument("--preset", default=preset, choices=["fast", "default", "paper"],
@@ -71,10 +95,10 @@ def _add_search_settings(command: argparse.ArgumentParser, preset: str) -> None:
                               "most accurate result, paper for the published preset")
     command.add_argument("--seed", type=int, default=0,
                          help="seed of the search (default 0): the same seed gives the same scales on the CPU")
-    command.add_argument("--passes", type=int, default=None,
+    command.add_argument("--passes", type=_at_least(1), default=None,
                          help="passes of the search over the blocks (default: the preset's, 3 for fast, 10 for "
                               "default and paper); fewer for a quicker, less accurate try")
-    command.add_argument("--gradient-steps", type=int, default=None,
+    command.add_argument("--gradient-steps", type=_at_least(0), default=None,
                          help="steps of the gradient stage after the search (default: the preset's, 300 for fast and "
                               "1000 for default; 0 skips it: the demo's refinement took 169 s with fast's 300 "
                               "steps on a 2-core CPU, 51 s without)")
@@ -132,9 +156,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="print this package's version and those of the libraries it runs on (for bug reports)")
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="PTQ → refine → top-1 before and after, on an embedded ViT")
-    demo.add_argument("--bits", default="W2A8", help="bit setting, e.g. W4A8 (default W2A8)")
-    demo.add_argument("--calibration", type=int, default=1000, help="calibration images (default 1000)")
-    demo.add_argument("--test-images", type=int, default=None,
+    demo.add_argument("--bits", type=_bit_setting, default="W2A8", help="bit setting, e.g. W4A8 (default W2A8)")
+    demo.add_argument("--calibration", type=_at_least(1), default=1000, help="calibration images (default 1000)")
+    demo.add_argument("--test-images", type=_at_least(1), default=None,
                       help="score on the first N test images only (default: all 10,000)")
     _add_search_settings(demo, "fast")
     demo.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -146,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
     post.add_argument("--model-kwargs", default="{}", help='constructor kwargs as JSON, e.g. \'{"num_classes": 10}\'')
     post.add_argument("--calibration", required=True,
                       help="'fashion-mnist', a folder of images (ImageNet layout or flat) or a tensor file")
-    post.add_argument("--calibration-size", type=int, default=1000, help="calibration images used (default 1000)")
+    post.add_argument("--calibration-size", type=_at_least(1), default=1000, help="calibration images used (default 1000)")
     post.add_argument("--out", required=True, help="where to write the refined checkpoint")
     _add_search_settings(post, "default")
     post.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

@@ -74,6 +74,20 @@ def test_refine_modelopt_refuses_a_wrong_path_as_a_usage_error_before_loading_an
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quantized.pth", "taken.pth"]
 
 
+@pytest.mark.parametrize("option, value, message", [
+    ("--bits", "W9A3", "bit widths must be between 2 and 8"), ("--bits", "4bit", "must look like 'W4A8'"),
+    ("--calibration", "0", "at least 1, got '0'"), ("--test-images", "many", "at least 1, got 'many'"),
+    ("--passes", "0", "at least 1"), ("--gradient-steps", "-1", "at least 0")])
+def test_demo_refuses_a_bad_setting_as_a_usage_error(option, value, message, capsys):
+    from cptv_plugin.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["demo", option, value])
+    assert done.value.code == 2
+    printed = capsys.readouterr().err
+    assert f"cptv demo: error: argument {option}: " in printed and message in printed
+
+
 def test_each_command_says_which_preset_it_runs_unless_given(capsys):
     from cptv_plugin.cli import main
 

@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> None:
     post.add_argument("--model-kwargs", default="{}", help='constructor kwargs as JSON, e.g. \'{"num_classes": 10}\'')
     post.add_argument("--calibration", required=True,
                       help="'fashion-mnist', a folder of images (ImageNet layout or flat) or a tensor file")
-    post.add_argument("--calibration-size", type=_at_least(1), default=1000, help="calibration images used (default 1000)")
+    post.add_argument("--calibration-size", type=_at_least(1), default=1000,
+                      help="calibration images used (default 1000)")
     post.add_argument("--out", required=True, help="where to write the refined checkpoint")
     _add_search_settings(post, "default")
     post.add_argument("--overwrite", action="store_true", help="replace an existing --out file")

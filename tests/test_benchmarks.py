@@ -398,8 +398,8 @@ def test_a_miss_without_per_image_verdicts_gets_the_smallest_p_its_top1_gap_allo
     assert images_behind(records[5], records[6]) == 2 and images_behind(records[6], records[5]) == -2
     assert images_behind(records[5], {**records[6], "test_images": 1000}) is None
     assert ("- m linear W4A8: default > paper at 1 / 3 seeds (not every run has per-image verdicts; exact McNemar: "
-            "seed 1 2 test images behind, p ≥ 0.50 whichever images differ; seed 2 10 test images behind, p ≥ 2.0e-03 "
-            "whichever images differ)") in goals_report(records)
+            "seed 1 2 test images behind, p ≥ 0.50 whichever images differ; seed 2 10 test images behind, "
+            "p ≥ 2.0e-03 whichever images differ)") in goals_report(records)
     # a missed seed with verdicts is tested image by image beside the one without
     right = torch.arange(10000) < 9063
     records[5]["correct"] = record("x", 1, 0, right)["correct"]

@@ -52,6 +52,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -794,6 +795,12 @@ def report(records: list[dict], out_dir: Path, stem: str = "accuracy") -> str:
     return table
 
 
+def runs_by_key(records: list[dict], keep: Callable[[dict], bool] = lambda r: True) -> dict[tuple, dict]:
+    """The records that ``keep`` accepts, by (model, placement, bits, seed, method): the key the reports look runs
+    up by."""
+    return {(r["model"], r["placement"], r["bits"], r["seed"], r["method"]): r for r in records if keep(r)}
+
+
 def _gain_and_seconds(runs: dict[tuple, dict], row: tuple, method: str) -> tuple[float, float] | None:
     """``method``'s mean gain over the baseline and its mean seconds per run, over the seeds of ``row`` (model,
     placement, bits) that recorded both (``runs``: records by model, placement, bits, seed, method); None if none."""
@@ -826,7 +833,7 @@ def goals_report(records: list[dict]) -> str:
     image (exact McNemar) where both records carry their per-image verdicts, and otherwise gets the smallest p-value
     its top-1 gap in test images allows. Markdown ("" without default records)."""
     top1: dict[tuple, dict[str, dict[int, float]]] = {}
-    runs = {(r["model"], r["placement"], r["bits"], r["seed"], r["method"]): r for r in records}
+    runs = runs_by_key(records)
     fp32: dict[str, list[float]] = {}
     for r in records:
         if r["method"] == "fp32":
@@ -992,7 +999,7 @@ def cost_report(records: list[dict], methods: tuple[str, ...] = ("paper", "fast"
     """Per row, each method's mean gain over the baseline (same seeds) and mean seconds per run, and the seconds
     per point gained (the issue's "no slower per unit of gain"). Seconds are wall time with however many runs
     shared the device then: compare methods timed in the same calls."""
-    top1 = {(r["model"], r["placement"], r["bits"], r["seed"], r["method"]): r for r in records}
+    top1 = runs_by_key(records)
     rows = sorted({k[:3] for k in top1 if k[4] in methods})
     lines = ["| model | placement | bits | " + " | ".join(f"{m}: gain / s / s per point" for m in methods) + " |",
              "|---" * (3 + len(methods)) + "|"]
@@ -1018,8 +1025,7 @@ def paired_report(records: list[dict], methods: tuple[str, ...] = ("baseline", "
     """Per row and seed, for records that carry their distance from the full-precision model on the test set: each
     method's top-1 and that distance, and (where both carry per-image verdicts) exact McNemar tests of the default
     against the others ("" if no record carries them)."""
-    runs = {(r["model"], r["placement"], r["bits"], r["seed"], r["method"]): r for r in records
-            if r.get("fp32_fidelity") and r["method"] in methods}
+    runs = runs_by_key(records, lambda r: r.get("fp32_fidelity") and r["method"] in methods)
     rows = sorted({k[:4] for k in runs})
     if not rows:
         return ""
@@ -1053,7 +1059,7 @@ def pooled_report(records: list[dict], others: tuple[str, ...] = ("baseline", "p
     """Per row, the default against each of ``others`` over all the seeds both recorded with per-image verdicts
     (:func:`pooled_test`: one sign test, the test image as the unit); rows with fewer than two such seeds are left
     out ("" if none is left)."""
-    runs = {(r["model"], r["placement"], r["bits"], r["seed"], r["method"]): r for r in records if r.get("correct")}
+    runs = runs_by_key(records, lambda r: r.get("correct"))
     lines = []
     for row in sorted({k[:3] for k in runs if k[4] == "default"}):
         cells = []

@@ -146,6 +146,12 @@ def _versions() -> str:
     for name in ("torch", "timm", "torchao", "nvidia-modelopt", "pytorch-quantization", "onnx", "onnxruntime"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             found.append(f"{name} {metadata.version(name)}")
+    try:  # the installed distribution's version (pyproject reads it from __version__); a bare checkout has none
+        installed = metadata.version("cptv_plugin")
+    except metadata.PackageNotFoundError:
+        installed = __version__
+    if installed != __version__:  # an install older than the checkout on the path: say which code runs
+        found.append(f"installed as {installed}")
     return f"cptv_plugin {__version__} ({', '.join(found)})"
 
 

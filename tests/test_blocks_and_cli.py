@@ -53,6 +53,15 @@ def test_version_names_this_package_and_the_libraries_it_runs_on(capsys):
     assert "\n" not in printed  # one line, to paste into a bug report
     assert printed.startswith(f"cptv_plugin {cptv_plugin.__version__} (python ")
     assert f"torch {torch.__version__.split('+')[0]}" in printed and "timm " in printed
+    assert "installed as" not in printed  # pyproject takes its version from cptv_plugin.__version__
+
+
+def test_the_installed_version_is_the_package_version() -> None:
+    from importlib import metadata
+
+    import cptv_plugin
+
+    assert metadata.version("cptv_plugin") == cptv_plugin.__version__
 
 
 def test_refine_modelopt_refuses_a_wrong_path_as_a_usage_error_before_loading_anything(tmp_path, capsys):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, Union
 
-__all__ = ["SearchConfig"]
+__all__ = ["SearchConfig", "SearchConfigLike"]
 
 MutationKind = Literal["absolute", "relative"]
 
@@ -238,6 +240,9 @@ class SearchConfig:
     name: str = field(default="default", compare=False)
 
     def __post_init__(self) -> None:
+        for attr in ("roles", "seed_candidates", "start_candidates"):  # a list (JSON, YAML) means the same tuple
+            if isinstance(getattr(self, attr), list):
+                setattr(self, attr, tuple(getattr(self, attr)))
         self.validate()
 
     def validate(self) -> None:
@@ -401,6 +406,36 @@ class SearchConfig:
         return cls(**settings)
 
     @classmethod
+    def resolve(cls, config: "SearchConfigLike") -> "SearchConfig":
+        """The ``config`` argument of every ``refine_*`` function as a validated ``SearchConfig``.
+
+        ``None`` is our default preset; a ``SearchConfig`` is taken as it is; a string names a preset (``"fast"``);
+        a mapping holds settings by field name (``{"passes": 3}``, or ``{"preset": "fast", "gradient_steps": 0}``
+        for a preset with overrides), as a config read from JSON or YAML (``dataclasses.asdict`` of a config gives
+        one back)."""
+        if config is None:
+            return cls()
+        if isinstance(config, SearchConfig):
+            config.validate()
+            return config
+        if isinstance(config, str):
+            return cls.preset(config)
+        if isinstance(config, Mapping):
+            settings = dict(config)
+            fields = {f.name for f in dataclasses.fields(cls)}
+            unknown = [key for key in settings if key not in fields and key != "preset"]
+            if unknown:
+                hints = [f"{key!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
+                    str(key), fields, n=1)) else repr(key) for key in unknown]
+                raise TypeError(f"unknown SearchConfig setting(s) {', '.join(hints)}; the settings are "
+                                f"{sorted(fields)}, and 'preset' picks the preset they change")
+            if "preset" in settings:
+                return cls.preset(settings.pop("preset")).replace(**settings)
+            return cls(**settings)
+        raise TypeError(f"config must be a SearchConfig, a preset name ('default', 'paper', 'fast'), a mapping of "
+                        f"settings or None; got {type(config).__name__}")
+
+    @classmethod
     def preset(cls, name: "str | SearchConfig", **overrides) -> "SearchConfig":
         """A preset by name: ``"default"``, ``"paper"`` or ``"fast"``; a ``SearchConfig`` is taken as it is (so that
         recipes and commands that take a preset name also take a tuned config), ``overrides`` applied to either."""
@@ -410,3 +445,7 @@ class SearchConfig:
         if name not in presets:
             raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
         return presets[name](**overrides)
+
+
+SearchConfigLike = Union[SearchConfig, str, Mapping[str, Any], None]
+"""What the ``refine_*`` functions take as ``config``: see :meth:`SearchConfig.resolve`."""

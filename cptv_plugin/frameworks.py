@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import SearchConfig
+from .config import SearchConfigLike
 from .search import RefineResult
 
 __all__ = ["detect_framework", "refine", "UnsupportedFrameworkError", "quantizer_kind"]
@@ -54,7 +54,7 @@ def quantizer_kind(framework: str):
     raise ValueError(f"{framework} quantizers do not hold an amax")
 
 
-def refine(model: nn.Module, calib_data, *, config: SearchConfig | None = None, fp_model: nn.Module | None = None,
+def refine(model: nn.Module, calib_data, *, config: SearchConfigLike = None, fp_model: nn.Module | None = None,
            blocks: list[str] | None = None, **options) -> RefineResult:
     """Refine a quantized model's scales in place, whichever supported framework quantized it.
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import fx, nn
 
-from .config import SearchConfig
+from .config import SearchConfig, SearchConfigLike
 from .refinement import run_refinement
 from .search import RefineResult
 
@@ -42,7 +42,7 @@ def is_pt2e_prepared(model: nn.Module) -> bool:
     return bool(types) and isinstance(model, fx.GraphModule) and any(isinstance(m, types) for m in model.modules())
 
 
-def refine_pt2e(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | None = None,
+def refine_pt2e(prepared: fx.GraphModule, calib_data, *, config: SearchConfigLike = None,
                 fp_model: nn.Module | None = None, blocks: list[str] | None = None) -> RefineResult:
     """Refine the scales of a calibrated PT2E model in place with CPT-V's block-wise search.
 
@@ -53,7 +53,8 @@ def refine_pt2e(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | 
         prepared: the module from ``prepare_pt2e`` (observers) or ``prepare_qat_pt2e`` (FakeQuantize),
             calibrated. Any torchao quantizer works (X86Inductor, XNNPACK, your own).
         calib_data: calibration images (tensor, list of tensors or DataLoader).
-        config: search settings; ``None`` means ``SearchConfig()``.
+        config: search settings: a ``SearchConfig``, a preset name (``"fast"``), a mapping of settings, or ``None``
+            for our default preset (``SearchConfig.resolve``).
         fp_model: the full-precision model to match; ``None`` uses ``prepared`` with quantization off.
         blocks: module paths of the blocks, to skip automatic block discovery.
 
@@ -77,8 +78,7 @@ def refine_pt2e(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | 
             f"refine_pt2e needs the module returned by torchao's prepare_pt2e or prepare_qat_pt2e; got "
             f"{type(prepared).__name__}. Export it (torch.export.export(model, args).module()), prepare it with a "
             "torchao quantizer and calibrate it first.")
-    config = config or SearchConfig()
-    config.validate()
+    config = SearchConfig.resolve(config)
     session = FxSession(prepared, blocks=blocks, roles=config.roles, flavor="pt2e",
                         search_outside_blocks=config.search_outside_blocks)
     return run_refinement(session, calib_data, config, fp_model)

@@ -207,6 +207,46 @@ def test_presets_by_name_or_as_a_config():
         SearchConfig.preset(tuned, gradient_steps=-1)
 
 
+def test_a_config_given_by_preset_name_or_as_settings_read_from_json():
+    import dataclasses
+    import json
+
+    assert SearchConfig.resolve(None) == SearchConfig()
+    assert SearchConfig.resolve("paper") == SearchConfig.paper()
+    assert SearchConfig.resolve({"preset": "fast", "gradient_steps": 0}) == SearchConfig.fast(gradient_steps=0)
+    assert SearchConfig.resolve({"passes": 3}) == SearchConfig(passes=3)
+    tuned = SearchConfig.fast(roles=("weight",), seed=7)
+    from_json = json.loads(json.dumps(dataclasses.asdict(tuned)))  # tuples come back as lists
+    assert SearchConfig.resolve(from_json) == tuned and SearchConfig.resolve(from_json).roles == ("weight",)
+    with pytest.raises(TypeError, match="'pasess' \\(did you mean 'passes'\\?\\)"):
+        SearchConfig.resolve({"pasess": 3})
+    with pytest.raises(TypeError, match="config must be a SearchConfig, a preset name .* got int"):
+        SearchConfig.resolve(3)
+    with pytest.raises(ValueError, match="passes must be >= 0"):
+        SearchConfig.resolve({"preset": "fast", "passes": -1})
+
+
+def test_refine_takes_a_config_as_settings_and_refuses_a_wrong_one_leaving_the_model_as_given(tiny_vit, fmnist):
+    from conftest import prepare_and_calibrate
+    from cptv_plugin.fx.refine import FxSession
+
+    calib = fmnist[0][:100]
+    settings = {name: getattr(TINY_SEARCH, name) for name in ("passes", "population", "cycles", "samples",
+                                                              "batch_size", "progress", "gradient_steps",
+                                                              "lossless_kl", "start_candidates")}
+    refined = []
+    for config in (TINY_SEARCH, settings):
+        prepared = prepare_and_calibrate(tiny_vit, calib, "W4A8")
+        result = cptv_plugin.refine_fx(prepared, calib, config=config)
+        refined.append([h.read() for h in FxSession(prepared).all_handles])
+        assert result.config == TINY_SEARCH
+    assert all(torch.equal(a, b) for a, b in zip(*refined))
+    given = [h.read() for h in FxSession(prepared).all_handles]
+    with pytest.raises(TypeError, match="unknown SearchConfig setting"):
+        cptv_plugin.refine(prepared, calib, config={"steps": 10})
+    assert all(torch.equal(a, b) for a, b in zip(given, [h.read() for h in FxSession(prepared).all_handles]))
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"samples": 20, "population": 15}, "samples"),
     ({"passes": -1}, "passes"),

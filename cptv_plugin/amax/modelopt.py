@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_path
-from ..config import SearchConfig
+from ..config import SearchConfig, SearchConfigLike
 from ..refinement import run_refinement
 from ..search import RefineResult
 from .session import AmaxSession, QuantizerKind, integer_fake_quant
@@ -134,14 +134,15 @@ def is_modelopt_model(model: nn.Module) -> bool:
     return any(isinstance(m, TensorQuantizer) for m in model.modules())
 
 
-def refine_modelopt(model: nn.Module, calib_data, *, config: SearchConfig | None = None,
+def refine_modelopt(model: nn.Module, calib_data, *, config: SearchConfigLike = None,
                     fp_model: nn.Module | None = None, blocks: list[str] | None = None) -> RefineResult:
     """Refine the ``amax`` of a model returned by ``mtq.quantize`` in place with CPT-V's block-wise search.
 
     Args:
         model: the quantized, calibrated model (e.g. ``mtq.quantize(model, mtq.INT8_DEFAULT_CFG, loop)``).
         calib_data: calibration images (tensor, list of tensors or DataLoader).
-        config: search settings; ``None`` means ``SearchConfig()``.
+        config: search settings: a ``SearchConfig``, a preset name (``"fast"``), a mapping of settings, or ``None``
+            for our default preset (``SearchConfig.resolve``).
         fp_model: the full-precision model to match; ``None`` uses ``model`` with its quantizers disabled.
         blocks: module paths of the blocks, to skip automatic block discovery.
 
@@ -150,8 +151,7 @@ def refine_modelopt(model: nn.Module, calib_data, *, config: SearchConfig | None
         >>> cptv_plugin.refine_modelopt(model, images)
         >>> mto.save(model, "refined.pth")
     """
-    config = config or SearchConfig()
-    config.validate()
+    config = SearchConfig.resolve(config)
     session = AmaxSession(model, modelopt_kind(), blocks=blocks, roles=config.roles,
                           search_outside_blocks=config.search_outside_blocks)
     return run_refinement(session, calib_data, config, fp_model)
@@ -174,7 +174,7 @@ def check_checkpoint_paths(checkpoint: str | os.PathLike, output: str | os.PathL
 
 def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Callable[..., nn.Module],
                                calibration: str | os.PathLike, output: str | os.PathLike, *,
-                               model_kwargs: dict | None = None, config: SearchConfig | None = None,
+                               model_kwargs: dict | None = None, config: SearchConfigLike = None,
                                calibration_size: int = 1000, seed: int = 0, overwrite: bool = False,
                                device: str | torch.device | None = None) -> RefineResult:
     """Post-process a ModelOpt checkpoint (``mto.save``) before TensorRT export: restore it, refine its
@@ -201,7 +201,7 @@ def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Calla
     from ..models import build_model
 
     checkpoint, output = check_checkpoint_paths(checkpoint, output, overwrite)
-    config = config or SearchConfig()
+    config = SearchConfig.resolve(config)
     if config.seed != seed:
         config = config.replace(seed=seed)
     quantized = build_model(model, **(model_kwargs or {})).eval()

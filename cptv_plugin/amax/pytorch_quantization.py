@@ -15,7 +15,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..config import SearchConfig
+from ..config import SearchConfig, SearchConfigLike
 from ..data import calibration_batches
 from ..qconfigs import parse_bits
 from ..refinement import run_refinement
@@ -147,7 +147,7 @@ def quantize_pytorch_quantization(model: nn.Module, bits: str, calib_data, *, ba
     return model
 
 
-def refine_pytorch_quantization(model: nn.Module, calib_data, *, config: SearchConfig | None = None,
+def refine_pytorch_quantization(model: nn.Module, calib_data, *, config: SearchConfigLike = None,
                                 fp_model: nn.Module | None = None, blocks: list[str] | None = None
                                 ) -> RefineResult:
     """Refine the ``amax`` of a calibrated pytorch-quantization model in place with CPT-V's search.
@@ -156,12 +156,12 @@ def refine_pytorch_quantization(model: nn.Module, calib_data, *, config: SearchC
         model: a model built from ``QuantLinear`` / ``QuantConv2d`` whose ``TensorQuantizer``s were calibrated
             (e.g. by :func:`quantize_pytorch_quantization`).
         calib_data: calibration images.
-        config: search settings; ``None`` means ``SearchConfig()``.
+        config: search settings: a ``SearchConfig``, a preset name (``"fast"``), a mapping of settings, or ``None``
+            for our default preset (``SearchConfig.resolve``).
         fp_model: the full-precision model to match; ``None`` uses ``model`` with its quantizers disabled.
         blocks: module paths of the blocks, to skip automatic block discovery.
     """
-    config = config or SearchConfig()
-    config.validate()
+    config = SearchConfig.resolve(config)
     session = AmaxSession(model, pytorch_quantization_kind(), blocks=blocks, roles=config.roles,
                           search_outside_blocks=config.search_outside_blocks)
     return run_refinement(session, calib_data, config, fp_model)

@@ -13,7 +13,7 @@ from torch.ao.quantization.fake_quantize import FakeQuantizeBase, FixedQParamsFa
 from torch.ao.quantization.observer import FixedQParamsObserver, ObserverBase
 
 from ..blocks import ModelStructure, discover_blocks
-from ..config import SearchConfig
+from ..config import SearchConfig, SearchConfigLike
 from ..handles import Group
 from ..refinement import run_refinement
 from ..search import RefineResult
@@ -393,7 +393,7 @@ class FxSession:
         self.prepared.meta[CLAMPED_WEIGHTS] = [h.name for h in self.all_handles if getattr(h, "clamps_weight", False)]
 
 
-def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | None = None,
+def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfigLike = None,
               fp_model: nn.Module | None = None, blocks: list[str] | None = None, target: Target = "convert_fx",
               clamp_weights: bool = True) -> RefineResult:
     """Refine the scales of a calibrated torch.ao FX model in place with CPT-V's block-wise search.
@@ -406,7 +406,8 @@ def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | No
             already calibrated.
         calib_data: calibration images: a tensor ``(N, C, H, W)``, a list of tensors, or a DataLoader
             yielding tensors or ``(images, labels)``.
-        config: search settings; ``None`` means ``SearchConfig()``, our default preset.
+        config: search settings: a ``SearchConfig``, a preset name (``"fast"``), a mapping of settings, or ``None``
+            for our default preset (``SearchConfig.resolve``).
         fp_model: the full-precision model to match; ``None`` uses ``prepared`` with quantization off (not
             possible once a refinement clipped its weights: refining such a model again needs ``fp_model``).
         blocks: module paths of the blocks, to skip automatic block discovery.
@@ -429,8 +430,7 @@ def refine_fx(prepared: fx.GraphModule, calib_data, *, config: SearchConfig | No
         >>> result = cptv_plugin.refine_fx(prepared, images, config=cptv_plugin.SearchConfig.fast())
         >>> quantized = convert_fx(prepared)                           # carries the refined scales
     """
-    config = config or SearchConfig()
-    config.validate()
+    config = SearchConfig.resolve(config)
     if fp_model is None:
         _refuse_clipped_reference(prepared)
     session = FxSession(prepared, blocks=blocks, target=target, clamp_weights=clamp_weights, roles=config.roles,

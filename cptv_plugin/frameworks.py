@@ -41,6 +41,23 @@ def detect_framework(model: nn.Module) -> str:
         "pytorch-quantization (cptv_plugin.quantize_pytorch_quantization), then call refine on the result.")
 
 
+REFINE_FUNCTIONS = {"fx": "refine_fx", "pt2e": "refine_pt2e", "modelopt": "refine_modelopt",
+                    "pytorch-quantization": "refine_pytorch_quantization"}
+
+
+def other_framework_hint(model: nn.Module, called: str) -> str:
+    """For the error of ``refine_<called>`` on a model of another framework: a sentence naming the function that
+    does take it (empty when the model is of no framework we know, or of ``called``'s own)."""
+    try:
+        framework = detect_framework(model)
+    except UnsupportedFrameworkError:
+        return ""
+    if framework == called:
+        return ""
+    return (f" This model holds {framework} quantizers: call cptv_plugin.{REFINE_FUNCTIONS[framework]} on it, "
+            "or cptv_plugin.refine, which recognises the framework.")
+
+
 def quantizer_kind(framework: str):
     """The :class:`~cptv_plugin.amax.session.QuantizerKind` of an amax framework."""
     if framework == "modelopt":

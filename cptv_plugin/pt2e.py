@@ -70,6 +70,8 @@ def refine_pt2e(prepared: fx.GraphModule, calib_data, *, config: SearchConfigLik
     if not _torchao_quantizer_types():
         raise ImportError(f"refine_pt2e needs torchao: {INSTALL_HINT}")
     if not is_pt2e_prepared(prepared):
+        from .frameworks import other_framework_hint
+
         if is_exported_graph(prepared):
             raise NotPreparedError(
                 "this exported model holds no PT2E observer: it was exported but not prepared. Run "
@@ -77,7 +79,7 @@ def refine_pt2e(prepared: fx.GraphModule, calib_data, *, config: SearchConfigLik
         raise NotPreparedError(
             f"refine_pt2e needs the module returned by torchao's prepare_pt2e or prepare_qat_pt2e; got "
             f"{type(prepared).__name__}. Export it (torch.export.export(model, args).module()), prepare it with a "
-            "torchao quantizer and calibrate it first.")
+            "torchao quantizer and calibrate it first." + other_framework_hint(prepared, "pt2e"))
     config = SearchConfig.resolve(config)
     session = FxSession(prepared, blocks=blocks, roles=config.roles, flavor="pt2e",
                         search_outside_blocks=config.search_outside_blocks)

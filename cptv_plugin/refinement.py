@@ -470,6 +470,7 @@ def _probe(session: RefinementSession, images: torch.Tensor) -> None:
             session.chain.forward(images, eager=True)
     except (RuntimeError, ValueError, AssertionError) as error:
         raise CalibrationError(
-            f"the model cannot run on calibration images of shape {tuple(images.shape[1:])}: {error}. "
+            f"the model cannot run on calibration images of shape {tuple(images.shape[1:])}: "
+            f"{str(error).rstrip('. ')}. "
             "Pass images shaped and normalized as for the model's own forward."
         ) from error

@@ -102,6 +102,24 @@ def test_uncalibrated_modelopt_quantizers_are_refused_untouched(tiny_vit, fmnist
     assert all(torch.equal(before[k], v) for k, v in amax_of(model).items())
 
 
+def test_a_refine_function_of_another_framework_names_the_one_that_takes_the_model(tiny_vit, fmnist):
+    from cptv_plugin import NoQuantizersError, NotPreparedError
+
+    calib = fmnist[0][:50]
+    model = modelopt_quantize(tiny_vit, calib)
+    before = amax_of(model)
+    with pytest.raises(NotPreparedError, match="holds modelopt quantizers: call cptv_plugin.refine_modelopt"):
+        cptv_plugin.refine_fx(model, calib, config=TINY_SEARCH)
+    with pytest.raises(NoQuantizersError, match="holds modelopt quantizers: call cptv_plugin.refine_modelopt"):
+        cptv_plugin.refine_pytorch_quantization(model, calib, config=TINY_SEARCH)
+    with pytest.raises(NoQuantizersError, match="holds fx quantizers: call cptv_plugin.refine_fx"):
+        cptv_plugin.refine_modelopt(prepare_and_calibrate(tiny_vit, calib, "W8A8"), calib, config=TINY_SEARCH)
+    with pytest.raises(NoQuantizersError) as plain:  # a float model: nothing to point to
+        cptv_plugin.refine_modelopt(copy.deepcopy(tiny_vit), calib, config=TINY_SEARCH)
+    assert "holds" not in str(plain.value).split("quantizer to refine")[1]
+    assert all(torch.equal(before[k], v) for k, v in amax_of(model).items())
+
+
 def sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

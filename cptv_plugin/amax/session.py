@@ -210,11 +210,12 @@ class AmaxSession:
                     handle.weight = getattr(owner, "weight", None)
                 handles.append(handle)
         if not handles:
+            from ..frameworks import other_framework_hint
             from ..fx.refine import NoQuantizersError
 
             raise NoQuantizersError(
                 f"the model holds no enabled, calibrated {kind.framework} quantizer to refine; quantize and "
-                "calibrate it first")
+                "calibrate it first." + other_framework_hint(model, kind.framework))
         self.adapter, self.block_paths = discover_blocks(ModelStructure.from_module(model), blocks)
         self.chain, segment_of_group, group_of_path = self._segment(model)
         names = ["prefix"] + self.block_paths + ["head"]

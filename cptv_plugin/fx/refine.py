@@ -138,10 +138,12 @@ class FxSession:
         else:
             refined_cls = RefinedObserver
         if flavor == "fx" and (not isinstance(prepared, fx.GraphModule) or _observed_attrs(prepared) is None):
+            from ..frameworks import other_framework_hint
+
             raise NotPreparedError(
                 "refine_fx needs the GraphModule returned by torch.ao's prepare_fx or prepare_qat_fx, calibrated "
                 f"on images; got {type(prepared).__name__}. Run prepare_fx(model, qconfig_mapping, example_inputs) "
-                "and a calibration loop first."
+                "and a calibration loop first." + other_framework_hint(prepared, "fx")
             )
         if target not in ("convert_fx", "fake_quant"):
             raise ValueError(f"target must be 'convert_fx' or 'fake_quant', got {target!r}")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import re
 import time
 from typing import Callable, Protocol
 
@@ -140,7 +141,8 @@ def _calibration(session: RefinementSession, config: SearchConfig, calib_data,
                 f"on one side (each needs at least {min_batch}): pass more images or change the fraction")
         held_out, images = images[order[:count]], images[order[count:]]
     batches = [b.to(device) for b in split_batches(images, config.batch_size, min_batch)]
-    _probe(session, batches[0][:2])
+    for size in (2, 3):  # two sizes: a model exported for a fixed batch of either is caught here, by name
+        _probe(session, batches[0][:size])
     if len(images) < config.batch_size:
         split = " left after the validation split" if held_out is not None else ""
         raise CalibrationError(
@@ -469,6 +471,13 @@ def _probe(session: RefinementSession, images: torch.Tensor) -> None:
         with _full_precision(session), torch.no_grad():
             session.chain.forward(images, eager=True)
     except (RuntimeError, ValueError, AssertionError) as error:
+        if re.search(r"size\(\)\[0\]|shape\[0\]", str(error)):
+            raise CalibrationError(
+                f"the model cannot run a batch of {len(images)} images: it was exported for a fixed batch size "
+                f"({str(error).rstrip('. ')}). The search runs batches of other sizes: export with a dynamic batch "
+                "dimension, torch.export.export(model, (images[:2],), "
+                "dynamic_shapes=({0: torch.export.Dim('batch')},)), then prepare and calibrate again."
+            ) from error
         raise CalibrationError(
             f"the model cannot run on calibration images of shape {tuple(images.shape[1:])}: "
             f"{str(error).rstrip('. ')}. "

@@ -127,6 +127,23 @@ def test_exported_but_not_prepared_or_not_calibrated_is_refused_untouched(fmnist
     assert all(torch.equal(before[k], v) for k, v in prepared.state_dict().items())
 
 
+@pytest.mark.parametrize("fixed_batch", [1, 2])
+def test_a_fixed_batch_export_or_a_call_to_refine_fx_names_the_fix_untouched(fixed_batch, fmnist):
+    from cptv_plugin import CalibrationError
+
+    calib = fmnist[0][:100]
+    model = load_reference_model("fmnist_vit_tiny").eval()
+    prepared = prepare_pt2e(torch.export.export(model, (calib[:fixed_batch],)).module(), xnnpack(8))
+    with torch.no_grad():
+        prepared(calib[:fixed_batch])
+    before = {k: v.clone() for k, v in prepared.state_dict().items()}
+    with pytest.raises(CalibrationError, match=f"exported for a fixed batch size .*== {fixed_batch}.*dynamic_shapes"):
+        cptv_plugin.refine_pt2e(prepared, calib, config=TINY_SEARCH)
+    with pytest.raises(NotPreparedError, match="comes from torchao's prepare_pt2e: call cptv_plugin.refine_pt2e"):
+        cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH)
+    assert all(torch.equal(before[k], v) for k, v in prepared.state_dict().items())
+
+
 def test_missing_torchao_says_what_to_install(monkeypatch, fmnist):
     import cptv_plugin.pt2e as pt2e
 

@@ -137,6 +137,13 @@ class FxSession:
             target, refined_cls = "fake_quant", _pt2e_refined_observer()
         else:
             refined_cls = RefinedObserver
+        if flavor == "fx":
+            from ..pt2e import is_pt2e_prepared
+
+            if is_pt2e_prepared(prepared):  # it carries FX's observed-graph metadata too, but runs other observers
+                raise NotPreparedError(
+                    "refine_fx takes torch.ao's prepare_fx models; this one comes from torchao's prepare_pt2e: call "
+                    "cptv_plugin.refine_pt2e on it, or cptv_plugin.refine, which recognises the framework.")
         if flavor == "fx" and (not isinstance(prepared, fx.GraphModule) or _observed_attrs(prepared) is None):
             from ..frameworks import other_framework_hint
 

@@ -328,15 +328,12 @@ def quantize_linear(model, calib, bits: str, start: str):
 def quantize_pt2e(model, calib, bits: str, start: str):
     """torchao PT2E with the XNNPACK quantizer (W bits per channel; XNNPACK's activations are 8-bit)."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
-    from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
 
-    from cptv_plugin.qconfigs import parse_bits
+    from cptv_plugin.qconfigs import parse_bits, pt2e_quantizer
 
-    weight_bits, activation_bits = parse_bits(bits)
-    if activation_bits != 8:
+    if parse_bits(bits)[1] != 8:
         raise ValueError("the XNNPACK quantizer quantizes activations with 8 bits only")
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
-        is_per_channel=True, weight_qmin=-(2 ** (weight_bits - 1)), weight_qmax=2 ** (weight_bits - 1) - 1))
+    quantizer = pt2e_quantizer(bits)
     batch = torch.export.Dim("batch", min=1, max=4096)
     exported = torch.export.export(copy.deepcopy(model).eval(), (calib[:2],), dynamic_shapes=({0: batch},)).module()
     prepared = prepare_pt2e(exported, quantizer)

@@ -1,7 +1,9 @@
 """ONNX export for TensorRT's explicit quantization, and a checker of TensorRT's Q/DQ rules.
 
 The export goes through torch's own ONNX exporter (TorchScript path, opset 17), where fake-quantize ops become
-``QuantizeLinear``/``DequantizeLinear`` pairs, on a *copy* of the user's model prepared for it:
+``QuantizeLinear``/``DequantizeLinear`` pairs, on a *copy* of the user's model prepared for it. A PT2E model is
+converted (``convert_pt2e``, on the copy) and goes through torch's dynamo exporter instead (it needs onnxscript):
+its weights become int8 constants read by a ``DequantizeLinear``, TensorRT's form of pre-quantized weights.
 
 * weights narrower than 8 bits are clipped onto the grid they occupy and exported as int8 with the same scale,
   so the file holds exactly the low-bit integers that were optimized (TensorRT runs them as int8);
@@ -17,6 +19,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,9 +41,19 @@ class ExportError(ValueError):
 class TensorRTRuleError(ExportError):
     """The exported graph breaks TensorRT's Q/DQ rules; ``violations`` lists them."""
 
-    def __init__(self, violations: list[str]):
+    def __init__(self, violations: list[str], hint: str = ""):
         self.violations = violations
-        super().__init__("the exported ONNX breaks TensorRT's Q/DQ rules:\n  - " + "\n  - ".join(violations))
+        super().__init__("the exported ONNX breaks TensorRT's Q/DQ rules:\n  - " + "\n  - ".join(violations)
+                         + (f"\n{hint}" if hint else ""))
+
+
+# how to quantize activations without zero point, per framework (ModelOpt and pytorch-quantization always do)
+_SYMMETRIC_ACTIVATIONS = {
+    "fx": "prepare_fx with cptv_plugin.qconfigs.fx_qconfig_mapping(bits, symmetric_activations=True) and "
+          "backend_config=get_tensorrt_backend_config(), or a QConfig whose activations are per_tensor_symmetric",
+    "pt2e": "prepare_pt2e with cptv_plugin.qconfigs.pt2e_quantizer(bits, symmetric_activations=True), or a "
+            "quantizer whose activation QuantizationSpec is per_tensor_symmetric",
+}
 
 
 class _Forward(nn.Module):
@@ -61,7 +74,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
 
     Args:
         model: a torch.ao FX GraphModule from ``prepare_fx`` / ``prepare_qat_fx`` (refined or calibrated; export
-            before ``convert_fx``), a ModelOpt model or a pytorch-quantization model. It is not modified.
+            before ``convert_fx``), a torchao PT2E model from ``prepare_pt2e`` (refined or calibrated; export before
+            ``convert_pt2e``; TensorRT needs a quantizer with *symmetric* activations), a ModelOpt model or a
+            pytorch-quantization model. It is not modified.
         path: the output file, written atomically (a temporary file renamed into place).
         example_input: a batch of images shaped as the model expects.
         opset: ONNX opset (≥ 13, for per-channel QuantizeLinear).
@@ -76,16 +91,24 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
     path = Path(path)
     framework = detect_framework(model)
     with atomic_path(path) as temporary, _export_view(model, framework) as module:
-        module = _Forward(module).eval()
-        with torch.no_grad():
-            torch.onnx.export(module, (example_input,), str(temporary), opset_version=opset, dynamo=False,
-                              input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch
-                              else None)
+        if framework == "pt2e":
+            _export_converted_pt2e(module, temporary, example_input, opset, dynamic_batch)
+        else:
+            module = _Forward(module).eval()
+            with torch.no_grad():
+                torch.onnx.export(module, (example_input,), str(temporary), opset_version=opset, dynamo=False,
+                                  input_names=["images"], output_names=["logits"],
+                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch
+                                  else None)
         if check_tensorrt:
             violations = check_tensorrt_onnx(temporary)
             if violations:
-                raise TensorRTRuleError(violations)
+                hint = ""
+                if framework in _SYMMETRIC_ACTIVATIONS and any("zero point is not 0" in v for v in violations):
+                    hint = ("Activations carry zero points: TensorRT needs them symmetric. Quantize with "
+                            f"{_SYMMETRIC_ACTIVATIONS[framework]}; or pass check_tensorrt=False for an ONNX file "
+                            "for other runtimes.")
+                raise TensorRTRuleError(violations, hint)
     logger.info("exported %s model to %s", framework, path)
     return path
 
@@ -95,6 +118,8 @@ def _export_view(model: nn.Module, framework: str):
     """A copy of ``model`` whose fake quantization exports as int8 Q/DQ."""
     if framework == "fx":
         yield _fx_export_module(model)
+    elif framework == "pt2e":
+        yield _pt2e_converted_copy(model)
     elif framework in ("modelopt", "pytorch-quantization"):
         module = copy.deepcopy(model).eval()
         _widen_low_bit_weights(module, framework)
@@ -120,10 +145,7 @@ def _fx_export_module(prepared: nn.Module) -> nn.Module:
 
     prepared = copy.deepcopy(prepared)
     session = FxSession(prepared, target="convert_fx")
-    narrowed = [h.name for h in session.all_handles if h.role == "activation" and h.bits < 8]
-    if narrowed:
-        raise ExportError(f"{len(narrowed)} activation quantizer(s) use fewer than 8 bits (e.g. {narrowed[0]}): "
-                          "TensorRT's int8 Q/DQ cannot express them. Quantize activations with 8 bits to export.")
+    _refuse_narrowed_activations(session.all_handles)
     session.commit()  # in the copy: clips low-bit weights onto their grid
     for fq in session.fake_quants:  # QuantizeLinear has no narrower range: export on the int8 range
         if isinstance(fq, FakeQuantizeBase) and fq.quant_min < 0:
@@ -131,6 +153,50 @@ def _fx_export_module(prepared: nn.Module) -> nn.Module:
             fq.activation_post_process.quant_min, fq.activation_post_process.quant_max = -128, 127
     session.set_quantization(True)
     return session.eval_module.eval()
+
+
+def _pt2e_converted_copy(prepared: nn.Module) -> nn.Module:
+    """``convert_pt2e`` of a copy: weights become integer constants behind DequantizeLinear (their narrowed values
+    fit int8 as they are); low-bit activations are refused, as ONNX's QuantizeLinear only knows the int8 range."""
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    from .fx.refine import FxSession
+
+    prepared = copy.deepcopy(prepared)
+    _refuse_narrowed_activations(FxSession(prepared, flavor="pt2e").all_handles)
+    return convert_pt2e(prepared)
+
+
+def _export_converted_pt2e(converted: nn.Module, path: Path, example_input: torch.Tensor, opset: int,
+                           dynamic_batch: bool) -> None:
+    """torch.export the converted graph again and write it with torch's dynamo ONNX exporter (the TorchScript
+    exporter does not know the decomposed quantize ops); they become QuantizeLinear / DequantizeLinear."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxscript") is None:  # the dynamo exporter's dependency
+        raise ExportError("exporting a PT2E model needs onnxscript: pip install 'cptv_plugin[onnx]'")
+    dynamic_shapes = ({0: torch.export.Dim.DYNAMIC},) if dynamic_batch else None
+    example_input = example_input.clone()  # torch.export marks the tensor it traced as dynamic: not the user's
+    try:
+        program = torch.export.export(converted, (example_input,), dynamic_shapes=dynamic_shapes)
+    except Exception as error:  # torch.export's errors have many types; the batch guard is the one we can name
+        if dynamic_batch and re.search(r"size\(\)\[0\]|shape\[0\]", str(error)):
+            raise ExportError(
+                "the converted PT2E model fixes its batch size, so the ONNX file cannot take any batch: export the "
+                "model for prepare_pt2e with dynamic_shapes=({0: torch.export.Dim('batch')},), or pass "
+                "dynamic_batch=False") from error
+        raise
+    with torch.no_grad():
+        torch.onnx.export(program, (example_input,), str(path), opset_version=opset, dynamo=True,
+                          input_names=["images"], output_names=["logits"], verbose=False,
+                          external_data=False)  # one file (its default writes weights beside, named after it)
+
+
+def _refuse_narrowed_activations(handles) -> None:
+    narrowed = [h.name for h in handles if h.role == "activation" and h.bits < 8]
+    if narrowed:
+        raise ExportError(f"{len(narrowed)} activation quantizer(s) use fewer than 8 bits (e.g. {narrowed[0]}): "
+                          "TensorRT's int8 Q/DQ cannot express them. Quantize activations with 8 bits to export.")
 
 
 def _widen_low_bit_weights(model: nn.Module, framework: str) -> None:
@@ -232,9 +298,11 @@ def check_tensorrt_onnx(path: str | os.PathLike) -> list[str]:
                 problems.append(f"{label}: zero point is {zero_point.dtype}; TensorRT needs int8 (symmetric)")
             elif (zero_point != 0).any():
                 problems.append(f"{label}: zero point is not 0; TensorRT needs symmetric quantization")
-        if node.op_type != "QuantizeLinear":
-            continue
         per_channel = scale.size > 1
+        if node.op_type != "QuantizeLinear":
+            if per_channel and node.input[0] in constants:  # a weight stored as integers: DQ only (PT2E's form)
+                problems += _check_weight_axis(label, node, axis_of(node), consumers, producers, constants)
+            continue
         if per_channel and not is_constant(node.input[0]):
             problems.append(f"{label}: per-channel scale on an activation; TensorRT needs per-tensor activations")
         for user in consumers.get(node.output[0], []):

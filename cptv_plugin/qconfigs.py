@@ -6,7 +6,7 @@ import re
 
 import torch
 
-__all__ = ["parse_bits", "fx_qconfig_mapping", "modelopt_config", "prepare_timm_for_fx"]
+__all__ = ["parse_bits", "fx_qconfig_mapping", "pt2e_quantizer", "modelopt_config", "prepare_timm_for_fx"]
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
@@ -55,6 +55,32 @@ def fx_qconfig_mapping(bits: str = "W8A8", activation_observer=None, qat: bool =
         weight = FakeQuantize.with_args(observer=weight.p.func, **weight.p.keywords)
         activation = FakeQuantize.with_args(observer=activation.p.func, **activation.p.keywords)
     return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
+
+
+def pt2e_quantizer(bits: str = "W8A8", *, symmetric_activations: bool = False, qat: bool = False):
+    """torchao's reference PT2E quantizer (``XNNPACKQuantizer``, static config) at ``bits``: per-channel symmetric
+    weights with ``W`` bits and per-tensor int8 activations with ``A`` bits (``HistogramObserver``). Pass it to
+    ``prepare_pt2e`` (``qat=True``: ``prepare_qat_pt2e``).
+
+    Args:
+        bits: e.g. ``"W4A8"``.
+        symmetric_activations: activations without zero point, as TensorRT needs (XNNPACK's own are affine);
+            :func:`cptv_plugin.export_onnx` refuses affine activations for TensorRT.
+        qat: FakeQuantize instead of observers.
+    """
+    import dataclasses
+
+    from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
+
+    weight_bits, activation_bits = parse_bits(bits)
+    config = get_symmetric_quantization_config(
+        is_per_channel=True, is_qat=qat,
+        act_qmin=-(2 ** (activation_bits - 1)), act_qmax=2 ** (activation_bits - 1) - 1,
+        weight_qmin=-(2 ** (weight_bits - 1)), weight_qmax=2 ** (weight_bits - 1) - 1)
+    if symmetric_activations:
+        activation = dataclasses.replace(config.input_activation, qscheme=torch.per_tensor_symmetric)
+        config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
+    return XNNPACKQuantizer().set_global(config)
 
 
 def modelopt_config(bits: str = "W8A8", algorithm: str = "max") -> dict:

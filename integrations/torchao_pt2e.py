@@ -1,10 +1,12 @@
-"""Recipe: torchao PT2E post-training quantization → CPT-V refinement → convert_pt2e.
+"""Recipe: torchao PT2E post-training quantization → CPT-V refinement → convert_pt2e (and ONNX for TensorRT).
 
     python integrations/torchao_pt2e.py --bits W3A8 --preset fast
+    python integrations/torchao_pt2e.py --bits W4A8 --onnx model.onnx   # symmetric activations, Q/DQ ONNX
 
 The PT2E flow is the successor of torch.ao's FX graph mode quantization: torch.export → prepare_pt2e with a
 quantizer → calibrate → convert_pt2e. Only step 4 is new; the refined scales travel into the converted model
-through the prepared module's observers.
+through the prepared module's observers. TensorRT needs activations without zero point: with ``--onnx`` the
+quantizer's activations are symmetric and the refined model is exported before it is converted.
 """
 
 from __future__ import annotations
@@ -18,37 +20,33 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 import cptv_plugin
 from cptv_plugin.datasets import fashion_mnist_splits
 from cptv_plugin.models import load_reference_model
-from cptv_plugin.qconfigs import parse_bits
+from cptv_plugin.qconfigs import pt2e_quantizer
 from cptv_plugin.train import evaluate_top1
 
 
-def xnnpack_quantizer(bits: str):
-    """Per-channel symmetric weights with W bits, 8-bit per-tensor activations (XNNPACK's static config)."""
-    from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config
-
-    weight_bits, _ = parse_bits(bits)
-    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
-        is_per_channel=True, weight_qmin=-(2 ** (weight_bits - 1)), weight_qmax=2 ** (weight_bits - 1) - 1))
-
-
 def run(bits: str = "W3A8", preset: str | cptv_plugin.SearchConfig = "fast", calibration: int = 1000,
-        test_images: int = 10000, model_name: str = "fmnist_vit_tiny") -> dict:
+        test_images: int = 10000, model_name: str = "fmnist_vit_tiny", onnx: str | None = None) -> dict:
     model = load_reference_model(model_name)
     calib, test_x, test_y = fashion_mnist_splits(calibration, test_images)
 
     batch = torch.export.Dim("batch", min=1, max=1024)
     exported = torch.export.export(model, (calib[:2],), dynamic_shapes=({0: batch},)).module()  # 1. export
-    prepared = prepare_pt2e(exported, xnnpack_quantizer(bits))                                  # 2. prepare
+    quantizer = pt2e_quantizer(bits, symmetric_activations=onnx is not None)  # XNNPACK's, W bits per channel
+    prepared = prepare_pt2e(exported, quantizer)                                                 # 2. prepare
     with torch.no_grad():                                                                        # 3. calibrate
         for images in calib.split(100):
             prepared(images)
     before = evaluate_top1(convert_pt2e(copy.deepcopy(prepared)), test_x, test_y)
-    config = cptv_plugin.SearchConfig.preset(preset)
+    config = cptv_plugin.SearchConfig.resolve(preset)
     result = cptv_plugin.refine_pt2e(prepared, calib, config=config)  # 4. refine
+    report = {}
+    if onnx is not None:                                             # (ONNX for TensorRT: before convert_pt2e)
+        path = cptv_plugin.export_onnx(prepared, onnx, calib[:2])
+        report = {"onnx": str(path), "tensorrt_violations": cptv_plugin.check_tensorrt_onnx(path)}
     quantized = convert_pt2e(prepared)                                                           # 5. convert
     after = evaluate_top1(quantized, test_x, test_y)
     return {"bits": bits, "preset": config.name, "top1_before": before, "top1_after": after,
-            **result.figures()}
+            **result.figures(), **report}
 
 
 if __name__ == "__main__":
@@ -57,5 +55,6 @@ if __name__ == "__main__":
     parser.add_argument("--preset", default="fast")
     parser.add_argument("--calibration", type=int, default=1000)
     parser.add_argument("--test-images", type=int, default=10000)
+    parser.add_argument("--onnx", default=None, help="also write the refined model as a Q/DQ ONNX file here")
     args = parser.parse_args()
-    print(run(args.bits, args.preset, args.calibration, args.test_images))
+    print(run(args.bits, args.preset, args.calibration, args.test_images, onnx=args.onnx))

@@ -28,7 +28,24 @@ def fx_tensorrt(model, calib, bits):
     return prepared
 
 
+def pt2e_tensorrt(model, calib, bits, symmetric_activations=True):
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from cptv_plugin.qconfigs import pt2e_quantizer
+
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    exported = torch.export.export(copy.deepcopy(model).eval(), (calib[:2],), dynamic_shapes=({0: batch},)).module()
+    prepared = prepare_pt2e(exported, pt2e_quantizer(bits, symmetric_activations=symmetric_activations))
+    with torch.no_grad():
+        prepared(calib)
+    return prepared
+
+
 def build(framework, tiny_vit, calib, bits):
+    if framework == "pt2e":
+        pytest.importorskip("torchao")
+        pytest.importorskip("onnxscript")
+        return pt2e_tensorrt(tiny_vit, calib, bits)
     if framework == "modelopt":
         return modelopt_quantize(tiny_vit, calib, (int(bits[1]), 8))
     if framework == "pytorch-quantization":
@@ -46,11 +63,13 @@ def onnx_scales(path) -> list[np.ndarray]:
             values[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
         elif node.op_type == "Identity" and node.input[0] in values:
             values[node.output[0]] = values[node.input[0]]
-    return [values[n.input[1]].reshape(-1) for n in graph.node if n.op_type == "QuantizeLinear"]
+    # DequantizeLinear too: PT2E stores weights as integers read by a DequantizeLinear alone
+    return [values[n.input[1]].reshape(-1) for n in graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
 
 
 # (framework, bits): top-1 agreement and max |logit| difference measured on 1,000 Fashion-MNIST test images
-CASES = [("modelopt", "W8A8"), ("modelopt", "W4A8"), ("pytorch-quantization", "W4A8"), ("fx", "W8A8")]
+CASES = [("modelopt", "W8A8"), ("modelopt", "W4A8"), ("pytorch-quantization", "W4A8"), ("fx", "W8A8"),
+         ("pt2e", "W4A8")]
 
 
 @pytest.mark.parametrize("framework,bits", CASES)
@@ -74,6 +93,10 @@ def test_refined_model_exports_for_tensorrt_and_onnxruntime_agrees(framework, bi
 
             session = FxSession(copy.deepcopy(model))
             expected = session.eval_module(test_images).numpy()
+        elif framework == "pt2e":  # what convert_pt2e computes
+            from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+            expected = convert_pt2e(copy.deepcopy(model))(test_images).numpy()
         else:
             expected = model.eval()(test_images).numpy()
     agreement = (logits.argmax(1) == expected.argmax(1)).mean()
@@ -85,6 +108,9 @@ def test_refined_model_exports_for_tensorrt_and_onnxruntime_agrees(framework, bi
     file_scales = onnx_scales(path)
     if framework == "fx":
         refined = [h.read().reshape(-1).numpy() for h in session.all_handles]
+    elif framework == "pt2e":
+        refined = [m.scale.reshape(-1).numpy() for m in model.modules() if type(m).__name__ == "RefinedPT2EObserver"]
+        assert refined
     else:
         refined = [(q.amax.detach().float() / (2 ** (q.num_bits - 1) - 1)).reshape(-1).numpy()
                    for n, q in model.named_modules() if type(q).__name__ == "TensorQuantizer" and
@@ -158,3 +184,50 @@ def test_fx_qat_fake_quantize_model_exports_for_tensorrt(tiny_vit, fmnist, tmp_p
     with torch.no_grad():
         expected = prepared(fmnist[1]).numpy()  # the QAT model's own fake-quant forward
     assert (logits.argmax(1) == expected.argmax(1)).mean() >= 0.99
+
+
+def test_pt2e_export_names_what_tensorrt_cannot_run(tiny_vit, fmnist, tmp_path):
+    """XNNPACK's own activations are affine: the rule error says how to quantize them symmetrically. Low-bit
+    activations are refused; per-channel weights stored as integers get the output-channel axis check."""
+    pytest.importorskip("torchao")
+    pytest.importorskip("onnxscript")
+    calib = fmnist[0][:50]
+    affine = pt2e_tensorrt(tiny_vit, calib, "W8A8", symmetric_activations=False)
+    target = tmp_path / "affine.onnx"
+    with pytest.raises(TensorRTRuleError, match=r"pt2e_quantizer\(bits, symmetric_activations=True\)") as error:
+        export_onnx(affine, target, calib[:2])
+    assert any("zero point is not 0" in v for v in error.value.violations)
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(ExportError, match="4 bits|fewer than 8 bits"):
+        export_onnx(pt2e_tensorrt(tiny_vit, calib, "W8A4"), tmp_path / "a4.onnx", calib[:2])
+
+    path = export_onnx(pt2e_tensorrt(tiny_vit, calib, "W8A8"), tmp_path / "w8a8.onnx", calib[:2])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w8a8.onnx"]  # one self-contained file
+    model = onnx.load(str(path))
+    weights = {i.name for i in model.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 2}
+    assert weights  # int8 weight constants behind DequantizeLinear, no QuantizeLinear in front
+    dequantize = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in weights)
+    for attribute in dequantize.attribute:
+        if attribute.name == "axis":
+            attribute.i = 1  # the input-channel axis of the Linear weight: TensorRT cannot run it
+    onnx.save(model, str(tmp_path / "axis.onnx"))
+    assert any("not the output-channel axis" in p for p in check_tensorrt_onnx(tmp_path / "axis.onnx"))
+
+
+def test_pt2e_model_with_a_fixed_batch_is_refused_with_the_fix(tiny_vit, fmnist, tmp_path):
+    pytest.importorskip("torchao")
+    pytest.importorskip("onnxscript")
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from cptv_plugin.qconfigs import pt2e_quantizer
+
+    calib = fmnist[0][:2]
+    exported = torch.export.export(copy.deepcopy(tiny_vit).eval(), (calib,)).module()  # batch 2, fixed
+    prepared = prepare_pt2e(exported, pt2e_quantizer("W8A8", symmetric_activations=True))
+    with torch.no_grad():
+        prepared(calib)
+    with pytest.raises(ExportError, match=r"dynamic_shapes=.*or pass dynamic_batch=False"):
+        export_onnx(prepared, tmp_path / "fixed.onnx", calib)
+    assert not list(tmp_path.iterdir())
+    path = export_onnx(prepared, tmp_path / "fixed.onnx", calib, dynamic_batch=False)
+    assert check_tensorrt_onnx(path) == []

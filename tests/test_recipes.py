@@ -81,6 +81,16 @@ def test_pt2e_recipe_improves_on_the_baseline_fitness():
     report = recipe.run(bits="W3A8", preset=QUICK, calibration=100, test_images=500)
     assert_refined(report)
     assert 10 < report["top1_before"] <= 100 and 10 < report["top1_after"] <= 100
+    assert "onnx" not in report
+
+
+def test_pt2e_recipe_exports_for_tensorrt(tmp_path):
+    pytest.importorskip("torchao")
+    pytest.importorskip("onnxscript")
+    recipe = load(ROOT / "integrations" / "torchao_pt2e.py")
+    report = recipe.run(bits="W4A8", preset=QUICK, calibration=100, test_images=200, onnx=str(tmp_path / "m.onnx"))
+    assert_refined(report)
+    assert report["tensorrt_violations"] == [] and (tmp_path / "m.onnx").exists()
 
 
 def test_torchrun_recipe_runs_refines_and_saves_on_rank_zero(tmp_path, monkeypatch):

@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 import torch
 
 __all__ = ["ScaleHandle", "Group", "SearchState", "set_groups", "affine_fake_quantize",
-           "affine_fake_quantize_with_mask"]
+           "affine_fake_quantize_with_mask", "NotCalibratedError"]
+
+
+class NotCalibratedError(ValueError):
+    """A quantizer has no calibrated range (an observer that saw no data, an ``amax`` never set, a calibrator
+    still collecting statistics): run calibration images through the model before refining it."""
 
 
 class _RoundStraightThrough(torch.autograd.Function):

@@ -121,7 +121,7 @@ def test_exported_but_not_prepared_or_not_calibrated_is_refused_untouched(fmnist
     prepared = prepare_pt2e(exported, xnnpack(8))
     before = {k: v.clone() for k, v in prepared.state_dict().items()}
     kinds = {n: type(m) for n, m in prepared.named_modules()}
-    with pytest.raises(ValueError, match="never calibrated"):
+    with pytest.raises(cptv_plugin.NotCalibratedError, match="never calibrated"):
         cptv_plugin.refine_pt2e(prepared, calib, config=TINY_SEARCH)
     assert {n: type(m) for n, m in prepared.named_modules()} == kinds
     assert all(torch.equal(before[k], v) for k, v in prepared.state_dict().items())

@@ -18,7 +18,7 @@ from torch import fx, nn
 from ..blocks import ModelStructure, discover_blocks
 from ..engine import Segment, SegmentedModel
 from ..fx.graph import GraphSplitError, assign_groups, split_graph
-from ..handles import Group, ScaleHandle, clamp_values, round_values
+from ..handles import Group, NotCalibratedError, ScaleHandle, clamp_values, round_values
 
 __all__ = ["AmaxHandle", "AmaxSession", "QuantizerKind", "NotCalibratedError", "UnsupportedQuantizerError",
            "integer_fake_quant"]
@@ -28,10 +28,6 @@ logger = logging.getLogger(__name__)
 
 class UnsupportedQuantizerError(ValueError):
     """A quantizer format the search cannot move (floating-point formats, block quantization)."""
-
-
-class NotCalibratedError(ValueError):
-    """A quantizer has no calibrated range (``amax``) or is still collecting statistics."""
 
 
 @dataclass(frozen=True)

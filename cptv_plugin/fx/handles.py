@@ -9,7 +9,7 @@ from torch import nn
 from torch.ao.quantization import QConfig
 from torch.ao.quantization.fake_quantize import FakeQuantizeBase
 
-from ..handles import ScaleHandle
+from ..handles import NotCalibratedError, ScaleHandle
 from .quantizers import DTYPE_RANGES, RefinedObserver, SimulatedQuantizer, is_fused_fake_quantize
 
 __all__ = ["ObserverHandle", "FakeQuantizeHandle", "WeightObserverHandle", "clamp_weight_to_grid", "get_attribute",
@@ -51,7 +51,7 @@ def require_calibrated(name: str, observer) -> None:
         return
     min_val = getattr(observer, "min_val", None)
     if isinstance(min_val, torch.Tensor) and (min_val.numel() == 0 or bool(torch.isinf(min_val).all())):
-        raise ValueError(f"quantizer {name} was never calibrated: run calibration images through the prepared "
+        raise NotCalibratedError(f"quantizer {name} was never calibrated: run calibration images through the prepared "
                          "model (prepared(images)) before refining it")
 
 

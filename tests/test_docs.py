@@ -56,3 +56,18 @@ def test_ci_runs_the_test_command_the_readme_gives() -> None:
     command = re.search(r"&& (python -m pytest[^\n`]*)", readme)
     assert command, "README no longer gives the test command"
     assert command.group(1).strip() in ci.splitlines()
+
+
+def test_readme_lists_every_public_error():
+    """Each exception class cptv_plugin exports has a row in README's "Errors you can catch", with its built-in base."""
+    import cptv_plugin
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Errors you can catch"):readme.index("## Benchmarks")]
+    errors = [getattr(cptv_plugin, n) for n in cptv_plugin.__all__
+              if isinstance(getattr(cptv_plugin, n), type) and issubclass(getattr(cptv_plugin, n), Exception)]
+    assert len(errors) >= 12
+    for error in errors:
+        row = next((line for line in table.splitlines() if line.startswith(f"| `{error.__name__}` |")), None)
+        assert row is not None, f"{error.__name__} is missing from README's error table"
+        assert f"| `{error.__mro__[1].__name__}` |" in row, f"{error.__name__}: README names the wrong base class"

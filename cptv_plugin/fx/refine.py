@@ -31,7 +31,8 @@ CLAMPED_WEIGHTS = "cptv_plugin.clamped_weights"  # GraphModule.meta key: weights
 
 
 class NotPreparedError(TypeError):
-    """The model is not a GraphModule from ``prepare_fx`` / ``prepare_qat_fx``."""
+    """The model is not what the function takes: a GraphModule from ``prepare_fx`` / ``prepare_qat_fx`` for
+    ``refine_fx``, one from ``prepare_pt2e`` / ``prepare_qat_pt2e`` for ``refine_pt2e``."""
 
 
 class NoQuantizersError(ValueError):

@@ -51,8 +51,8 @@ def require_calibrated(name: str, observer) -> None:
         return
     min_val = getattr(observer, "min_val", None)
     if isinstance(min_val, torch.Tensor) and (min_val.numel() == 0 or bool(torch.isinf(min_val).all())):
-        raise NotCalibratedError(f"quantizer {name} was never calibrated: run calibration images through the prepared "
-                         "model (prepared(images)) before refining it")
+        raise NotCalibratedError(f"quantizer {name} was never calibrated: run calibration images through the "
+                                 "prepared model (prepared(images)) before refining it")
 
 
 def clamp_weight_to_grid(weight: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, quant_min: int,

@@ -9,13 +9,13 @@ import cptv_plugin
 from cptv_plugin import NotPreparedError
 from cptv_plugin.fx.refine import FxSession
 from cptv_plugin.models import load_reference_model
+from cptv_plugin.qconfigs import pt2e_quantizer
 from conftest import TINY_SEARCH, assert_suffix_matches_full
 
 pytest.importorskip("torchao")
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e, prepare_qat_pt2e  # noqa: E402
 from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (  # noqa: E402
     X86InductorQuantizer, get_default_x86_inductor_quantization_config)
-from torchao.testing.pt2e._xnnpack_quantizer import XNNPACKQuantizer, get_symmetric_quantization_config  # noqa
 
 
 def export(model, images):
@@ -24,8 +24,7 @@ def export(model, images):
 
 
 def xnnpack(weight_bits=4, qat=False):
-    return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(
-        is_per_channel=True, is_qat=qat, weight_qmin=-(2 ** (weight_bits - 1)), weight_qmax=2 ** (weight_bits - 1) - 1))
+    return pt2e_quantizer(f"W{weight_bits}A8", qat=qat)
 
 
 def prepared_model(name, calib, quantizer, qat=False):

@@ -68,7 +68,7 @@ class _Forward(nn.Module):
         return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, *, opset: int = 17,
+def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, *, opset: int | None = None,
                 check_tensorrt: bool = True, dynamic_batch: bool = True) -> Path:
     """Export a refined (or just calibrated) quantized model as an ONNX file with Q/DQ pairs for TensorRT.
 
@@ -79,17 +79,21 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
             pytorch-quantization model. It is not modified.
         path: the output file, written atomically (a temporary file renamed into place).
         example_input: a batch of images shaped as the model expects.
-        opset: ONNX opset (≥ 13, for per-channel QuantizeLinear).
+        opset: ONNX opset (≥ 13, for per-channel QuantizeLinear). ``None``: 17 through the TorchScript exporter,
+            18 for PT2E models (the dynamo exporter's own; it converts to older opsets only where every op has an
+            adapter, and a file that does not come out at the opset asked for is refused).
         check_tensorrt: run :func:`check_tensorrt_onnx` and refuse (nothing written) if a rule is broken.
         dynamic_batch: make the batch dimension dynamic.
 
     Returns:
         The path written.
     """
-    if opset < 13:
+    if opset is not None and opset < 13:
         raise ExportError(f"opset {opset} is too old: per-channel QuantizeLinear needs opset >= 13")
     path = Path(path)
     framework = detect_framework(model)
+    if opset is None:
+        opset = 18 if framework == "pt2e" else 17
     with atomic_path(path) as temporary, _export_view(model, framework) as module:
         if framework == "pt2e":
             _export_converted_pt2e(module, temporary, example_input, opset, dynamic_batch)
@@ -100,6 +104,10 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
                                   input_names=["images"], output_names=["logits"],
                                   dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch
                                   else None)
+        written = _opset_of(temporary)
+        if written != opset:  # the dynamo exporter keeps its own opset where it cannot convert an op
+            raise ExportError(f"torch's ONNX exporter wrote opset {written}, not the {opset} asked for (it has no "
+                              f"conversion for every op of this model): pass opset={written}")
         if check_tensorrt:
             violations = check_tensorrt_onnx(temporary)
             if violations:
@@ -190,6 +198,13 @@ def _export_converted_pt2e(converted: nn.Module, path: Path, example_input: torc
         torch.onnx.export(program, (example_input,), str(path), opset_version=opset, dynamo=True,
                           input_names=["images"], output_names=["logits"], verbose=False,
                           external_data=False)  # one file (its default writes weights beside, named after it)
+
+
+def _opset_of(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _refuse_narrowed_activations(handles) -> None:

@@ -112,10 +112,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
             violations = check_tensorrt_onnx(temporary)
             if violations:
                 hint = ""
-                if framework in _SYMMETRIC_ACTIVATIONS and any("zero point is not 0" in v for v in violations):
-                    hint = ("Activations carry zero points: TensorRT needs them symmetric. Quantize with "
-                            f"{_SYMMETRIC_ACTIVATIONS[framework]}; or pass check_tensorrt=False for an ONNX file "
-                            "for other runtimes.")
+                affine = any(re.search(r"zero point is (not 0|uint8)|no zero point", v) for v in violations)
+                if framework in _SYMMETRIC_ACTIVATIONS and affine:
+                    hint = ("Activations are affine (a zero point, or uint8): TensorRT needs them symmetric int8. "
+                            f"Quantize with {_SYMMETRIC_ACTIVATIONS[framework]}; or pass check_tensorrt=False for an "
+                            "ONNX file for other runtimes.")
                 raise TensorRTRuleError(violations, hint)
     logger.info("exported %s model to %s", framework, path)
     return path

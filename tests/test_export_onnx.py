@@ -252,3 +252,36 @@ def test_a_file_at_another_opset_than_asked_is_refused(tiny_vit, fmnist, tmp_pat
     with pytest.raises(ExportError, match="wrote opset 18, not the 17 asked for.*pass opset=18"):
         export_onnx(prepared, tmp_path / "other.onnx", calib[:2], opset=17)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["17.onnx"]
+
+
+def test_fx_weights_in_the_file_are_the_optimized_integers(tiny_vit, fmnist, tmp_path):
+    """torch.ao's MinMax scale puts each channel's largest weight halfway between two integers; ONNX divides by the
+    scale where torch multiplies by its reciprocal, so the file stores weights on the grid (k·s): every runtime
+    then reads the integers the search optimized."""
+    from onnx import numpy_helper
+
+    from cptv_plugin.fx.quantizers import SimulatedWeightModule
+    from cptv_plugin.fx.refine import FxSession
+
+    calib = fmnist[0][:100]
+    prepared = fx_tensorrt(tiny_vit, calib, "W4A8")
+    cptv_plugin.refine_fx(prepared, calib, config=TINY_SEARCH)
+    graph = onnx.load(str(export_onnx(prepared, tmp_path / "w.onnx", calib[:2]))).graph
+    weights = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    simulated = {}
+    with torch.no_grad():
+        for path, module in FxSession(copy.deepcopy(prepared)).eval_module.named_modules():
+            if isinstance(module, SimulatedWeightModule):
+                quantizer = module.weight_quantizer
+                scale = quantizer.scale.reshape([-1] + [1] * (module._leader.weight.dim() - 1))
+                simulated[f"module.{path}.module.weight"] = (quantizer(module._leader.weight) / scale).round().numpy()
+    checked = 0
+    for node in graph.node:
+        if node.op_type != "QuantizeLinear" or node.input[0] not in simulated:
+            continue
+        scale = weights[node.input[1]].reshape([-1] + [1] * (weights[node.input[0]].ndim - 1))
+        in_file = weights[node.input[0]] / scale  # what QuantizeLinear rounds
+        assert np.abs(in_file - np.round(in_file)).max() < 1e-3, node.name  # on the grid: no tie left to round
+        assert np.array_equal(np.round(in_file), simulated[node.input[0]]), node.name
+        checked += 1
+    assert checked == len(simulated) > 0

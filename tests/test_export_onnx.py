@@ -130,8 +130,8 @@ def test_export_leaves_the_user_model_untouched(tiny_vit, fmnist, tmp_path):
 def test_affine_uint8_activations_break_the_rules_and_nothing_is_written(tiny_vit, fmnist, tmp_path):
     prepared = prepare_and_calibrate(tiny_vit, fmnist[0][:100], "W8A8")  # torch.ao default: quint8, affine
     target = tmp_path / "affine.onnx"
-    with pytest.raises(TensorRTRuleError, match=r"(?s)zero point.*fx_qconfig_mapping\(bits, symmetric_activations=True\)") \
-            as error:
+    hint = r"(?s)zero point.*fx_qconfig_mapping\(bits, symmetric_activations=True\)"  # the rule error names the fix
+    with pytest.raises(TensorRTRuleError, match=hint) as error:
         export_onnx(prepared, target, fmnist[0][:2])
     assert any("uint8" in v for v in error.value.violations)
     assert not target.exists() and not list(tmp_path.iterdir())

@@ -174,6 +174,8 @@ def _snap_weights_onto_grid(module: nn.Module) -> None:
     arithmetic: torch multiplies by 1/s, ONNX's QuantizeLinear (and TensorRT) divide by s. At k·s every rounding
     gives k, so the file holds the integers that were optimized (measured on the Swin-like model, W4A8: weights
     up to one step apart before, top-1 agreement with onnxruntime 97.3 %)."""
+    from torch.ao.quantization.fake_quantize import FakeQuantizeBase
+
     from .fx.quantizers import SimulatedWeightModule
 
     with torch.no_grad():
@@ -181,6 +183,14 @@ def _snap_weights_onto_grid(module: nn.Module) -> None:
             if isinstance(weight_module, SimulatedWeightModule) and weight_module.weight_quantizer.enabled:
                 weight = weight_module._leader.weight
                 weight.copy_(weight_module.weight_quantizer(weight.detach()))
+            fake_quant = getattr(weight_module, "weight_fake_quant", None)  # QAT modules (prepare_qat_fx)
+            if isinstance(fake_quant, FakeQuantizeBase) and bool(fake_quant.fake_quant_enabled[0]):
+                weight, zero_point = weight_module.weight, fake_quant.zero_point.to(torch.int32)
+                bounds = (fake_quant.quant_min, fake_quant.quant_max)  # its own arithmetic, without observing
+                weight.copy_(torch.fake_quantize_per_channel_affine(weight, fake_quant.scale, zero_point,
+                                                                    fake_quant.ch_axis, *bounds)
+                             if fake_quant.is_per_channel else
+                             torch.fake_quantize_per_tensor_affine(weight, fake_quant.scale, zero_point, *bounds))
 
 
 def _pt2e_converted_copy(prepared: nn.Module) -> nn.Module:

@@ -178,6 +178,16 @@ def test_fx_qat_fake_quantize_model_exports_for_tensorrt(tiny_vit, fmnist, tmp_p
     assert result.final_fitness < result.initial_fitness
     path = export_onnx(prepared, tmp_path / "qat.onnx", calib[:2])
     assert check_tensorrt_onnx(path) == []
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(path)).graph
+    constants = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    weights = [(constants[n.input[0]], constants[n.input[1]]) for n in graph.node
+               if n.op_type == "QuantizeLinear" and n.input[0] in constants and constants[n.input[1]].size > 1]
+    assert weights
+    for weight, scale in weights:  # on the grid (k·s): no halfway value for a runtime to round its own way
+        steps = weight / scale.reshape([-1] + [1] * (weight.ndim - 1))
+        assert np.abs(steps - np.round(steps)).max() < 1e-3
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     logits = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(

@@ -464,6 +464,12 @@ def _device_name(device: torch.device) -> str:
     return "cpu"
 
 
+def is_fixed_batch_error(error: BaseException) -> bool:
+    """Whether ``error`` is torch.export's guard on a batch size the graph was exported for (a model exported
+    without ``dynamic_shapes``): its message names ``size()[0]`` or ``shape[0]``."""
+    return re.search(r"size\(\)\[0\]|shape\[0\]", str(error)) is not None
+
+
 def _probe(session: RefinementSession, images: torch.Tensor) -> None:
     """Run two calibration images through the full-precision evaluation model; a failure there means the
     images do not fit the model, which deserves a clearer message than the layer's own."""
@@ -471,7 +477,7 @@ def _probe(session: RefinementSession, images: torch.Tensor) -> None:
         with _full_precision(session), torch.no_grad():
             session.chain.forward(images, eager=True)
     except (RuntimeError, ValueError, AssertionError) as error:
-        if re.search(r"size\(\)\[0\]|shape\[0\]", str(error)):
+        if is_fixed_batch_error(error):
             raise CalibrationError(
                 f"the model cannot run a batch of {len(images)} images: it was exported for a fixed batch size "
                 f"({str(error).rstrip('. ')}). The search runs batches of other sizes: export with a dynamic batch "

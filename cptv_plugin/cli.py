@@ -89,12 +89,18 @@ def _at_least(minimum: int) -> Callable[[str], int]:
 
 
 def _add_search_settings(command: argparse.ArgumentParser, preset: str) -> None:
-    """The options every refining command takes: the preset (``preset`` unless given), its seed and its length."""
-    command.add_argument("--preset", default=preset, choices=["fast", "default", "paper"],
+    """The options every refining command takes: the preset (``preset`` unless given), a settings file, the seed
+    and the search's length."""
+    command.add_argument("--preset", default=None, choices=["fast", "default", "paper"],
                          help=f"search settings, {preset!r} unless given: fast for a quick try, default for the "
                               "most accurate result, paper for the published preset")
-    command.add_argument("--seed", type=int, default=0,
-                         help="seed of the search (default 0): the same seed gives the same scales on the CPU")
+    command.add_argument("--config", default=None, metavar="FILE",
+                         help="search settings from a JSON file: SearchConfig's settings by name, e.g. "
+                              '{"preset": "fast", "gradient_steps": 0} (without "preset", they change the default '
+                              "preset); --preset, --seed, --passes and --gradient-steps, where given, override it")
+    command.add_argument("--seed", type=int, default=None,
+                         help="seed of the search (default: the config file's, else 0): the same seed gives the same "
+                              "scales on the CPU")
     command.add_argument("--passes", type=_at_least(1), default=None,
                          help="passes of the search over the blocks (default: the preset's, 3 for fast, 10 for "
                               "default and paper); fewer for a quicker, less accurate try")
@@ -102,16 +108,31 @@ def _add_search_settings(command: argparse.ArgumentParser, preset: str) -> None:
                          help="steps of the gradient stage after the search (default: the preset's, 300 for fast and "
                               "1000 for default; 0 skips it: the demo's refinement took 169 s with fast's 300 "
                               "steps on a 2-core CPU, 51 s without)")
+    command.set_defaults(default_preset=preset)
 
 
-def _config(args: argparse.Namespace) -> SearchConfig:
-    """The preset the command line names, with its seed and, if given, its number of passes and its gradient
-    stage's length."""
+def _config(args: argparse.Namespace, command: argparse.ArgumentParser) -> SearchConfig:
+    """The search settings the command line gives: the ``--config`` file's (else the command's preset), then
+    ``--preset``, ``--seed``, ``--passes`` and ``--gradient-steps`` where given. A file that cannot be read or holds
+    a setting ``SearchConfig`` refuses is a usage error, reported by ``command``."""
     from . import SearchConfig
 
-    given = {"passes": args.passes, "gradient_steps": args.gradient_steps}
-    overrides = {name: value for name, value in given.items() if value is not None}
-    return SearchConfig.preset(args.preset, seed=args.seed, **overrides)
+    settings: dict = {"preset": args.default_preset}
+    if args.config is not None:
+        try:
+            with open(args.config, encoding="utf-8") as file:
+                settings = json.load(file)
+        except (OSError, json.JSONDecodeError) as error:
+            command.error(f"--config {args.config}: {error}")
+        if not isinstance(settings, dict):
+            command.error(f"--config {args.config}: expected a JSON object of settings, e.g. "
+                          f'{{"preset": "fast", "passes": 2}}; got a {type(settings).__name__}')
+    given = {"preset": args.preset, "seed": args.seed, "passes": args.passes, "gradient_steps": args.gradient_steps}
+    settings.update({name: value for name, value in given.items() if value is not None})
+    try:
+        return SearchConfig.resolve(settings)
+    except (TypeError, ValueError) as error:
+        command.error(f"--config {args.config}: {error}" if args.config is not None else str(error))
 
 
 @contextlib.contextmanager
@@ -179,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     post.add_argument("--calibration-size", type=_at_least(1), default=1000,
                       help="calibration images used (default 1000)")
     post.add_argument("--out", required=True, help="where to write the refined checkpoint")
+    post.add_argument("--onnx", default=None, metavar="PATH",
+                      help="also write the refined model as ONNX with Q/DQ nodes for TensorRT (opset 17, dynamic "
+                           "batch, checked against TensorRT's rules; activations must have 8 bits)")
     _add_search_settings(post, "default")
     post.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     post.add_argument("--device", default=None,
@@ -188,7 +212,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.command == "demo":
         start = time.time()
-        report = run_demo(args.bits, _config(args), args.calibration, args.seed, test_images=args.test_images)
+        config = _config(args, demo)
+        report = run_demo(args.bits, config, args.calibration, config.seed, test_images=args.test_images)
         report["seconds"] = round(time.time() - start, 1)
         print(json.dumps(report)) if args.json else _print_table(report)
     elif args.command == "refine-modelopt":
@@ -199,16 +224,17 @@ def main(argv: list[str] | None = None) -> None:
         except json.JSONDecodeError as error:
             post.error(f"--model-kwargs is not valid JSON: {error}")
         try:  # a wrong path is a usage error: say so before loading anything, without a traceback
-            check_checkpoint_paths(args.checkpoint, args.out, args.overwrite)
+            check_checkpoint_paths(args.checkpoint, args.out, args.overwrite, args.onnx)
         except (OSError, ValueError) as error:
             post.error(str(error))
+        config = _config(args, post)
         with _torchrun_process_group(args.device) as device:
             result = refine_modelopt_checkpoint(
                 args.checkpoint, args.model, args.calibration, args.out, model_kwargs=kwargs,
-                config=_config(args), calibration_size=args.calibration_size,
-                seed=args.seed, overwrite=args.overwrite, device=device)
+                config=config, calibration_size=args.calibration_size,
+                seed=config.seed, overwrite=args.overwrite, device=device, onnx=args.onnx)
             if result.ranks == 1 or torch.distributed.get_rank() == 0:
-                print(f"{result}\nwrote {args.out}")
+                print(f"{result}\nwrote {args.out}" + (f"\nwrote {args.onnx}" if args.onnx else ""))
 
 
 if __name__ == "__main__":

@@ -242,30 +242,41 @@ def _opset_of(model) -> int:
 
 
 def _refuse_narrowed_activations(handles) -> None:
-    narrowed = [h.name for h in handles if h.role == "activation" and h.bits < 8]
+    narrowed = [h for h in handles if h.role == "activation" and h.bits < 8]
     if narrowed:
-        raise ExportError(f"{len(narrowed)} activation quantizer(s) use fewer than 8 bits (e.g. {narrowed[0]}): "
+        raise ExportError(f"{len(narrowed)} activation quantizer(s) use fewer than 8 bits (e.g. {narrowed[0].name}: "
+                          f"{narrowed[0].bits} bits): "
                           "TensorRT's int8 Q/DQ cannot express them. Quantize activations with 8 bits to export.")
+
+
+def refuse_amax_narrowed_activations(model: nn.Module, framework: str) -> None:
+    """Raise :class:`ExportError` where a ModelOpt / pytorch-quantization model has activations below 8 bits (the
+    export refuses them; ``refine_modelopt_checkpoint(onnx=...)`` checks before it refines)."""
+    _refuse_narrowed_activations([handle for handle, _ in _amax_handles(model, framework)])
+
+
+def _amax_handles(model: nn.Module, framework: str):
+    """The enabled quantizers of a ModelOpt / pytorch-quantization model, as (handle, kind)."""
+    from .amax.session import AmaxHandle
+    from .frameworks import quantizer_kind
+
+    kind = quantizer_kind(framework)
+    for path, quantizer in list(model.named_modules()):
+        if isinstance(quantizer, kind.quantizer_type) and kind.is_enabled(quantizer):
+            role = "weight" if path.endswith("weight_quantizer") else "activation"
+            yield AmaxHandle(path, quantizer, role, kind), kind
 
 
 def _widen_low_bit_weights(model: nn.Module, framework: str) -> None:
     """ModelOpt / pytorch-quantization copy: clip each low-bit weight onto its grid, then quantize it as int8
     with the same scale (identical values); refuse low-bit activations."""
-    from .amax.session import AmaxHandle
-    from .frameworks import quantizer_kind
     from .fx.handles import clamp_weight_to_grid
 
-    kind = quantizer_kind(framework)
-    for path, quantizer in list(model.named_modules()):
-        if not isinstance(quantizer, kind.quantizer_type) or not kind.is_enabled(quantizer):
-            continue
-        role = "weight" if path.endswith("weight_quantizer") else "activation"
-        handle = AmaxHandle(path, quantizer, role, kind)
+    refuse_amax_narrowed_activations(model, framework)
+    for handle, kind in _amax_handles(model, framework):
         if handle.bits >= 8:
             continue
-        if role == "activation":
-            raise ExportError(f"{path} quantizes activations with {handle.bits} bits: TensorRT's int8 Q/DQ cannot "
-                              "express them. Quantize activations with 8 bits to export.")
+        path, quantizer = handle.name, handle.quantizer
         owner = model.get_submodule(path.rpartition(".")[0])
         scale = handle.read().reshape(-1)
         clamp_weight_to_grid(owner.weight, scale, torch.zeros_like(scale), handle.quant_min, handle.quant_max,

@@ -4,13 +4,13 @@
     python integrations/modelopt_tensorrt.py --bits W2A8 --algorithm gptq --preset default   # 2-3-bit weights
 
 ``--algorithm`` is ModelOpt's calibration (``max``, ModelOpt's default; ``mse``; ``gptq``, which also updates the
-weights). At W2A8 on the DeiT-like reference model our default preset, with its gradient stage, reaches 88.0 %
-top-1 from ``max`` (3 seeds; benchmarks/FINDINGS.md, section 14); before the stage, GPTQ followed by the default
-reached 87.2 % and ``max`` 81.0 % (GPTQ alone 44.8 %, section 10). GPTQ + the current default is not measured.
+weights). At W2A8 on the DeiT-like reference model our default preset, with its gradient stage, reaches 88.1 %
+top-1 from ``max`` and 88.3 % from ``gptq`` (3 seeds each; GPTQ alone 44.8 %; benchmarks/FINDINGS.md, sections 14,
+55 and 56); before the stage, GPTQ followed by the default reached 87.2 % and ``max`` 81.0 % (section 10).
 
 Every step but ``refine_modelopt`` is ModelOpt's own flow. The checkpoint-file variant of step 3, for a
 checkpoint someone else saved, is ``cptv refine-modelopt quantized.pth --model timm:NAME --calibration DIR
---out refined.pth``. Then build the engine with TensorRT, e.g. ``trtexec --onnx=model.onnx --int8``
+--out refined.pth --onnx model.onnx`` (steps 3 and 4 in one command). Then build the engine with TensorRT, e.g. ``trtexec --onnx=model.onnx --int8``
 (explicit quantization: the Q/DQ nodes carry the refined scales).
 """
 

@@ -149,9 +149,41 @@ def test_modelopt_checkpoint_post_processing(tiny_vit, fmnist, tmp_path, capsys)
 
     main(["refine-modelopt", str(source), "--model", "cptv:fmnist_vit_tiny", "--calibration", "fashion-mnist",
           "--calibration-size", "100", "--out", str(tmp_path / "cli.pth"), "--preset", "fast",
-          "--gradient-steps", "20"])
-    assert "wrote" in capsys.readouterr().out
+          "--gradient-steps", "20", "--onnx", str(tmp_path / "cli.onnx")])
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'cli.pth'}" in printed and f"wrote {tmp_path / 'cli.onnx'}" in printed
     assert (tmp_path / "cli.pth").exists() and sha256(source) == digest
+
+    # the ONNX file is the refined checkpoint's model, for TensorRT: its rules hold and onnxruntime computes the same
+    ort = pytest.importorskip("onnxruntime")
+    assert cptv_plugin.check_tensorrt_onnx(tmp_path / "cli.onnx") == []
+    restored = mto.restore(cptv_plugin.models.build_model("cptv:fmnist_vit_tiny"), str(tmp_path / "cli.pth")).eval()
+    assert any(not torch.equal(a, b) for a, b in zip(amax_of(model).values(), amax_of(restored).values()))
+    images = fmnist[1][:200]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
+    logits = ort.InferenceSession(str(tmp_path / "cli.onnx"), options, providers=["CPUExecutionProvider"]).run(
+        None, {"images": images.numpy()})[0]
+    with torch.no_grad():
+        expected = restored(images)
+    assert (torch.from_numpy(logits).argmax(1) == expected.argmax(1)).float().mean() >= 0.99
+
+
+def test_modelopt_checkpoint_with_low_bit_activations_is_refused_for_onnx_before_refining(tiny_vit, fmnist,
+                                                                                         tmp_path, monkeypatch):
+    from cptv_plugin.export import ExportError
+
+    source = tmp_path / "quantized.pth"
+    mto.save(modelopt_quantize(tiny_vit, fmnist[0][:100], (4, 4)), str(source))
+
+    def refine_must_not_run(*args, **kwargs):
+        raise AssertionError("refined a model whose ONNX export would be refused")
+
+    monkeypatch.setattr("cptv_plugin.amax.modelopt.refine_modelopt", refine_must_not_run)
+    with pytest.raises(ExportError, match="fewer than 8 bits .*: 4 bits.*Quantize activations with 8 bits"):
+        cptv_plugin.refine_modelopt_checkpoint(source, "cptv:fmnist_vit_tiny", "fashion-mnist", tmp_path / "r.pth",
+                                               config=TINY_SEARCH, calibration_size=100, onnx=tmp_path / "r.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quantized.pth"]
 
 
 def test_modelopt_checkpoint_post_processing_under_torchrun(tiny_vit, fmnist, tmp_path):

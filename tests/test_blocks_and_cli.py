@@ -71,11 +71,17 @@ def test_refine_modelopt_refuses_a_wrong_path_as_a_usage_error_before_loading_an
     common = ["--model", "cptv:fmnist_vit_tiny", "--calibration", "fashion-mnist"]
     source.write_bytes(b"not read")
     (tmp_path / "taken.pth").write_bytes(b"someone's file")
-    for checkpoint, out, message in ((tmp_path / "missing.pth", tmp_path / "out.pth", "does not exist"),
-                                     (source, source, "never modifies its input"),
-                                     (source, tmp_path / "taken.pth", "--overwrite")):
+    out = tmp_path / "out.pth"
+    for checkpoint, paths, message in (
+            (tmp_path / "missing.pth", ["--out", out], "does not exist"),
+            (source, ["--out", source], "never modifies its input"),
+            (source, ["--out", tmp_path / "taken.pth"], "--overwrite"),
+            (source, ["--out", out, "--onnx", source], "never modifies its input"),
+            (source, ["--out", out, "--onnx", out], "its own path"),
+            (source, ["--out", out, "--onnx", tmp_path / "taken.pth"], "--overwrite"),
+            (source, ["--out", out, "--onnx", tmp_path], "is a folder")):
         with pytest.raises(SystemExit) as done:
-            main(["refine-modelopt", str(checkpoint), *common, "--out", str(out)])
+            main(["refine-modelopt", str(checkpoint), *common, *map(str, paths)])
         assert done.value.code == 2  # argparse's usage error: a message, no traceback
         printed = capsys.readouterr().err
         assert "cptv refine-modelopt: error: " in printed and message in printed and "Traceback" not in printed
@@ -105,3 +111,45 @@ def test_each_command_says_which_preset_it_runs_unless_given(capsys):
             main([command, "--help"])
         assert done.value.code == 0
         assert f"search settings, '{preset}' unless given" in " ".join(capsys.readouterr().out.split())
+
+
+def test_search_settings_come_from_a_config_file_and_the_options_override_it(tmp_path, monkeypatch, capsys):
+    import dataclasses
+    import json
+
+    from cptv_plugin import SearchConfig
+    from cptv_plugin.cli import main
+
+    given = []
+    monkeypatch.setattr("cptv_plugin.cli.run_demo", lambda bits, config, *args, **kwargs: given.append(config) or {})
+
+    def demo_config(*options, settings=None):
+        if settings is not None:
+            (tmp_path / "settings.json").write_text(settings if isinstance(settings, str) else json.dumps(settings))
+            options = ("--config", str(tmp_path / "settings.json"), *options)
+        main(["demo", "--json", *options])
+        return given.pop()
+
+    assert demo_config() == SearchConfig.fast()  # the demo's preset unless given
+    assert demo_config(settings={"preset": "fast", "gradient_steps": 0, "temperature": 0.2}, *("--passes", "2")) == \
+        SearchConfig.fast(gradient_steps=0, temperature=0.2, passes=2)
+    assert demo_config(settings={"passes": 4}) == SearchConfig.default(passes=4)  # no preset: the default's
+    kept = dataclasses.asdict(SearchConfig.paper())  # a config someone kept, as JSON
+    assert demo_config("--seed", "5", settings=kept) == SearchConfig.paper(seed=5)
+    assert demo_config("--preset", "paper", settings={"preset": "fast", "seed": 3}) == SearchConfig.paper(seed=3)
+    capsys.readouterr()
+
+    for settings, message in (({"pases": 2}, "'pases' (did you mean 'passes'?)"), ("{not json", "Expecting"),
+                              ([1, 2], "expected a JSON object"), ({"preset": "fastest"}, "unknown preset 'fastest'"),
+                              ({"population": 0}, "population must be >= 1")):
+        with pytest.raises(SystemExit) as done:
+            demo_config(settings=settings)
+        assert done.value.code == 2  # a usage error: the message, no traceback
+        printed = capsys.readouterr().err
+        assert "cptv demo: error: --config " in printed and message in printed and "Traceback" not in printed
+    (tmp_path / "quantized.pth").write_bytes(b"not read")
+    with pytest.raises(SystemExit):
+        main(["refine-modelopt", str(tmp_path / "quantized.pth"), "--model", "m", "--calibration", "c",
+              "--out", str(tmp_path / "out.pth"), "--config", str(tmp_path / "missing.json")])
+    assert "cptv refine-modelopt: error: --config " in (printed := capsys.readouterr().err) and "No such file" in printed
+    assert not given

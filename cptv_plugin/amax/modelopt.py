@@ -158,17 +158,24 @@ def refine_modelopt(model: nn.Module, calib_data, *, config: SearchConfigLike = 
 
 
 def check_checkpoint_paths(checkpoint: str | os.PathLike, output: str | os.PathLike,
-                           overwrite: bool = False) -> tuple[Path, Path]:
-    """Refuse, before any work, a ``checkpoint`` that is not a file, an ``output`` that is the checkpoint itself
-    (the input is never modified) and an existing ``output`` unless ``overwrite``; returns both as paths."""
+                           overwrite: bool = False, onnx: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """Refuse, before any work, a ``checkpoint`` that is not a file, an ``output`` (or ``onnx`` file) that is the
+    checkpoint itself (the input is never modified), an ``onnx`` path equal to ``output``, and an existing output
+    unless ``overwrite``; returns the checkpoint and output as paths."""
     checkpoint, output = Path(checkpoint), Path(output)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"ModelOpt checkpoint {checkpoint} does not exist")
-    if output.resolve() == checkpoint.resolve():
-        raise ValueError(f"output {output} is the input checkpoint: cptv_plugin never modifies its input; "
-                         "choose another output path")
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"{output} exists; pass overwrite=True (--overwrite) to replace it")
+    written = {"output": output, **({"onnx": Path(onnx)} if onnx is not None else {})}
+    for label, path in written.items():
+        if path.resolve() == checkpoint.resolve():
+            raise ValueError(f"{label} {path} is the input checkpoint: cptv_plugin never modifies its input; "
+                             "choose another path")
+        if path.is_dir():
+            raise IsADirectoryError(f"{label} {path} is a folder; give a file path")
+        if path.exists() and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    if onnx is not None and Path(onnx).resolve() == output.resolve():
+        raise ValueError(f"onnx {onnx} is also the output checkpoint: give the ONNX file its own path")
     return checkpoint, output
 
 
@@ -176,9 +183,11 @@ def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Calla
                                calibration: str | os.PathLike, output: str | os.PathLike, *,
                                model_kwargs: dict | None = None, config: SearchConfigLike = None,
                                calibration_size: int = 1000, seed: int = 0, overwrite: bool = False,
-                               device: str | torch.device | None = None) -> RefineResult:
+                               device: str | torch.device | None = None,
+                               onnx: str | os.PathLike | None = None) -> RefineResult:
     """Post-process a ModelOpt checkpoint (``mto.save``) before TensorRT export: restore it, refine its
-    ``amax`` on ``device``, save a new checkpoint that ``mto.restore`` loads.
+    ``amax`` on ``device``, save a new checkpoint that ``mto.restore`` loads and, with ``onnx``, the ONNX file
+    with Q/DQ nodes that TensorRT builds its engine from.
 
     The input file is only read; the output is written to a temporary file and renamed into place, from the CPU
     (it loads where the input did). Under torchrun (``SearchConfig.distributed``) every rank refines with its model
@@ -194,13 +203,16 @@ def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Calla
         calibration_size: number of calibration images drawn (reproducibly from ``seed``).
         overwrite: allow replacing an existing ``output`` file.
         device: where the refinement runs; ``None``: the current CUDA device if there is one, else the CPU.
+        onnx: also write the refined model as ONNX for TensorRT (:func:`cptv_plugin.export_onnx`: opset 17,
+            dynamic batch, checked against TensorRT's Q/DQ rules). Activations below 8 bits, which int8 Q/DQ
+            cannot express, are refused before the refinement starts.
     """
     import modelopt.torch.opt as mto
 
     from ..datasets import load_calibration_source
     from ..models import build_model
 
-    checkpoint, output = check_checkpoint_paths(checkpoint, output, overwrite)
+    checkpoint, output = check_checkpoint_paths(checkpoint, output, overwrite, onnx)
     config = SearchConfig.resolve(config)
     if config.seed != seed:
         config = config.replace(seed=seed)
@@ -212,6 +224,10 @@ def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Calla
                          "constructor and kwargs that built the model before it was quantized.") from error
     if not is_modelopt_model(quantized):
         raise ValueError(f"{checkpoint} holds no ModelOpt quantizers: was it saved after mtq.quantize?")
+    if onnx is not None:
+        from ..export import refuse_amax_narrowed_activations
+
+        refuse_amax_narrowed_activations(quantized, "modelopt")
     images = load_calibration_source(calibration, quantized, calibration_size, seed)
     if device is None:
         device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else "cpu"
@@ -223,4 +239,8 @@ def refine_modelopt_checkpoint(checkpoint: str | os.PathLike, model: str | Calla
     with atomic_path(output) as temporary:
         mto.save(quantized, str(temporary))
     logger.info("refined checkpoint written to %s (%s)", output, result)
+    if onnx is not None:
+        from ..export import export_onnx
+
+        export_onnx(quantized, onnx, images[:1].cpu())
     return result

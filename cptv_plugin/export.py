@@ -52,8 +52,9 @@ class TensorRTRuleError(ExportError):
 _SYMMETRIC_ACTIVATIONS = {
     "fx": "prepare_fx with cptv_plugin.qconfigs.fx_qconfig_mapping(bits, symmetric_activations=True) and "
           "backend_config=get_tensorrt_backend_config(), or a QConfig whose activations are per_tensor_symmetric",
-    "pt2e": "prepare_pt2e with cptv_plugin.qconfigs.pt2e_quantizer(bits, symmetric_activations=True), or a "
-            "quantizer whose activation QuantizationSpec is per_tensor_symmetric",
+    "pt2e": "prepare_pt2e with cptv_plugin.qconfigs.tensorrt_pt2e_quantizer(bits) (TensorRT's placement), "
+            "cptv_plugin.qconfigs.pt2e_quantizer(bits, symmetric_activations=True) (XNNPACK's), or a quantizer "
+            "whose activation QuantizationSpec is per_tensor_symmetric",
 }
 
 

@@ -6,7 +6,8 @@ import re
 
 import torch
 
-__all__ = ["parse_bits", "fx_qconfig_mapping", "pt2e_quantizer", "modelopt_config", "prepare_timm_for_fx"]
+__all__ = ["parse_bits", "fx_qconfig_mapping", "pt2e_quantizer", "tensorrt_pt2e_quantizer", "modelopt_config",
+           "prepare_timm_for_fx"]
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
@@ -81,6 +82,51 @@ def pt2e_quantizer(bits: str = "W8A8", *, symmetric_activations: bool = False, q
         activation = dataclasses.replace(config.input_activation, qscheme=torch.per_tensor_symmetric)
         config = dataclasses.replace(config, input_activation=activation, output_activation=activation)
     return XNNPACKQuantizer().set_global(config)
+
+
+def tensorrt_pt2e_quantizer(bits: str = "W8A8", *, qat: bool = False):
+    """A torchao PT2E quantizer with TensorRT's placement and formats, built on torchao's public quantizer API:
+    the input and weight of every ``linear`` and ``conv2d`` (ModelOpt's default placement, the one TensorRT's int8
+    kernels fuse), activations per tensor and symmetric with ``A`` bits (``MinMaxObserver``), weights per output
+    channel and symmetric on ``[-(2^(W-1) - 1), 2^(W-1) - 1]`` (TensorRT's weight range; the scale is
+    ``max|w| / (2^(W-1) - 1)``, as ModelOpt's ``amax`` gives it), biases in float. Pass it to ``prepare_pt2e``
+    (``qat=True``: FakeQuantize with moving-average observers, for ``prepare_qat_pt2e``); the refined model exports
+    with :func:`cptv_plugin.export_onnx` at 8-bit activations.
+
+    Unlike :func:`pt2e_quantizer` it needs no quantizer from ``torchao.testing`` (XNNPACK's, deprecated there) and
+    quantizes no other op (XNNPACK's also quantizes adds, pooling and more, affine unless asked otherwise).
+    """
+    from torchao.quantization.pt2e import (FakeQuantize, MinMaxObserver, MovingAverageMinMaxObserver,
+                                           MovingAveragePerChannelMinMaxObserver, PerChannelMinMaxObserver)
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationSpec, Quantizer
+
+    weight_bits, activation_bits = parse_bits(bits)
+    activation_observer = MovingAverageMinMaxObserver if qat else MinMaxObserver
+    weight_observer = MovingAveragePerChannelMinMaxObserver if qat else PerChannelMinMaxObserver
+    if qat:
+        activation_observer = FakeQuantize.with_args(observer=activation_observer)
+        weight_observer = FakeQuantize.with_args(observer=weight_observer)
+    activation = QuantizationSpec(
+        dtype=torch.int8, quant_min=-(2 ** (activation_bits - 1)), quant_max=2 ** (activation_bits - 1) - 1,
+        qscheme=torch.per_tensor_symmetric, is_dynamic=False, observer_or_fake_quant_ctr=activation_observer)
+    weight = QuantizationSpec(
+        dtype=torch.int8, quant_min=-(2 ** (weight_bits - 1) - 1), quant_max=2 ** (weight_bits - 1) - 1,
+        qscheme=torch.per_channel_symmetric, ch_axis=0, is_dynamic=False, observer_or_fake_quant_ctr=weight_observer)
+    quantized_ops = (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)
+
+    class TensorRTQuantizer(Quantizer):
+        def annotate(self, model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+            for node in model.graph.nodes:
+                if node.op == "call_function" and node.target in quantized_ops and \
+                        "quantization_annotation" not in node.meta:
+                    node.meta["quantization_annotation"] = QuantizationAnnotation(
+                        input_qspec_map={node.args[0]: activation, node.args[1]: weight}, _annotated=True)
+            return model
+
+        def validate(self, model: torch.fx.GraphModule) -> None:
+            pass
+
+    return TensorRTQuantizer()
 
 
 def modelopt_config(bits: str = "W8A8", algorithm: str = "max") -> dict:

@@ -1,12 +1,13 @@
 """Recipe: torchao PT2E post-training quantization → CPT-V refinement → convert_pt2e (and ONNX for TensorRT).
 
     python integrations/torchao_pt2e.py --bits W3A8 --preset fast
-    python integrations/torchao_pt2e.py --bits W4A8 --onnx model.onnx   # symmetric activations, Q/DQ ONNX
+    python integrations/torchao_pt2e.py --bits W4A8 --onnx model.onnx   # TensorRT's quantizer, Q/DQ ONNX
 
 The PT2E flow is the successor of torch.ao's FX graph mode quantization: torch.export → prepare_pt2e with a
 quantizer → calibrate → convert_pt2e. Only step 4 is new; the refined scales travel into the converted model
-through the prepared module's observers. TensorRT needs activations without zero point: with ``--onnx`` the
-quantizer's activations are symmetric and the refined model is exported before it is converted.
+through the prepared module's observers. The quantizer is XNNPACK's (``pt2e_quantizer``: every op it supports,
+affine activations); with ``--onnx`` it is ``tensorrt_pt2e_quantizer`` (the inputs and weights of linear and conv
+layers, symmetric, as TensorRT runs them) and the refined model is exported before it is converted.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 import cptv_plugin
 from cptv_plugin.datasets import fashion_mnist_splits
 from cptv_plugin.models import load_reference_model
-from cptv_plugin.qconfigs import pt2e_quantizer
+from cptv_plugin.qconfigs import pt2e_quantizer, tensorrt_pt2e_quantizer
 from cptv_plugin.train import evaluate_top1
 
 
@@ -31,7 +32,7 @@ def run(bits: str = "W3A8", preset: str | cptv_plugin.SearchConfig = "fast", cal
 
     batch = torch.export.Dim("batch", min=1, max=1024)
     exported = torch.export.export(model, (calib[:2],), dynamic_shapes=({0: batch},)).module()  # 1. export
-    quantizer = pt2e_quantizer(bits, symmetric_activations=onnx is not None)  # XNNPACK's, W bits per channel
+    quantizer = tensorrt_pt2e_quantizer(bits) if onnx is not None else pt2e_quantizer(bits)  # W bits per channel
     prepared = prepare_pt2e(exported, quantizer)                                                 # 2. prepare
     with torch.no_grad():                                                                        # 3. calibrate
         for images in calib.split(100):

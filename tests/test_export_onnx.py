@@ -28,24 +28,28 @@ def fx_tensorrt(model, calib, bits):
     return prepared
 
 
-def pt2e_tensorrt(model, calib, bits, symmetric_activations=True):
+def pt2e_tensorrt(model, calib, bits, symmetric_activations=True, quantizer=None):
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     from cptv_plugin.qconfigs import pt2e_quantizer
 
     batch = torch.export.Dim("batch", min=1, max=1024)
     exported = torch.export.export(copy.deepcopy(model).eval(), (calib[:2],), dynamic_shapes=({0: batch},)).module()
-    prepared = prepare_pt2e(exported, pt2e_quantizer(bits, symmetric_activations=symmetric_activations))
+    quantizer = quantizer or pt2e_quantizer(bits, symmetric_activations=symmetric_activations)
+    prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         prepared(calib)
     return prepared
 
 
 def build(framework, tiny_vit, calib, bits):
-    if framework == "pt2e":
+    if framework.startswith("pt2e"):
         pytest.importorskip("torchao")
         pytest.importorskip("onnxscript")
-        return pt2e_tensorrt(tiny_vit, calib, bits)
+        from cptv_plugin.qconfigs import tensorrt_pt2e_quantizer
+
+        quantizer = tensorrt_pt2e_quantizer(bits) if framework == "pt2e-tensorrt" else None
+        return pt2e_tensorrt(tiny_vit, calib, bits, quantizer=quantizer)
     if framework == "modelopt":
         return modelopt_quantize(tiny_vit, calib, (int(bits[1]), 8))
     if framework == "pytorch-quantization":
@@ -69,7 +73,7 @@ def onnx_scales(path) -> list[np.ndarray]:
 
 # (framework, bits): top-1 agreement and max |logit| difference measured on 1,000 Fashion-MNIST test images
 CASES = [("modelopt", "W8A8"), ("modelopt", "W4A8"), ("pytorch-quantization", "W4A8"), ("fx", "W8A8"),
-         ("pt2e", "W4A8")]
+         ("pt2e", "W4A8"), ("pt2e-tensorrt", "W4A8")]
 
 
 @pytest.mark.parametrize("framework,bits", CASES)
@@ -93,7 +97,7 @@ def test_refined_model_exports_for_tensorrt_and_onnxruntime_agrees(framework, bi
 
             session = FxSession(copy.deepcopy(model))
             expected = session.eval_module(test_images).numpy()
-        elif framework == "pt2e":  # what convert_pt2e computes
+        elif framework.startswith("pt2e"):  # what convert_pt2e computes
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
             expected = convert_pt2e(copy.deepcopy(model))(test_images).numpy()
@@ -108,7 +112,7 @@ def test_refined_model_exports_for_tensorrt_and_onnxruntime_agrees(framework, bi
     file_scales = onnx_scales(path)
     if framework == "fx":
         refined = [h.read().reshape(-1).numpy() for h in session.all_handles]
-    elif framework == "pt2e":
+    elif framework.startswith("pt2e"):
         refined = [m.scale.reshape(-1).numpy() for m in model.modules() if type(m).__name__ == "RefinedPT2EObserver"]
         assert refined
     else:

@@ -9,7 +9,7 @@ import cptv_plugin
 from cptv_plugin import NotPreparedError
 from cptv_plugin.fx.refine import FxSession
 from cptv_plugin.models import load_reference_model
-from cptv_plugin.qconfigs import pt2e_quantizer
+from cptv_plugin.qconfigs import pt2e_quantizer, tensorrt_pt2e_quantizer
 from conftest import TINY_SEARCH, assert_suffix_matches_full
 
 pytest.importorskip("torchao")
@@ -149,3 +149,21 @@ def test_missing_torchao_says_what_to_install(monkeypatch, fmnist):
     monkeypatch.setattr(pt2e, "_torchao_quantizer_types", lambda: ())
     with pytest.raises(ImportError, match=r"cptv_plugin\[pt2e\]"):
         cptv_plugin.refine_pt2e(torch.nn.Linear(2, 2), fmnist[0][:4])
+
+
+@pytest.mark.parametrize("qat", [False, True])
+def test_tensorrt_quantizer_quantizes_the_inputs_and_weights_of_linear_and_conv_only(fmnist, qat):
+    """TensorRT's placement (ModelOpt's default): one symmetric per-tensor quantizer on each linear / conv input and a
+    per-channel one on its weight, on TensorRT's weight range ±(2^(W-1) - 1); no other op is quantized."""
+    prepared = prepared_model("fmnist_vit_tiny", fmnist[0][:100], tensorrt_pt2e_quantizer("W4A8", qat=qat), qat=qat)
+    layers = [n for n in prepared.graph.nodes if n.op == "call_function" and
+              n.target in (torch.ops.aten.linear.default, torch.ops.aten.conv2d.default)]
+    quantizers = {n: prepared.get_submodule(n.target) for n in prepared.graph.nodes if n.op == "call_module" and
+                  "activation_post_process" in n.target}
+    assert layers and len(quantizers) == 2 * len(layers)
+    for node, quantizer in quantizers.items():
+        assert {user.target for user in node.users} <= {torch.ops.aten.linear.default, torch.ops.aten.conv2d.default}
+        is_weight = node.args[0].op == "get_attr"
+        assert quantizer.qscheme == (torch.per_channel_symmetric if is_weight else torch.per_tensor_symmetric)
+        assert (quantizer.quant_min, quantizer.quant_max) == ((-7, 7) if is_weight else (-128, 127))
+    assert any(type(q).__name__ == "FakeQuantize" for q in quantizers.values()) == qat

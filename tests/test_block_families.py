@@ -130,6 +130,45 @@ def test_generic_adapter_takes_repeated_blocks_and_says_so(fmnist, caplog):
     assert result.final_fitness < result.initial_fitness
 
 
+def _torchvision_model(name):
+    torchvision = pytest.importorskip("torchvision")
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    if name == "vit":
+        model = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2,
+                                                     hidden_dim=32, mlp_dim=64, num_classes=10)
+    else:
+        model = SwinTransformer(patch_size=[4, 4], embed_dim=16, depths=[2, 2], num_heads=[2, 2], window_size=[4, 4],
+                                num_classes=10)
+    for module in model.modules():  # torchvision starts the ViT head at zero: a constant output has nothing to match
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.2)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name, blocks", [
+    ("vit", ["encoder.layers.encoder_layer_0", "encoder.layers.encoder_layer_1", "encoder.layers.encoder_layer_2"]),
+    ("swin", ["features.1.0", "features.1.1", "features.3.0", "features.3.1"])])
+def test_torchvision_vision_transformers_are_split_by_the_generic_adapter(name, blocks):
+    """torchvision's ViT (blocks named encoder_layer_<i>) and Swin (numbered blocks in each stage) through torch.ao
+    FX, the framework whose tutorials use torchvision: found blocks, exact suffixes, a search that lowers the
+    fitness, and a model convert_fx takes."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    images = torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = _torchvision_model(name)
+    assert discover_blocks(ModelStructure.from_module(model)) == ("generic", blocks)
+    prepared = prepare_and_calibrate(model, images, "W4A8")
+    session = FxSession(prepared)
+    assert [group.name for group in session.groups] == ["prefix", *blocks, "head"]
+    assert_suffix_matches_full(session.chain, session.groups, images[:8])
+    result = cptv_plugin.refine_fx(prepared, images, config=TINY_SEARCH)
+    assert result.final_fitness < result.initial_fitness
+    with torch.no_grad():
+        assert convert_fx(prepared)(images[:2]).shape == (2, 10)
+
+
 def test_generic_adapter_prefers_the_innermost_run():
     structure = ModelStructure({
         "stages": "torch.nn.modules.container.Sequential",

@@ -101,7 +101,9 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.
             _export_converted_pt2e(module, temporary, example_input, opset, dynamic_batch)
         else:
             module = _Forward(module).eval()
-            with torch.no_grad():
+            # with gradients on: under no_grad, nn.MultiheadAttention (torchvision's ViT) takes its fused fast path,
+            # aten::_native_multi_head_attention, which the TorchScript exporter cannot write
+            with torch.enable_grad():
                 torch.onnx.export(module, (example_input,), str(temporary), opset_version=opset, dynamo=False,
                                   input_names=["images"], output_names=["logits"],
                                   dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch
@@ -258,12 +260,14 @@ def refuse_amax_narrowed_activations(model: nn.Module, framework: str) -> None:
 
 def _amax_handles(model: nn.Module, framework: str):
     """The enabled quantizers of a ModelOpt / pytorch-quantization model, as (handle, kind)."""
-    from .amax.session import AmaxHandle
+    from .amax.session import AmaxHandle, never_reached_quantizers
     from .frameworks import quantizer_kind
 
     kind = quantizer_kind(framework)
-    for path, quantizer in list(model.named_modules()):
-        if isinstance(quantizer, kind.quantizer_type) and kind.is_enabled(quantizer):
+    quantizers = {path: q for path, q in model.named_modules() if isinstance(q, kind.quantizer_type)}
+    never_ran = never_reached_quantizers(quantizers, kind, log=False)  # their layer never runs: nothing to export
+    for path, quantizer in quantizers.items():
+        if kind.is_enabled(quantizer) and path not in never_ran:
             role = "weight" if path.endswith("weight_quantizer") else "activation"
             yield AmaxHandle(path, quantizer, role, kind), kind
 

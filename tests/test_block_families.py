@@ -169,6 +169,38 @@ def test_torchvision_vision_transformers_are_split_by_the_generic_adapter(name, 
         assert convert_fx(prepared)(images[:2]).shape == (2, 10)
 
 
+def test_modelopt_torchvision_vit_leaves_out_the_layers_its_attention_bypasses(tmp_path, caplog):
+    """ModelOpt quantizes nn.MultiheadAttention's out_proj, but the attention reads its weight directly: its forward
+    never runs, so calibration leaves its input quantizer without amax. The refinement and the export leave that
+    layer out (with a warning) instead of calling the model uncalibrated; the rest is refined and exported."""
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    ort = pytest.importorskip("onnxruntime")
+    from cptv_plugin.qconfigs import modelopt_config
+
+    images = torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = mtq.quantize(_torchvision_model("vit"), modelopt_config("W4A8"), lambda m: m(images))
+    out_proj = model.encoder.layers.encoder_layer_0.self_attention.out_proj
+    assert out_proj.input_quantizer.amax is None and out_proj.weight_quantizer.amax is not None
+    weight_amax = out_proj.weight_quantizer.amax.clone()
+    with caplog.at_level(logging.WARNING, logger="cptv_plugin.amax.session"):
+        result = cptv_plugin.refine_modelopt(model, images, config=TINY_SEARCH)
+    assert "6 enabled modelopt quantizer(s) of 3 layer(s) were never reached" in caplog.text
+    assert result.final_fitness < result.initial_fitness
+    assert list(result.groups) == ["prefix", *(f"encoder.layers.encoder_layer_{i}" for i in range(3)), "head"]
+    assert torch.equal(out_proj.weight_quantizer.amax, weight_amax)  # left out of the search
+
+    # the export: under no_grad nn.MultiheadAttention takes a fused kernel the TorchScript exporter cannot write
+    path = cptv_plugin.export_onnx(model, tmp_path / "vit.onnx", images[:2])
+    assert cptv_plugin.check_tensorrt_onnx(path) == []
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    logits = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(
+        None, {"images": images.numpy()})[0]
+    with torch.no_grad():
+        expected = model(images)
+    assert (torch.from_numpy(logits).argmax(1) == expected.argmax(1)).float().mean() >= 0.98
+
+
 def test_generic_adapter_prefers_the_innermost_run():
     structure = ModelStructure({
         "stages": "torch.nn.modules.container.Sequential",

@@ -55,6 +55,29 @@ class QuantizerKind:
     compilable: Callable[[nn.Module, list[nn.Module]], ContextManager[bool]] | None = None
 
 
+def never_reached_quantizers(quantizers: dict[str, nn.Module], kind: QuantizerKind, log: bool = True) -> set[str]:
+    """The enabled quantizers of layers that calibration never reached: one of the layer's quantizers has no amax
+    while others in the model have one. Such a layer's forward never runs (nn.MultiheadAttention's out_proj, whose
+    weight the attention reads directly; torchvision Swin's qkv and proj), so its quantizers change nothing the model
+    computes; its weight quantizer, which ModelOpt calibrates apart from the forward, does not run either. Logs them
+    (``log``); raises :class:`NotCalibratedError` when no enabled quantizer has an amax (a model never calibrated)."""
+    enabled = [path for path, q in quantizers.items() if kind.is_enabled(q)]
+    uncalibrated = [path for path in enabled if getattr(quantizers[path], "amax", None) is None
+                    and not kind.is_calibrating(quantizers[path])]
+    if uncalibrated and len(uncalibrated) == len(enabled):
+        raise NotCalibratedError(f"{uncalibrated[0]} has no amax, nor has any other enabled quantizer: calibrate "
+                                 "the model before refining it")
+    bypassed = {path.rpartition(".")[0] for path in uncalibrated}
+    never_ran = {path for path in enabled if path.rpartition(".")[0] in bypassed}
+    if never_ran and log:
+        logger.warning(
+            "%d enabled %s quantizer(s) of %d layer(s) were never reached by calibration although the others were "
+            "(e.g. %s has no amax): those layers' forward never runs (as nn.MultiheadAttention's out_proj, whose "
+            "weight the attention reads directly, or torchvision Swin's qkv and proj). They change nothing the model "
+            "computes and are left out.", len(never_ran), kind.framework, len(bypassed), uncalibrated[0])
+    return never_ran
+
+
 class AmaxHandle(ScaleHandle):
     """A quantizer that stores its range as ``amax``: the scale is ``amax / maxbound`` (maxbound = 2^(b−1) − 1
     signed, 2^b − 1 unsigned), the same step that the framework's fake quantization and ONNX export use."""
@@ -182,6 +205,7 @@ class AmaxSession:
         self.quantizers = {path: q for path, q in model.named_modules() if isinstance(q, kind.quantizer_type)}
         self.initially_enabled = {path: kind.is_enabled(q) for path, q in self.quantizers.items()}
         handles: list[AmaxHandle] = []
+        never_ran = never_reached_quantizers(self.quantizers, kind)
         for path, quantizer in self.quantizers.items():
             if not self.initially_enabled[path]:
                 continue
@@ -196,8 +220,8 @@ class AmaxSession:
                     + (f", block_sizes={quantizer.block_sizes}" if getattr(quantizer, "block_sizes", None) else "")
                     + " is not supported: cptv_plugin refines integer per-tensor and per-channel quantizers "
                     "(e.g. INT8/INT4 weights, INT8 activations). Leave that quantizer out or disable it.")
-            if getattr(quantizer, "amax", None) is None:
-                raise NotCalibratedError(f"{path} has no amax: calibrate the model before refining it")
+            if path in never_ran:
+                continue
             role = "weight" if path.endswith("weight_quantizer") else "activation"
             if role in roles:
                 handle = AmaxHandle(path, quantizer, role, kind)

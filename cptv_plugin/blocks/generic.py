@@ -20,7 +20,8 @@ from . import BlockAdapter, ModelStructure, register_block_adapter
 logger = logging.getLogger(__name__)
 
 _CONTAINER = re.compile(r"torch\.nn\.modules\.container\.(ModuleList|Sequential)$")
-_COMPUTE = re.compile(r"torch\.nn\.modules\.(linear\.Linear|conv\.Conv[12]d)$")
+# torch's layers, and the quantized ones ModelOpt (modelopt...QuantLinear) and pytorch-quantization put in their place
+_COMPUTE = re.compile(r"(torch\.nn\.modules\.(linear\.Linear|conv\.Conv[12]d)|\.Quant(Linear|Conv[12]d))$")
 _NUMBERED = re.compile(r"(?:[A-Za-z_]\w*?_?)?\d+")  # "3", "encoder_layer_3", "block3"
 
 

@@ -201,6 +201,22 @@ def test_modelopt_torchvision_vit_leaves_out_the_layers_its_attention_bypasses(t
     assert (torch.from_numpy(logits).argmax(1) == expected.argmax(1)).float().mean() >= 0.98
 
 
+def test_pytorch_quantization_keeps_in_float_the_layers_torchvision_swin_bypasses():
+    """torchvision's Swin attention reads qkv.weight and proj.weight directly: calibration never reaches those
+    layers, so quantize_pytorch_quantization gives them back their float module instead of failing on a calibrator
+    that saw nothing; the rest is quantized and refined."""
+    pytest.importorskip("pytorch_quantization")
+    from pytorch_quantization import nn as quant_nn
+
+    images = torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    model = cptv_plugin.quantize_pytorch_quantization(_torchvision_model("swin"), "W4A8", images)
+    attention, mlp = model.features[1][0].attn, model.features[1][0].mlp
+    assert type(attention.qkv) is nn.Linear and type(attention.proj) is nn.Linear
+    assert isinstance(mlp[0], quant_nn.QuantLinear) and mlp[0]._input_quantizer.amax is not None
+    result = cptv_plugin.refine_pytorch_quantization(model, images, config=TINY_SEARCH)
+    assert result.final_fitness < result.initial_fitness
+
+
 def test_generic_adapter_prefers_the_innermost_run():
     structure = ModelStructure({
         "stages": "torch.nn.modules.container.Sequential",

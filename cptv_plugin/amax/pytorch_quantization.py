@@ -100,7 +100,9 @@ def quantize_pytorch_quantization(model: nn.Module, bits: str, calib_data, *, ba
                                   skip: tuple[str, ...] = ()) -> nn.Module:
     """Swap every ``nn.Linear`` / ``nn.Conv2d`` of ``model`` for pytorch-quantization's quantized layer and
     calibrate the ranges with ``MaxCalibrator`` (per-channel weights on the output channel, per-tensor signed
-    activations, as TensorRT expects). Returns ``model``, changed in place.
+    activations, as TensorRT expects). Returns ``model``, changed in place. A layer whose forward never runs in
+    calibration (the model reads its weight directly, as torchvision Swin's attention does with ``qkv`` and
+    ``proj``) gets its original module back, with a log line: it could not be calibrated, and it is never run.
 
     Args:
         bits: e.g. ``"W4A8"``.
@@ -113,6 +115,7 @@ def quantize_pytorch_quantization(model: nn.Module, bits: str, calib_data, *, ba
     weight_bits, activation_bits = parse_bits(bits)
     weight_desc = QuantDescriptor(num_bits=weight_bits, axis=(0,))
     input_desc = QuantDescriptor(num_bits=activation_bits, calib_method="max")
+    originals: dict[str, nn.Module] = {}
     for path, module in list(model.named_modules()):
         if path in skip or type(module) not in (nn.Linear, nn.Conv2d):
             continue
@@ -128,6 +131,7 @@ def quantize_pytorch_quantization(model: nn.Module, bits: str, calib_data, *, ba
         quantized.to(module.weight.device).train(module.training)
         parent, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, name, quantized)
+        originals[path] = module
     quantizers = [m for m in model.modules() if isinstance(m, quant_nn.TensorQuantizer)]
     for quantizer in quantizers:
         quantizer.disable_quant()
@@ -138,6 +142,15 @@ def quantize_pytorch_quantization(model: nn.Module, bits: str, calib_data, *, ba
     with torch.no_grad():
         for batch in calibration_batches(calib_data, batch_size):
             model(batch.to(device))
+    never_ran = [path for path in originals if model.get_submodule(path)._input_quantizer._calibrator.compute_amax()
+                 is None]
+    for path in never_ran:  # calibration never reached them: keep the float layer the model bypasses anyway
+        parent, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, name, originals[path])
+    if never_ran:
+        logger.warning("%d layer(s) never ran in the calibration forward (e.g. %s: the model reads its weight "
+                       "directly) and stay in floating point", len(never_ran), never_ran[0])
+    quantizers = [m for m in model.modules() if isinstance(m, quant_nn.TensorQuantizer)]
     for quantizer in quantizers:
         quantizer.load_calib_amax()
         quantizer.disable_calib()

@@ -260,7 +260,7 @@ def refuse_amax_narrowed_activations(model: nn.Module, framework: str) -> None:
 
 def _amax_handles(model: nn.Module, framework: str):
     """The enabled quantizers of a ModelOpt / pytorch-quantization model, as (handle, kind)."""
-    from .amax.session import AmaxHandle, never_reached_quantizers
+    from .amax.session import AmaxHandle, never_reached_quantizers, quantizer_role
     from .frameworks import quantizer_kind
 
     kind = quantizer_kind(framework)
@@ -268,8 +268,7 @@ def _amax_handles(model: nn.Module, framework: str):
     never_ran = never_reached_quantizers(quantizers, kind, log=False)  # their layer never runs: nothing to export
     for path, quantizer in quantizers.items():
         if kind.is_enabled(quantizer) and path not in never_ran:
-            role = "weight" if path.endswith("weight_quantizer") else "activation"
-            yield AmaxHandle(path, quantizer, role, kind), kind
+            yield AmaxHandle(path, quantizer, quantizer_role(path), kind), kind
 
 
 def _widen_low_bit_weights(model: nn.Module, framework: str) -> None:

@@ -55,6 +55,12 @@ class QuantizerKind:
     compilable: Callable[[nn.Module, list[nn.Module]], ContextManager[bool]] | None = None
 
 
+def quantizer_role(path: str) -> str:
+    """``"weight"`` for a layer's weight quantizer (ModelOpt ``weight_quantizer``, pytorch-quantization
+    ``_weight_quantizer``), else ``"activation"``."""
+    return "weight" if path.endswith("weight_quantizer") else "activation"
+
+
 def never_reached_quantizers(quantizers: dict[str, nn.Module], kind: QuantizerKind, log: bool = True) -> set[str]:
     """The enabled quantizers of layers that calibration never reached: one of the layer's quantizers has no amax
     while others in the model have one. Such a layer's forward never runs (nn.MultiheadAttention's out_proj, whose
@@ -222,7 +228,7 @@ class AmaxSession:
                     "(e.g. INT8/INT4 weights, INT8 activations). Leave that quantizer out or disable it.")
             if path in never_ran:
                 continue
-            role = "weight" if path.endswith("weight_quantizer") else "activation"
+            role = quantizer_role(path)
             if role in roles:
                 handle = AmaxHandle(path, quantizer, role, kind)
                 if role == "weight":

@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> None:
                       help="also write the refined model as ONNX with Q/DQ nodes for TensorRT (opset 17, dynamic "
                            "batch, checked against TensorRT's rules; activations must have 8 bits)")
     _add_search_settings(post, "default")
-    post.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    post.add_argument("--overwrite", action="store_true", help="replace an existing --out (or --onnx) file")
     post.add_argument("--device", default=None,
                       help="where to refine: cuda, cuda:N or cpu (default: a GPU if there is one; under torchrun "
                            "each rank its own, cuda:LOCAL_RANK)")

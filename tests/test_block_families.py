@@ -169,6 +169,27 @@ def test_torchvision_vision_transformers_are_split_by_the_generic_adapter(name, 
         assert convert_fx(prepared)(images[:2]).shape == (2, 10)
 
 
+def test_torchvision_vit_through_pt2e_with_tensorrts_quantizer_refines_and_exports(tmp_path):
+    """torchvision's ViT, exported and prepared with tensorrt_pt2e_quantizer: the exported graph's module paths give
+    the same blocks, a search lowers the fitness, and the file passes TensorRT's rules."""
+    pytest.importorskip("torchao")
+    pytest.importorskip("onnxscript")
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from cptv_plugin.qconfigs import tensorrt_pt2e_quantizer
+
+    images = torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    exported = torch.export.export(_torchvision_model("vit"), (images[:2],), dynamic_shapes=({0: batch},)).module()
+    prepared = prepare_pt2e(exported, tensorrt_pt2e_quantizer("W4A8"))
+    with torch.no_grad():
+        prepared(images)
+    result = cptv_plugin.refine_pt2e(prepared, images, config=TINY_SEARCH)
+    assert list(result.groups) == ["prefix", *(f"encoder.layers.encoder_layer_{i}" for i in range(3)), "head"]
+    assert result.final_fitness < result.initial_fitness
+    assert cptv_plugin.check_tensorrt_onnx(cptv_plugin.export_onnx(prepared, tmp_path / "vit.onnx", images[:2])) == []
+
+
 def test_modelopt_torchvision_vit_leaves_out_the_layers_its_attention_bypasses(tmp_path, caplog):
     """ModelOpt quantizes nn.MultiheadAttention's out_proj, but the attention reads its weight directly: its forward
     never runs, so calibration leaves its input quantizer without amax. The refinement and the export leave that

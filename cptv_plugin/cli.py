@@ -149,10 +149,11 @@ def _torchrun_process_group(device: str | None):
     if device is not None and device.startswith("cuda"):
         torch.cuda.set_device(device)
     torch.distributed.init_process_group("nccl" if device is not None and device.startswith("cuda") else "gloo")
-    try:
-        yield device
-    finally:
-        torch.distributed.destroy_process_group()
+    yield device  # after a failure no collective teardown (it can hang): torchrun stops the other ranks
+    # rank 0 may still be writing when the others return: a rank that tore the group down then could abort in
+    # gloo ("terminate called without an active exception", seen once in the test suite)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _versions() -> str:

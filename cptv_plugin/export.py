@@ -276,8 +276,9 @@ def _widen_low_bit_weights(model: nn.Module, framework: str) -> None:
     with the same scale (identical values); refuse low-bit activations."""
     from .fx.handles import clamp_weight_to_grid
 
-    refuse_amax_narrowed_activations(model, framework)
-    for handle, kind in _amax_handles(model, framework):
+    handles = list(_amax_handles(model, framework))
+    _refuse_narrowed_activations([handle for handle, _ in handles])
+    for handle, kind in handles:
         if handle.bits >= 8:
             continue
         path, quantizer = handle.name, handle.quantizer

@@ -258,14 +258,15 @@ def refuse_amax_narrowed_activations(model: nn.Module, framework: str) -> None:
     _refuse_narrowed_activations([handle for handle, _ in _amax_handles(model, framework)])
 
 
-def _amax_handles(model: nn.Module, framework: str):
-    """The enabled quantizers of a ModelOpt / pytorch-quantization model, as (handle, kind)."""
+def _amax_handles(model: nn.Module, framework: str, log: bool = False):
+    """The enabled quantizers of a ModelOpt / pytorch-quantization model, as (handle, kind); those of layers that
+    never run are left out (and named in a warning where ``log``)."""
     from .amax.session import AmaxHandle, never_reached_quantizers, quantizer_role
     from .frameworks import quantizer_kind
 
     kind = quantizer_kind(framework)
     quantizers = {path: q for path, q in model.named_modules() if isinstance(q, kind.quantizer_type)}
-    never_ran = never_reached_quantizers(quantizers, kind, log=False)  # their layer never runs: nothing to export
+    never_ran = never_reached_quantizers(quantizers, kind, log=log)  # their layer never runs: nothing to export
     for path, quantizer in quantizers.items():
         if kind.is_enabled(quantizer) and path not in never_ran:
             yield AmaxHandle(path, quantizer, quantizer_role(path), kind), kind
@@ -276,7 +277,7 @@ def _widen_low_bit_weights(model: nn.Module, framework: str) -> None:
     with the same scale (identical values); refuse low-bit activations."""
     from .fx.handles import clamp_weight_to_grid
 
-    handles = list(_amax_handles(model, framework))
+    handles = list(_amax_handles(model, framework, log=True))  # a model refined elsewhere hears of them here too
     _refuse_narrowed_activations([handle for handle, _ in handles])
     for handle, kind in handles:
         if handle.bits >= 8:

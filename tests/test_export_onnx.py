@@ -78,12 +78,26 @@ CASES = [("modelopt", "W8A8"), ("modelopt", "W4A8"), ("pytorch-quantization", "W
 
 @pytest.mark.parametrize("framework,bits", CASES)
 def test_refined_model_exports_for_tensorrt_and_onnxruntime_agrees(framework, bits, tiny_vit, fmnist, tmp_path):
+    refine_export_and_compare(framework, bits, tiny_vit, fmnist, tmp_path, "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (CI has none): on the device, "
+                    "python3 -m pytest -q tests/test_export_onnx.py -k cuda")
+@pytest.mark.parametrize("framework,bits", [("modelopt", "W4A8"), ("fx", "W8A8")])
+def test_model_refined_on_cuda_exports_from_cuda(framework, bits, tiny_vit, fmnist, tmp_path):
+    """A model refined where it lives (a GPU) exports from there: a CUDA model and a CUDA example batch."""
+    refine_export_and_compare(framework, bits, tiny_vit, fmnist, tmp_path, "cuda")
+
+
+def refine_export_and_compare(framework, bits, tiny_vit, fmnist, tmp_path, device):
+    """Quantize on the CPU, refine and export on ``device``; the file holds TensorRT's rules and the refined scales,
+    and onnxruntime (on the CPU) computes what the framework's own converted model computes."""
     calib, test_images, _ = fmnist
     test_images = torch.cat([test_images, calib])[:700]
-    model = build(framework, tiny_vit, calib[:100], bits)
-    result = cptv_plugin.refine(model, calib[:100], config=TINY_SEARCH)
+    model = build(framework, tiny_vit, calib[:100], bits).to(device)
+    result = cptv_plugin.refine(model, calib[:100].to(device), config=TINY_SEARCH)
     assert result.final_fitness < result.initial_fitness
-    path = export_onnx(model, tmp_path / "model.onnx", calib[:2])
+    path = export_onnx(model, tmp_path / "model.onnx", calib[:2].to(device))
     onnx.checker.check_model(str(path))
     assert check_tensorrt_onnx(path) == []
 
@@ -96,13 +110,13 @@ def test_refined_model_exports_for_tensorrt_and_onnxruntime_agrees(framework, bi
             from cptv_plugin.fx.refine import FxSession
 
             session = FxSession(copy.deepcopy(model))
-            expected = session.eval_module(test_images).numpy()
+            expected = session.eval_module(test_images.to(device)).cpu().numpy()
         elif framework.startswith("pt2e"):  # what convert_pt2e computes
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-            expected = convert_pt2e(copy.deepcopy(model))(test_images).numpy()
+            expected = convert_pt2e(copy.deepcopy(model))(test_images.to(device)).cpu().numpy()
         else:
-            expected = model.eval()(test_images).numpy()
+            expected = model.eval()(test_images.to(device)).cpu().numpy()
     agreement = (logits.argmax(1) == expected.argmax(1)).mean()
     # ONNX QuantizeLinear divides by the scale, torch multiplies by its reciprocal: rare ±1 steps compound
     assert agreement >= 0.99, agreement
@@ -111,12 +125,13 @@ def test_refined_model_exports_for_tensorrt_and_onnxruntime_agrees(framework, bi
     # the scales in the file are the refined ones
     file_scales = onnx_scales(path)
     if framework == "fx":
-        refined = [h.read().reshape(-1).numpy() for h in session.all_handles]
+        refined = [h.read().reshape(-1).cpu().numpy() for h in session.all_handles]
     elif framework.startswith("pt2e"):
-        refined = [m.scale.reshape(-1).numpy() for m in model.modules() if type(m).__name__ == "RefinedPT2EObserver"]
+        refined = [m.scale.reshape(-1).cpu().numpy() for m in model.modules()
+                   if type(m).__name__ == "RefinedPT2EObserver"]
         assert refined
     else:
-        refined = [(q.amax.detach().float() / (2 ** (q.num_bits - 1) - 1)).reshape(-1).numpy()
+        refined = [(q.amax.detach().float() / (2 ** (q.num_bits - 1) - 1)).reshape(-1).cpu().numpy()
                    for n, q in model.named_modules() if type(q).__name__ == "TensorQuantizer" and
                    (q.is_enabled if framework == "modelopt" else not q._disabled)]
     for scale in refined:

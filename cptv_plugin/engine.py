@@ -11,6 +11,7 @@ import contextlib
 import copy
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -192,11 +193,16 @@ class FeatureTerm:
 
 
 def _as_output_tensor(output: Any) -> torch.Tensor:
+    """The model's output as one tensor: itself, the first of a tuple/list, or the ``logits`` of a mapping (Hugging
+    Face's ``ImageClassifierOutput``)."""
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
-    raise ModelOutputError(f"the model returned {type(output).__name__}; the fitness needs a tensor of outputs")
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), torch.Tensor):
+        return output["logits"]
+    raise ModelOutputError(f"the model returned {type(output).__name__}; the fitness needs a tensor of outputs (or a "
+                           "tuple, or a mapping with 'logits'): wrap the model so that it returns its logits")
 
 
 class Evaluator:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_path
+from .engine import _as_output_tensor
 from .frameworks import detect_framework
 
 __all__ = ["export_onnx", "check_tensorrt_onnx", "ExportError", "TensorRTRuleError"]
@@ -66,8 +67,7 @@ class _Forward(nn.Module):
         self.module = module
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        output = self.module(images)
-        return output[0] if isinstance(output, (tuple, list)) else output
+        return _as_output_tensor(self.module(images))  # the logits of a tuple or of Hugging Face's output
 
 
 def export_onnx(model: nn.Module, path: str | os.PathLike, example_input: torch.Tensor, *, opset: int | None = None,

@@ -225,6 +225,65 @@ def test_modelopt_torchvision_vit_leaves_out_the_layers_its_attention_bypasses(t
     assert (torch.from_numpy(logits).argmax(1) == expected.argmax(1)).float().mean() >= 0.98
 
 
+def _hugging_face_vit():
+    """A small random-weight Hugging Face ViT: its forward returns an ``ImageClassifierOutput``, not a tensor."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.ViTConfig(image_size=28, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=3,
+                                    num_attention_heads=4, intermediate_size=128, num_labels=10)
+    torch.manual_seed(0)
+    model = transformers.ViTForImageClassification(config).eval()
+    blocks = [name for name, module in model.named_modules() if type(module).__name__ == "ViTLayer"]
+    return model, blocks
+
+
+def test_hugging_face_vit_through_modelopt_refines_and_exports(tmp_path):
+    """Hugging Face's ViT returns its logits inside a ModelOutput: the fitness and the export take them from it
+    (before, the refinement raised ModelOutputError); its blocks are found by the generic adapter."""
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    ort = pytest.importorskip("onnxruntime")
+    from cptv_plugin.qconfigs import modelopt_config
+
+    model, blocks = _hugging_face_vit()
+    images = torch.randn(100, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    quantized = mtq.quantize(model, modelopt_config("W4A8"), lambda m: m(images))
+    before = {n: q.amax.clone() for n, q in quantized.named_modules() if getattr(q, "amax", None) is not None}
+    result = cptv_plugin.refine_modelopt(quantized, images, config=TINY_SEARCH)
+    assert list(result.groups) == ["prefix", *blocks, "head"] and len(blocks) == 3
+    assert result.final_fitness < result.initial_fitness
+    assert any(not torch.equal(q.amax, before[n]) for n, q in quantized.named_modules() if n in before)
+
+    path = cptv_plugin.export_onnx(quantized, tmp_path / "hf_vit.onnx", images[:2])
+    assert cptv_plugin.check_tensorrt_onnx(path) == []
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    logits = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(
+        None, {"images": images.numpy()})[0]
+    with torch.no_grad():
+        expected = quantized(images).logits
+    assert (torch.from_numpy(logits).argmax(1) == expected.argmax(1)).float().mean() >= 0.98
+    assert (torch.from_numpy(logits) - expected).abs().max() < 0.2
+
+
+def test_hugging_face_vit_through_pt2e_refines():
+    """The same model through torch.export and PT2E (TensorRT's placement): the exported module returns the
+    ModelOutput too."""
+    pytest.importorskip("torchao")
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+
+    from cptv_plugin.qconfigs import tensorrt_pt2e_quantizer
+
+    model, blocks = _hugging_face_vit()
+    images = torch.randn(100, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    exported = torch.export.export(model, (images[:2],), dynamic_shapes=({0: batch},)).module()
+    prepared = prepare_pt2e(exported, tensorrt_pt2e_quantizer("W4A8"))
+    with torch.no_grad():
+        prepared(images)
+    result = cptv_plugin.refine_pt2e(prepared, images, config=TINY_SEARCH, fp_model=model)
+    assert list(result.groups) == ["prefix", *blocks, "head"]
+    assert result.final_fitness < result.initial_fitness
+
+
 def test_pytorch_quantization_keeps_in_float_the_layers_torchvision_swin_bypasses():
     """torchvision's Swin attention reads qkv.weight and proj.weight directly: calibration never reaches those
     layers, so quantize_pytorch_quantization gives them back their float module instead of failing on a calibrator

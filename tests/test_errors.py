@@ -89,6 +89,21 @@ def test_failure_during_search_restores_the_model(prepared, fmnist, monkeypatch)
     torch.testing.assert_close(convert_fx(copy.deepcopy(prepared))(fmnist[1][:20]), baseline, rtol=0, atol=0)
 
 
+def test_model_outputs_are_read_as_logits_or_refused_with_the_fix():
+    """The fitness takes a tensor, the first of a tuple, or the ``logits`` of a mapping (Hugging Face's outputs);
+    anything else is refused with what to do."""
+    from cptv_plugin import ModelOutputError
+    from cptv_plugin.engine import _as_output_tensor
+
+    logits = torch.randn(4, 10)
+    assert _as_output_tensor(logits) is logits
+    assert _as_output_tensor((logits, torch.zeros(1))) is logits
+    assert _as_output_tensor({"loss": None, "logits": logits}) is logits
+    for output in ({"scores": logits}, "logits", [None]):
+        with pytest.raises(ModelOutputError, match="wrap the model so that it returns its logits"):
+            _as_output_tensor(output)
+
+
 def test_nan_model_output_is_reported(prepared, fmnist):
     from cptv_plugin import ModelOutputError
 

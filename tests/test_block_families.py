@@ -284,6 +284,16 @@ def test_hugging_face_vit_through_pt2e_refines():
     assert result.final_fitness < result.initial_fitness
 
 
+def test_hugging_face_vit_through_pytorch_quantization_refines():
+    pytest.importorskip("pytorch_quantization")
+    model, blocks = _hugging_face_vit()
+    images = torch.randn(100, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    quantized = cptv_plugin.quantize_pytorch_quantization(model, "W4A8", images)
+    result = cptv_plugin.refine(quantized, images, config=TINY_SEARCH)
+    assert list(result.groups) == ["prefix", *blocks, "head"]
+    assert result.final_fitness < result.initial_fitness
+
+
 def test_pytorch_quantization_keeps_in_float_the_layers_torchvision_swin_bypasses():
     """torchvision's Swin attention reads qkv.weight and proj.weight directly: calibration never reaches those
     layers, so quantize_pytorch_quantization gives them back their float module instead of failing on a calibrator

@@ -3,6 +3,7 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,3 +75,13 @@ def assert_suffix_matches_full(chain, groups, images, full=None):
         for group in groups:
             env = chain.run(chain.initial_env(images), 0, group.segment)
             torch.testing.assert_close(first_output(chain.run(env, group.segment)), full, rtol=0, atol=1e-5)
+
+
+def onnxruntime_logits(path, images: torch.Tensor) -> np.ndarray:
+    """What onnxruntime computes from the ONNX file at ``path`` on ``images``, with the graph as written (no graph
+    optimizations: the Q/DQ nodes TensorRT would read run as they are)."""
+    ort = pytest.importorskip("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": images.numpy()})[0]

@@ -9,7 +9,7 @@ import torch
 import cptv_plugin
 from cptv_plugin import NotCalibratedError, UnsupportedFrameworkError
 from cptv_plugin.amax.session import AmaxSession
-from conftest import TINY_SEARCH, assert_suffix_matches_full, prepare_and_calibrate
+from conftest import TINY_SEARCH, assert_suffix_matches_full, onnxruntime_logits, prepare_and_calibrate
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 mto = pytest.importorskip("modelopt.torch.opt")
@@ -155,15 +155,11 @@ def test_modelopt_checkpoint_post_processing(tiny_vit, fmnist, tmp_path, capsys)
     assert (tmp_path / "cli.pth").exists() and sha256(source) == digest
 
     # the ONNX file is the refined checkpoint's model, for TensorRT: its rules hold and onnxruntime computes the same
-    ort = pytest.importorskip("onnxruntime")
     assert cptv_plugin.check_tensorrt_onnx(tmp_path / "cli.onnx") == []
     restored = mto.restore(cptv_plugin.models.build_model("cptv:fmnist_vit_tiny"), str(tmp_path / "cli.pth")).eval()
     assert any(not torch.equal(a, b) for a, b in zip(amax_of(model).values(), amax_of(restored).values()))
     images = fmnist[1][:200]
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
-    logits = ort.InferenceSession(str(tmp_path / "cli.onnx"), options, providers=["CPUExecutionProvider"]).run(
-        None, {"images": images.numpy()})[0]
+    logits = onnxruntime_logits(tmp_path / "cli.onnx", images)
     with torch.no_grad():
         expected = restored(images)
     assert (torch.from_numpy(logits).argmax(1) == expected.argmax(1)).float().mean() >= 0.99

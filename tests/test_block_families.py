@@ -1,5 +1,6 @@
 """Block discovery and suffix evaluation for every supported family (issue: Swin, LeViT, generic fallback)."""
 
+import copy
 import logging
 
 import pytest
@@ -11,7 +12,7 @@ from cptv_plugin import ModelStructure, discover_blocks
 from cptv_plugin.fx.refine import FxSession
 from cptv_plugin.models import load_reference_model
 from cptv_plugin.qconfigs import prepare_timm_for_fx
-from conftest import TINY_SEARCH, assert_suffix_matches_full, prepare_and_calibrate
+from conftest import TINY_SEARCH, assert_suffix_matches_full, onnxruntime_logits, prepare_and_calibrate
 
 FAMILIES = {
     "fmnist_vit_tiny": ("vit", [f"blocks.{i}" for i in range(4)]),
@@ -195,7 +196,7 @@ def test_modelopt_torchvision_vit_leaves_out_the_layers_its_attention_bypasses(t
     never runs, so calibration leaves its input quantizer without amax. The refinement and the export leave that
     layer out (with a warning) instead of calling the model uncalibrated; the rest is refined and exported."""
     mtq = pytest.importorskip("modelopt.torch.quantization")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     from cptv_plugin.qconfigs import modelopt_config
 
     images = torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -216,10 +217,7 @@ def test_modelopt_torchvision_vit_leaves_out_the_layers_its_attention_bypasses(t
         path = cptv_plugin.export_onnx(model, tmp_path / "vit.onnx", images[:2])
     assert caplog.text.count("were never reached") == 1  # a model refined elsewhere hears of them at the export too
     assert cptv_plugin.check_tensorrt_onnx(path) == []
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    logits = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(
-        None, {"images": images.numpy()})[0]
+    logits = onnxruntime_logits(path, images)
     with torch.no_grad():
         expected = model(images)
     assert (torch.from_numpy(logits).argmax(1) == expected.argmax(1)).float().mean() >= 0.98
@@ -240,7 +238,7 @@ def test_hugging_face_vit_through_modelopt_refines_and_exports(tmp_path):
     """Hugging Face's ViT returns its logits inside a ModelOutput: the fitness and the export take them from it
     (before, the refinement raised ModelOutputError); its blocks are found by the generic adapter."""
     mtq = pytest.importorskip("modelopt.torch.quantization")
-    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxruntime")
     from cptv_plugin.qconfigs import modelopt_config
 
     model, blocks = _hugging_face_vit()
@@ -254,20 +252,18 @@ def test_hugging_face_vit_through_modelopt_refines_and_exports(tmp_path):
 
     path = cptv_plugin.export_onnx(quantized, tmp_path / "hf_vit.onnx", images[:2])
     assert cptv_plugin.check_tensorrt_onnx(path) == []
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    logits = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(
-        None, {"images": images.numpy()})[0]
+    logits = onnxruntime_logits(path, images)
     with torch.no_grad():
         expected = quantized(images).logits
     assert (torch.from_numpy(logits).argmax(1) == expected.argmax(1)).float().mean() >= 0.98
     assert (torch.from_numpy(logits) - expected).abs().max() < 0.2
 
 
-def test_hugging_face_vit_through_pt2e_refines():
+def test_hugging_face_vit_through_pt2e_refines_and_exports(tmp_path):
     """The same model through torch.export and PT2E (TensorRT's placement): the exported module returns the
     ModelOutput too."""
     pytest.importorskip("torchao")
+    pytest.importorskip("onnxscript")
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
     from cptv_plugin.qconfigs import tensorrt_pt2e_quantizer
@@ -282,6 +278,14 @@ def test_hugging_face_vit_through_pt2e_refines():
     result = cptv_plugin.refine_pt2e(prepared, images, config=TINY_SEARCH, fp_model=model)
     assert list(result.groups) == ["prefix", *blocks, "head"]
     assert result.final_fitness < result.initial_fitness
+    path = cptv_plugin.export_onnx(prepared, tmp_path / "hf_vit.onnx", images[:2])
+    assert cptv_plugin.check_tensorrt_onnx(path) == []
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
+
+    with torch.no_grad():  # what convert_pt2e computes
+        expected = convert_pt2e(copy.deepcopy(prepared))(images).logits
+    agreement = (torch.from_numpy(onnxruntime_logits(path, images)).argmax(1) == expected.argmax(1)).float().mean()
+    assert agreement >= 0.98
 
 
 def test_hugging_face_vit_through_pytorch_quantization_refines():

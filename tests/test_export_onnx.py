@@ -9,10 +9,10 @@ import torch
 import cptv_plugin
 from cptv_plugin import ExportError, TensorRTRuleError, check_tensorrt_onnx, export_onnx
 from cptv_plugin.qconfigs import fx_qconfig_mapping
-from conftest import TINY_SEARCH, prepare_and_calibrate
+from conftest import TINY_SEARCH, onnxruntime_logits, prepare_and_calibrate
 
 onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxruntime")
 mtq = pytest.importorskip("modelopt.torch.quantization")
 from test_amax_frameworks import modelopt_quantize  # noqa: E402
 
@@ -101,10 +101,7 @@ def refine_export_and_compare(framework, bits, tiny_vit, fmnist, tmp_path, devic
     onnx.checker.check_model(str(path))
     assert check_tensorrt_onnx(path) == []
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # the graph as written
-    logits = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(
-        None, {"images": test_images.numpy()})[0]
+    logits = onnxruntime_logits(path, test_images)
     with torch.no_grad():
         if framework == "fx":  # what convert_fx computes: the refined scales, simulated
             from cptv_plugin.fx.refine import FxSession
@@ -207,10 +204,7 @@ def test_fx_qat_fake_quantize_model_exports_for_tensorrt(tiny_vit, fmnist, tmp_p
     for weight, scale in weights:  # on the grid (k·s): no halfway value for a runtime to round its own way
         steps = weight / scale.reshape([-1] + [1] * (weight.ndim - 1))
         assert np.abs(steps - np.round(steps)).max() < 1e-3
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    logits = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]).run(
-        None, {"images": fmnist[1].numpy()})[0]
+    logits = onnxruntime_logits(path, fmnist[1])
     with torch.no_grad():
         expected = prepared(fmnist[1]).numpy()  # the QAT model's own fake-quant forward
     assert (logits.argmax(1) == expected.argmax(1)).mean() >= 0.99

@@ -223,34 +223,43 @@ def test_modelopt_torchvision_vit_leaves_out_the_layers_its_attention_bypasses(t
     assert (torch.from_numpy(logits).argmax(1) == expected.argmax(1)).float().mean() >= 0.98
 
 
-def _hugging_face_vit():
-    """A small random-weight Hugging Face ViT: its forward returns an ``ImageClassifierOutput``, not a tensor."""
+def _hugging_face_model(family: str = "vit"):
+    """A small random-weight Hugging Face model (ViT, Swin, or DeiT with its distillation head) and the names of
+    its blocks: its forward returns a ModelOutput (``ImageClassifierOutput``, ...), not a tensor."""
     transformers = pytest.importorskip("transformers")
-    config = transformers.ViTConfig(image_size=28, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=3,
-                                    num_attention_heads=4, intermediate_size=128, num_labels=10)
     torch.manual_seed(0)
-    model = transformers.ViTForImageClassification(config).eval()
-    blocks = [name for name, module in model.named_modules() if type(module).__name__ == "ViTLayer"]
-    return model, blocks
+    if family == "swin":
+        model = transformers.SwinForImageClassification(transformers.SwinConfig(
+            image_size=28, patch_size=2, num_channels=1, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=7,
+            num_labels=10))
+    else:
+        config = dict(image_size=28, patch_size=4, num_channels=1, hidden_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, intermediate_size=128, num_labels=10)
+        model = (transformers.ViTForImageClassification(transformers.ViTConfig(**config)) if family == "vit" else
+                 transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(**config)))
+    blocks = [name for name, module in model.named_modules()
+              if type(module).__name__ in ("ViTLayer", "SwinLayer", "DeiTLayer")]
+    return model.eval(), blocks
 
 
-def test_hugging_face_vit_through_modelopt_refines_and_exports(tmp_path):
-    """Hugging Face's ViT returns its logits inside a ModelOutput: the fitness and the export take them from it
-    (before, the refinement raised ModelOutputError); its blocks are found by the generic adapter."""
+@pytest.mark.parametrize("family", ["vit", "swin", "deit"])
+def test_hugging_face_models_through_modelopt_refine_and_export(family, tmp_path):
+    """Hugging Face's models return their logits inside a ModelOutput: the fitness and the export take them from it
+    (before, the refinement raised ModelOutputError); their blocks are found by the generic adapter."""
     mtq = pytest.importorskip("modelopt.torch.quantization")
     pytest.importorskip("onnxruntime")
     from cptv_plugin.qconfigs import modelopt_config
 
-    model, blocks = _hugging_face_vit()
+    model, blocks = _hugging_face_model(family)
     images = torch.randn(100, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     quantized = mtq.quantize(model, modelopt_config("W4A8"), lambda m: m(images))
     before = {n: q.amax.clone() for n, q in quantized.named_modules() if getattr(q, "amax", None) is not None}
     result = cptv_plugin.refine_modelopt(quantized, images, config=TINY_SEARCH)
-    assert list(result.groups) == ["prefix", *blocks, "head"] and len(blocks) == 3
+    assert list(result.groups) == ["prefix", *blocks, "head"] and len(blocks) == (4 if family == "swin" else 3)
     assert result.final_fitness < result.initial_fitness
     assert any(not torch.equal(q.amax, before[n]) for n, q in quantized.named_modules() if n in before)
 
-    path = cptv_plugin.export_onnx(quantized, tmp_path / "hf_vit.onnx", images[:2])
+    path = cptv_plugin.export_onnx(quantized, tmp_path / "hf.onnx", images[:2])
     assert cptv_plugin.check_tensorrt_onnx(path) == []
     logits = onnxruntime_logits(path, images)
     with torch.no_grad():
@@ -268,7 +277,7 @@ def test_hugging_face_vit_through_pt2e_refines_and_exports(tmp_path):
 
     from cptv_plugin.qconfigs import tensorrt_pt2e_quantizer
 
-    model, blocks = _hugging_face_vit()
+    model, blocks = _hugging_face_model("vit")
     images = torch.randn(100, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     batch = torch.export.Dim("batch", min=1, max=1024)
     exported = torch.export.export(model, (images[:2],), dynamic_shapes=({0: batch},)).module()
@@ -290,7 +299,7 @@ def test_hugging_face_vit_through_pt2e_refines_and_exports(tmp_path):
 
 def test_hugging_face_vit_through_pytorch_quantization_refines():
     pytest.importorskip("pytorch_quantization")
-    model, blocks = _hugging_face_vit()
+    model, blocks = _hugging_face_model("vit")
     images = torch.randn(100, 1, 28, 28, generator=torch.Generator().manual_seed(1))
     quantized = cptv_plugin.quantize_pytorch_quantization(model, "W4A8", images)
     result = cptv_plugin.refine(quantized, images, config=TINY_SEARCH)

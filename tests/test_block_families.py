@@ -273,7 +273,7 @@ def test_hugging_face_vit_through_pt2e_refines_and_exports(tmp_path):
     ModelOutput too."""
     pytest.importorskip("torchao")
     pytest.importorskip("onnxscript")
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from cptv_plugin.qconfigs import tensorrt_pt2e_quantizer
 
@@ -289,8 +289,6 @@ def test_hugging_face_vit_through_pt2e_refines_and_exports(tmp_path):
     assert result.final_fitness < result.initial_fitness
     path = cptv_plugin.export_onnx(prepared, tmp_path / "hf_vit.onnx", images[:2])
     assert cptv_plugin.check_tensorrt_onnx(path) == []
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
-
     with torch.no_grad():  # what convert_pt2e computes
         expected = convert_pt2e(copy.deepcopy(prepared))(images).logits
     agreement = (torch.from_numpy(onnxruntime_logits(path, images)).argmax(1) == expected.argmax(1)).float().mean()

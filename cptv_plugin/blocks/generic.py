@@ -5,8 +5,8 @@ children of one class that hold a ``Linear`` or ``Conv2d``, named ``0``, ``1``, 
 as torchvision's ``encoder.layers.encoder_layer_0``) gets those children as blocks, in forward order; containers
 nested in such a child (e.g. the blocks of a stage) win over the outer one. It is tried after every registered
 adapter, logs what it chose, and declines models without such a run (then pass ``blocks=[...]``). Models it
-serves this way: torchvision's ``VisionTransformer`` and ``SwinTransformer`` (tested); Hugging Face's ViT layout
-(``vit.encoder.layer.0``) matches by its names, untested here (transformers is not a dependency).
+serves this way (tested): torchvision's ``VisionTransformer`` and ``SwinTransformer``; Hugging Face's ViT, Swin and
+DeiT (``vit.layers.0``; ``vit.encoder.layer.0`` before transformers 5).
 """
 
 from __future__ import annotations

@@ -37,21 +37,26 @@ class ModelOutputError(RuntimeError):
 @dataclass
 class Segment:
     """``fn(*[env[name] for name in inputs])`` returns the values named ``outputs`` (a tuple), or the model's
-    output when ``outputs`` is ``None`` (the last segment)."""
+    output when ``outputs`` is ``None`` (the last segment). ``compilable``: whether :meth:`SegmentedModel.compile`
+    may compile it (not a segment that patches the model's modules while it runs)."""
 
     fn: Callable[..., Any]
     inputs: list[str]
     outputs: list[str] | None
+    compilable: bool = True
 
 
 class SegmentedModel:
-    """An ordered chain of segments; ``initial_env(images)`` names the model inputs."""
+    """An ordered chain of segments; ``initial_env(images)`` names the model inputs. ``feature_names``: the values
+    entering the last segment that are the features before the head (``None``: every one with a batch dimension)."""
 
-    def __init__(self, segments: list[Segment], initial_env: Callable[[torch.Tensor], dict[str, Any]]):
+    def __init__(self, segments: list[Segment], initial_env: Callable[[torch.Tensor], dict[str, Any]],
+                 feature_names: list[str] | None = None):
         if not segments or segments[-1].outputs is not None:
             raise ValueError("the last segment must return the model output (outputs=None)")
         self.segments = segments
         self.initial_env = initial_env
+        self.feature_names = feature_names
         self._compile_start: int | None = None  # set by compile: the first segment it was asked to compile
         # live[s]: names produced before segment s (model inputs count as produced at -1) and read by
         # segment s or later: exactly what a cache of segment s's inputs must hold
@@ -87,9 +92,10 @@ class SegmentedModel:
         return len(self.segments) - 1 if len(self.segments) > 1 else None
 
     def features(self, env: dict[str, Any]) -> torch.Tensor:
-        """The features before the head in ``env`` (the live values at :attr:`feature_segment`): every tensor
-        among them that has a batch dimension, flattened per image and concatenated in name order."""
-        live = self.live[len(self.segments) - 1]
+        """The features before the head in ``env`` (the live values at :attr:`feature_segment`, or those named by
+        ``feature_names``): every tensor among them that has a batch dimension, flattened per image and concatenated
+        in name order."""
+        live = self.feature_names or self.live[len(self.segments) - 1]
         tensors = [env[name] for name in sorted(live) if isinstance(env[name], torch.Tensor) and env[name].dim() > 1]
         if not tensors:
             raise ModelOutputError("nothing with a batch dimension enters the model's last segment: no features "
@@ -119,7 +125,7 @@ class SegmentedModel:
 
         Segments with the same structure (the blocks of a ViT) share one compiled copy, whose tensors are refreshed
         from the calling segment's own before each call: tracing is paid once per distinct block, not per block.
-        Returns the number of distinct compiled graphs."""
+        Segments that are not ``compilable`` stay eager. Returns the number of distinct compiled graphs."""
         from torch import fx
 
         from .fx.structure import segment_structure
@@ -128,6 +134,8 @@ class SegmentedModel:
         options = options or COMPILE_OPTIONS
         shared: dict[str, tuple[list[torch.Tensor], Callable[..., Any]]] = {}
         for segment in self.segments[start:]:
+            if not segment.compilable:
+                continue
             eager = segment.fn
             structure = segment_structure(eager) if isinstance(eager, fx.GraphModule) else None
             if structure is None:
@@ -139,8 +147,11 @@ class SegmentedModel:
                 shared[key] = (segment_structure(template)[1], torch.compile(template, dynamic=False, **options))
             template_tensors, compiled = shared[key]
             segment.fn = _CompiledOrEager(_SharedCompiled(compiled, template_tensors, tensors), eager)
-        distinct = len(shared) + sum(not isinstance(s.fn.compiled, _SharedCompiled) for s in self.segments[start:])
-        logger.info("compiling %d segments as %d distinct graphs", len(self.segments) - start, distinct)
+        compiling = [s for s in self.segments[start:] if s.compilable]
+        distinct = len(shared) + sum(not isinstance(s.fn.compiled, _SharedCompiled) for s in compiling)
+        logger.info("compiling %d segments as %d distinct graphs%s", len(compiling), distinct,
+                    f" ({len(self.segments) - start - len(compiling)} run the model's own forward and stay eager)"
+                    if len(compiling) < len(self.segments) - start else "")
         return distinct
 
 

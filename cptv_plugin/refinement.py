@@ -43,6 +43,8 @@ class RefinementSession(Protocol):
     def set_quantization(self, enabled: bool) -> None: ...
     def snapshot(self) -> dict: ...
     def restore(self, state: dict) -> None: ...
+    def prepare(self, images: torch.Tensor) -> None:
+        """Last setup that needs example images (after they are checked to fit the model)."""
     def begin(self) -> None: ...
     def commit(self) -> None: ...
     def clip_weights(self, keep: bool = False) -> tuple[int, Callable[[], None] | None]:
@@ -143,6 +145,7 @@ def _calibration(session: RefinementSession, config: SearchConfig, calib_data,
     batches = [b.to(device) for b in split_batches(images, config.batch_size, min_batch)]
     for size in (2, 3):  # two sizes: a model exported for a fixed batch of either is caught here, by name
         _probe(session, batches[0][:size])
+    session.prepare(batches[0][:2])
     if len(images) < config.batch_size:
         split = " left after the validation split" if held_out is not None else ""
         raise CalibrationError(

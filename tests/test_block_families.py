@@ -1,6 +1,7 @@
 """Block discovery and suffix evaluation for every supported family (issue: Swin, LeViT, generic fallback)."""
 
 import copy
+import dataclasses
 import logging
 
 import pytest
@@ -293,6 +294,101 @@ def test_hugging_face_vit_through_pt2e_refines_and_exports(tmp_path):
         expected = convert_pt2e(copy.deepcopy(prepared))(images).logits
     agreement = (torch.from_numpy(onnxruntime_logits(path, images)).argmax(1) == expected.argmax(1)).float().mean()
     assert agreement >= 0.98
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_hugging_face_models_are_cut_by_calling_their_blocks_and_search_as_the_whole_model_does(family, monkeypatch):
+    """torch.fx cannot trace Hugging Face's models; they are cut between blocks by calling the blocks one by one
+    (before, every candidate ran the whole model). The chain reproduces the model, Swin's patch merging belongs to
+    the block it follows, and the search finds exactly the scales it finds running the whole model per candidate."""
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    from cptv_plugin import block_calls
+    from cptv_plugin.amax.modelopt import modelopt_kind
+    from cptv_plugin.amax.session import AmaxSession
+    from cptv_plugin.qconfigs import modelopt_config
+
+    model, blocks = _hugging_face_model(family)
+    images = torch.randn(100, 1, 28, 28, generator=torch.Generator().manual_seed(1))
+    quantized = mtq.quantize(model, modelopt_config("W4A8"), lambda m: m(images))
+    session = AmaxSession(quantized, modelopt_kind())
+    assert len(session.chain.segments) == 1  # not traceable
+    session.prepare(images[:2])
+    assert len(session.chain.segments) == len(blocks) + 2
+    assert [g.segment for g in session.groups] == list(range(len(blocks) + 2))
+    with torch.no_grad():
+        assert torch.equal(session.chain.run(session.chain.initial_env(images)).logits, quantized(images).logits)
+
+    def quantizer_calls(forward) -> list[int]:
+        calls = []
+        hooks = [q.register_forward_pre_hook(lambda m, a: calls.append(id(m))) for q in session.quantizers.values()]
+        with torch.no_grad():
+            forward(images)
+        for hook in hooks:
+            hook.remove()
+        return sorted(calls)
+
+    # a whole forward (the activation start gathers its statistics in one) calls each quantizer as the model does,
+    # not the prefix's twice nor the patch merging's on a skipped block's input
+    assert quantizer_calls(session.chain.forward) == quantizer_calls(quantized)
+    twin = copy.deepcopy(quantized)
+    config = dataclasses.replace(TINY_SEARCH, start_candidates=("activation_mse",))
+    cut = cptv_plugin.refine_modelopt(quantized, images, config=config)
+    assert cut.final_fitness < cut.initial_fitness
+    if family == "swin":  # the patch merging after stage 0 runs in the segment of that stage's last block (the
+        # whole-model fallback groups it by registration order, with the head: another search, so not compared)
+        merging = {g.name for g in session.groups for h in g.handles if ".downsample." in h.name}
+        assert merging == {blocks[1]}
+        return
+
+    def refuse(*args, **kwargs):
+        raise block_calls.CutError("refused by the test")
+
+    monkeypatch.setattr(block_calls, "cut_between_blocks", refuse)
+    whole = cptv_plugin.refine_modelopt(twin, images, config=config)
+    assert cut.final_fitness == whole.final_fitness
+    amax = {n: q.amax for n, q in twin.named_modules() if getattr(q, "amax", None) is not None}
+    assert all(torch.equal(q.amax, amax[n]) for n, q in quantized.named_modules() if n in amax)
+
+
+class _TwoTensorBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return y, y.mean(dim=1)  # passes on two tensors: the block-call cut cannot replay it
+
+
+class _Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
+        self.blocks = nn.ModuleList(_TwoTensorBlock() for _ in range(3))
+
+    def forward(self, images):
+        x = self.stem(images.flatten(1))
+        for block in self.blocks:
+            x, summary = block(x)
+        if bool(summary.sum() > 1e9):  # data-dependent control flow: torch.fx cannot trace it
+            x = x * 0
+        return self.head(x)
+
+
+def test_a_model_neither_traced_nor_cut_by_block_calls_runs_whole_with_a_warning_that_says_why(caplog):
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    from cptv_plugin.qconfigs import modelopt_config
+
+    torch.manual_seed(0)
+    images = torch.randn(100, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    quantized = mtq.quantize(_Untraceable().eval(), modelopt_config("W8A8"), lambda m: m(images))
+    with caplog.at_level(logging.WARNING, logger="cptv_plugin"):
+        result = cptv_plugin.refine_modelopt(quantized, images, config=TINY_SEARCH,
+                                             blocks=[f"blocks.{i}" for i in range(3)])
+    warning = [r.getMessage() for r in caplog.records if "every candidate runs the whole model" in r.getMessage()]
+    assert len(warning) == 1 and "torch.fx cannot trace it" in warning[0]
+    assert "does not take one tensor as its first argument and return one of the same shape" in warning[0]
+    assert list(result.groups)[1:4] == ["blocks.0", "blocks.1", "blocks.2"]
 
 
 def test_hugging_face_vit_through_pytorch_quantization_refines():

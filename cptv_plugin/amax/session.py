@@ -243,14 +243,53 @@ class AmaxSession:
                 f"the model holds no enabled, calibrated {kind.framework} quantizer to refine; quantize and "
                 "calibrate it first." + other_framework_hint(model, kind.framework))
         self.adapter, self.block_paths = discover_blocks(ModelStructure.from_module(model), blocks)
-        self.chain, segment_of_group, group_of_path = self._segment(model)
+        self.all_handles = handles
+        self._search_outside_blocks = search_outside_blocks
+        self._untraced: str | None = None  # why torch.fx could not cut the model, until :meth:`prepare` cuts it
+        self._set_groups(*self._segment(model))
+
+    def _set_groups(self, chain: SegmentedModel, segment_of_group: dict[int, int],
+                    group_of_path: Callable[[str], int]) -> None:
+        self.chain = chain
         names = ["prefix"] + self.block_paths + ["head"]
         members: dict[int, list[AmaxHandle]] = {g: [] for g in range(len(names))}
-        for handle in handles:
+        for handle in self.all_handles:
             members[group_of_path(handle.name)].append(handle)
-        self.all_handles = handles
         self.groups = [Group(name, members[i], segment=segment_of_group.get(i, 0)) for i, name in enumerate(names)
-                       if members[i] and (search_outside_blocks or 0 < i < len(names) - 1)]
+                       if members[i] and (self._search_outside_blocks or 0 < i < len(names) - 1)]
+
+    def _group_by_order(self, path: str) -> int:
+        """The group of a module path by where it is registered: in a block, before the first or after."""
+        for index, block in enumerate(self.block_paths):
+            if path == block or path.startswith(block + "."):
+                return index + 1
+        order = {name: i for i, name in enumerate(dict(self.module.named_modules()))}
+        first_block = min((order[b] for b in self.block_paths), default=0)
+        return 0 if order.get(path, 0) < first_block else len(self.block_paths) + 1
+
+    def prepare(self, images: torch.Tensor) -> None:
+        """Cut a model torch.fx could not trace between its blocks by calling them (:mod:`cptv_plugin.block_calls`),
+        checked on ``images``; where that fails too, every candidate runs the whole model (a warning says why)."""
+        if self._untraced is None:
+            return
+        from ..block_calls import CutError, cut_between_blocks
+
+        training = self.module.training
+        self.module.eval()
+        try:
+            chain, groups = cut_between_blocks(self.module, self.block_paths, images, self.quantizers)
+        except CutError as error:
+            logger.warning("cannot cut %s between blocks: torch.fx cannot trace it (%s) and calling its blocks one "
+                           "by one does not reproduce it (%s): every candidate runs the whole model",
+                           type(self.module).__name__, self._untraced, error)
+            return
+        finally:
+            self.module.train(training)
+        logger.info("cut %s between blocks by calling them one by one (torch.fx cannot trace it: %s)",
+                    type(self.module).__name__, self._untraced)
+        self._untraced = None
+        self._set_groups(chain, {g: g for g in range(len(self.block_paths) + 2)},
+                         lambda path: groups.get(path, self._group_by_order(path)))
 
     def _segment(self, model: nn.Module):
         """Trace ``model`` with quantizer-owning modules as leaves and cut it between blocks."""
@@ -261,21 +300,6 @@ class AmaxSession:
                 return isinstance(module, quantizer_type) or any(
                     isinstance(child, quantizer_type) for child in module.children()) or \
                     super().is_leaf_module(module, qualified_name)
-
-        def group_by_path(path: str) -> int | None:
-            for index, block in enumerate(self.block_paths):
-                if path == block or path.startswith(block + "."):
-                    return index + 1
-            return None
-
-        order = {path: i for i, path in enumerate(dict(model.named_modules()))}
-        first_block = min((order[b] for b in self.block_paths), default=0)
-
-        def _by_order(path: str) -> int:
-            found = group_by_path(path)
-            if found is not None:
-                return found
-            return 0 if order.get(path, 0) < first_block else len(self.block_paths) + 1
 
         training = model.training
         try:
@@ -289,16 +313,15 @@ class AmaxSession:
 
             def group_of_path(path: str) -> int:
                 node = _owner_node(path, nodes)
-                return groups[node] if node is not None else _by_order(path)
+                return groups[node] if node is not None else self._group_by_order(path)
 
             return chain, segment_of_group, group_of_path
         except (GraphSplitError, fx.proxy.TraceError, TypeError, RuntimeError, AttributeError) as error:
-            logger.warning("cannot trace and cut %s between blocks (%s: %s): every candidate runs the whole model",
-                           type(model).__name__, type(error).__name__, error)
+            self._untraced = f"{type(error).__name__}: {str(error).split('. ')[0]}"  # its first sentence
         finally:
             model.train(training)
         chain = SegmentedModel([Segment(model, ["images"], None)], lambda images: {"images": images})
-        return chain, {}, _by_order
+        return chain, {}, self._group_by_order
 
     def set_quantization(self, enabled: bool) -> None:
         for path, quantizer in self.quantizers.items():

@@ -375,6 +375,9 @@ class FxSession:
         for path, observer in state["modules"].items():
             set_submodule(self.prepared, path, observer)
 
+    def prepare(self, images: torch.Tensor) -> None:
+        """Nothing to set up from images: the traced graph is cut already."""
+
     def begin(self) -> None:
         """Stop FakeQuantize observers from moving the scales while the search evaluates candidates."""
         for fq in self.fake_quants:

@@ -338,6 +338,9 @@ def test_hugging_face_models_are_cut_by_calling_their_blocks_and_search_as_the_w
         # whole-model fallback groups it by registration order, with the head: another search, so not compared)
         merging = {g.name for g in session.groups for h in g.handles if ".downsample." in h.name}
         assert merging == {blocks[1]}
+        # the features before the head enter the tail: a feature-level fitness (the whole model has none)
+        featured = cptv_plugin.refine_modelopt(twin, images, config=dataclasses.replace(config, feature_weight=0.5))
+        assert featured.final_fitness < featured.initial_fitness
         return
 
     def refuse(*args, **kwargs):

@@ -243,8 +243,9 @@ def cut_between_blocks(model: nn.Module, block_paths: list[str], images: torch.T
             def call_block(*values, _call=call, _block=block):
                 args, kwargs = rebuild(_call, values)
                 return _passed_on(_block(*args, **kwargs))
-            # eager, as the rest: compiling the call recompiles it for every block (dynamo guards on the block), and
-            # past 8 blocks it gives up; an H100 took 110 s to refine a 12-block HF ViT so, 25 s whole and eager
+            # eager, as the rest: compiling the call recompiles it for every block (dynamo guards on the block) and
+            # gives up past 8. On an H100 a 12-block HF ViT refined in 110 s so (about 50 of them ModelOpt building
+            # its CUDA extension on a fresh machine), in 9.5 s eager (benchmarks/hugging_face_cut.py)
             segments.append(Segment(call_block, list(call.names), [f"block{k + 1}.arg0" if k < n - 1 else "features"],
                                     compilable=False))
         else:

@@ -227,6 +227,20 @@ def test_speed_benchmark_runs_small_on_the_cpu(tmp_path, framework):
         assert warm["fitness"] == cold["fitness"] and 0 < warm["search_seconds"] <= warm["seconds"]
 
 
+def test_hugging_face_cut_benchmark_times_both_engines_to_the_same_scales(tmp_path):
+    pytest.importorskip("modelopt.torch.quantization")
+    pytest.importorskip("transformers")
+    from benchmarks.hugging_face_cut import main
+
+    out = tmp_path / "cut.json"
+    out.write_text(json.dumps([{"kept": True}]))  # earlier records stay
+    main(["--layers", "2", "--width", "24", "--images", "100", "--out", str(out)])
+    kept, cut, whole = json.loads(out.read_text())
+    assert kept == {"kept": True} and (cut["engine"], whole["engine"]) == ("cut", "whole")
+    assert cut["evaluations"] == whole["evaluations"] > 0 and cut["same_scales"] and whole["same_scales"]
+    assert cut["final_fitness"] == whole["final_fitness"] and cut["seconds"] > 0
+
+
 def test_speed_compile_phases_sum_each_phase_over_graphs_and_leave_out_untimed_ones():
     from benchmarks.speed import _compile_phases
 

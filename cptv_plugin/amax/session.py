@@ -8,6 +8,7 @@ boundaries for suffix-only evaluation; a model that does not trace is evaluated 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator
@@ -258,12 +259,16 @@ class AmaxSession:
         self.groups = [Group(name, members[i], segment=segment_of_group.get(i, 0)) for i, name in enumerate(names)
                        if members[i] and (self._search_outside_blocks or 0 < i < len(names) - 1)]
 
+    @functools.cached_property
+    def _module_order(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(dict(self.module.named_modules()))}
+
     def _group_by_order(self, path: str) -> int:
         """The group of a module path by where it is registered: in a block, before the first or after."""
         for index, block in enumerate(self.block_paths):
             if path == block or path.startswith(block + "."):
                 return index + 1
-        order = {name: i for i, name in enumerate(dict(self.module.named_modules()))}
+        order = self._module_order
         first_block = min((order[b] for b in self.block_paths), default=0)
         return 0 if order.get(path, 0) < first_block else len(self.block_paths) + 1
 

@@ -2,7 +2,8 @@
 
 The user's eager model is traced once with torch.fx, every module that owns a quantizer kept whole (a leaf), so
 candidates are evaluated through the framework's own fake-quant forward. The trace is cut at block
-boundaries for suffix-only evaluation; a model that does not trace is evaluated whole (correct, slower).
+boundaries for suffix-only evaluation. A model that does not trace (Hugging Face's) is cut by calling its blocks
+(:mod:`cptv_plugin.block_calls`), and one that cannot be cut that way either is evaluated whole (correct, slower).
 """
 
 from __future__ import annotations

@@ -30,11 +30,11 @@ from cptv_plugin import block_calls
 from cptv_plugin._io import atomic_path
 
 
-def hugging_face_vit(layers: int, width: int):
+def hugging_face_vit(layers: int, width: int, image_size: int = 28, patch_size: int = 4):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.ViTConfig(image_size=28, patch_size=4, num_channels=1, hidden_size=width,
+    config = transformers.ViTConfig(image_size=image_size, patch_size=patch_size, num_channels=1, hidden_size=width,
                                     num_hidden_layers=layers, num_attention_heads=3, intermediate_size=4 * width,
                                     num_labels=10)
     return transformers.ViTForImageClassification(config).eval()
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--width", type=int, default=96)
     parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--patch-size", type=int, default=4)
     parser.add_argument("--device", default="cpu", help="cuda: the preset's GPU defaults (bf16, compiled segments)")
     parser.add_argument("--out", default="benchmarks/results/hugging_face_cut.json")
     args = parser.parse_args(argv)
@@ -57,8 +59,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from cptv_plugin.qconfigs import modelopt_config
 
-    images = torch.randn(args.images, 1, 28, 28, generator=torch.Generator().manual_seed(1)).to(args.device)
-    model = hugging_face_vit(args.layers, args.width).to(args.device)
+    size = args.image_size
+    images = torch.randn(args.images, 1, size, size, generator=torch.Generator().manual_seed(1)).to(args.device)
+    model = hugging_face_vit(args.layers, args.width, size, args.patch_size).to(args.device)
     quantized = mtq.quantize(model, modelopt_config("W4A8"), lambda m: m(images[:200]))
     with torch.no_grad():  # outside the timings: ModelOpt builds its CUDA extension on the first quantized forward
         quantized(images[:2])
@@ -72,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
             started = time.perf_counter()
             result = cptv_plugin.refine_modelopt(model, images, config=config)
             seconds = time.perf_counter() - started
-        records.append({"model": f"hf_vit_{args.layers}x{args.width}_28px", "framework": "modelopt", "bits": "W4A8",
+        patch = f"_patch{args.patch_size}" if args.patch_size != 4 else ""
+        name = f"hf_vit_{args.layers}x{args.width}_{size}px{patch}"
+        records.append({"model": name, "framework": "modelopt", "bits": "W4A8",
                         "engine": engine, "seconds": round(seconds, 2), "evaluations": result.evaluations,
                         "final_fitness": result.final_fitness, "images": args.images,
                         "threads": torch.get_num_threads(), "device": result.device, "precision": result.precision,

@@ -118,10 +118,9 @@ class _Recording:
                  images: torch.Tensor):
         self.calls: list[_BlockCall | None] = [None] * len(blocks)
         self.phases: dict[str, list[tuple[str, int]]] = {path: [] for path in watched}
-        self.between: dict[int, list[str]] = {}  # modules outside the blocks that run after block k, before k+1
+        self.between: set[int] = set()  # the k after which a module outside the blocks runs before block k+1
         self.phase: tuple[str, int] = ("prefix", -1)
         inside = {id(m) for block in blocks for m in block.modules()}
-        names = {id(m): path for path, m in model.named_modules()}
         handles = []
         try:
             for index, block in enumerate(blocks):
@@ -131,7 +130,7 @@ class _Recording:
                 handles.append(module.register_forward_pre_hook(self._watching(path)))
             for module in model.modules():
                 if id(module) not in inside:
-                    handles.append(module.register_forward_pre_hook(self._outside(names.get(id(module), "?"))))
+                    handles.append(module.register_forward_pre_hook(self._outside))
             with torch.no_grad():
                 self.output = model(images)
         finally:
@@ -162,11 +161,9 @@ class _Recording:
             self.phases[path].append(self.phase)
         return hook
 
-    def _outside(self, path: str):
-        def hook(module, args):
-            if self.phase[0] == "after":
-                self.between.setdefault(self.phase[1], []).append(path)
-        return hook
+    def _outside(self, module, args):
+        if self.phase[0] == "after":
+            self.between.add(self.phase[1])
 
 
 class _BlockCallChain(SegmentedModel):
@@ -210,7 +207,7 @@ def cut_between_blocks(model: nn.Module, block_paths: list[str], images: torch.T
             raise CutError(f"block {block_paths[index]} does not take one tensor as its first argument and return "
                            "one of the same shape (alone or first of a tuple of Nones)")
     # which boundaries the block alone crosses: block k+1 gets block k's output and block k's other arguments
-    direct = [not recording.between.get(k)
+    direct = [k not in recording.between
               and calls[k + 1].args[0] is _passed_on(calls[k].output)
               and len(calls[k + 1].args) == len(calls[k].args)
               and list(calls[k + 1].kwargs) == list(calls[k].kwargs)

@@ -150,7 +150,7 @@ class SegmentedModel:
         compiling = [s for s in self.segments[start:] if s.compilable]
         distinct = len(shared) + sum(not isinstance(s.fn.compiled, _SharedCompiled) for s in compiling)
         logger.info("compiling %d segments as %d distinct graphs%s", len(compiling), distinct,
-                    f" ({len(self.segments) - start - len(compiling)} run the model's own forward and stay eager)"
+                    f" ({len(self.segments) - start - len(compiling)} are not compilable and stay eager)"
                     if len(compiling) < len(self.segments) - start else "")
         return distinct
 

@@ -15,7 +15,8 @@ from cptv_plugin.datasets import calibration_subset, load_fashion_mnist  # noqa:
 from cptv_plugin.models import load_reference_model  # noqa: E402
 from cptv_plugin.qconfigs import fx_qconfig_mapping, prepare_timm_for_fx  # noqa: E402
 
-torch.set_num_threads(2)
+# one thread per pytest-xdist worker (the CI machine has 2 cores, and `-n 2` runs two workers), else both
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)
 
 
 def environment_with_this_package(**extra: str) -> dict:

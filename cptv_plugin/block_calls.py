@@ -13,7 +13,8 @@ module (a quantizer) runs: before the first block, inside a block, between two b
 
 The chain is checked once against the model's own output on the example images before it is used; a model whose
 blocks are called in another way (twice, out of order, passing on more than one tensor) raises :class:`CutError`,
-and the caller runs the whole model per candidate instead.
+and the caller runs the whole model per candidate instead, its quantizers grouped where the recorded forward ran them
+when it got that far.
 """
 
 from __future__ import annotations
@@ -34,7 +35,13 @@ IMAGES = "images"
 
 
 class CutError(RuntimeError):
-    """The model calls its blocks in a way the block-call cut cannot replay; it says how."""
+    """The model calls its blocks in a way the block-call cut cannot replay; it says how. Where the recorded forward
+    got as far as telling which group each watched module runs in, ``groups`` says so (else it is empty): the whole
+    model, run per candidate instead, can still group its quantizers as they run."""
+
+    def __init__(self, message: str, groups: dict[str, int] | None = None):
+        super().__init__(message)
+        self.groups = groups or {}
 
 
 class _Stop(Exception):
@@ -198,6 +205,17 @@ def cut_between_blocks(model: nn.Module, block_paths: list[str], images: torch.T
         raise CutError("no blocks to cut at")
     blocks = [model.get_submodule(path) for path in block_paths]
     recording = _Recording(model, blocks, watched, images)
+    n = len(blocks)
+    groups = {path: min(_group_of_phase(p, n) for p in phases) for path, phases in recording.phases.items() if phases}
+    try:
+        return _replay(model, block_paths, blocks, recording, images), groups
+    except CutError as error:
+        raise CutError(str(error), groups) from None
+
+
+def _replay(model: nn.Module, block_paths: list[str], blocks: list[nn.Module], recording: _Recording,
+            images: torch.Tensor) -> SegmentedModel:
+    """The chain of segments that replays ``recording``'s block calls, checked against the model's output."""
     calls: list[_BlockCall] = recording.calls  # type: ignore[assignment]
     n = len(blocks)
     for index, call in enumerate(calls):
@@ -265,6 +283,4 @@ def cut_between_blocks(model: nn.Module, block_paths: list[str], images: torch.T
     if replayed.shape != expected.shape or not torch.allclose(replayed, expected, rtol=1e-4, atol=1e-5):
         raise CutError("the blocks called one by one do not reproduce the model's output (max difference "
                        f"{(replayed - expected).abs().max().item() if replayed.shape == expected.shape else 'shape'})")
-    groups = {path: min(_group_of_phase(p, n) for p in phases)
-              for path, phases in recording.phases.items() if phases}
-    return chain, groups
+    return chain

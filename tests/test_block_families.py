@@ -335,7 +335,8 @@ def test_hugging_face_models_are_cut_by_calling_their_blocks_and_search_as_the_w
     cut = cptv_plugin.refine_modelopt(quantized, images, config=config)
     assert cut.final_fitness < cut.initial_fitness
     if family == "swin":  # the patch merging after stage 0 runs in the segment of that stage's last block (the
-        # whole-model fallback groups it by registration order, with the head: another search, so not compared)
+        # fallback this test forces, with nothing recorded, groups it by registration order, with the head: another
+        # search, so not compared)
         merging = {g.name for g in session.groups for h in g.handles if ".downsample." in h.name}
         assert merging == {blocks[1]}
         # the features before the head enter the tail: a feature-level fitness (the whole model has none)
@@ -368,11 +369,13 @@ class _Untraceable(nn.Module):
         super().__init__()
         self.stem, self.head = nn.Linear(4, 8), nn.Linear(8, 3)
         self.blocks = nn.ModuleList(_TwoTensorBlock() for _ in range(3))
+        self.mixer = nn.Linear(8, 8)  # registered after the blocks, run between the first two (as a patch merging)
 
     def forward(self, images):
         x = self.stem(images.flatten(1))
-        for block in self.blocks:
+        for index, block in enumerate(self.blocks):
             x, summary = block(x)
+            x = self.mixer(x) if index == 0 else x
         if bool(summary.sum() > 1e9):  # data-dependent control flow: torch.fx cannot trace it
             x = x * 0
         return self.head(x)
@@ -391,7 +394,9 @@ def test_a_model_neither_traced_nor_cut_by_block_calls_runs_whole_with_a_warning
     warning = [r.getMessage() for r in caplog.records if "every candidate runs the whole model" in r.getMessage()]
     assert len(warning) == 1 and "torch.fx cannot trace it" in warning[0]
     assert "does not take one tensor as its first argument and return one of the same shape" in warning[0]
-    assert list(result.groups)[1:4] == ["blocks.0", "blocks.1", "blocks.2"]
+    # grouped as the recorded forward ran them: the mixer (8 weight scales and 1 input scale, as each block's fc)
+    # with the block it follows, not with the head, where its name would put it
+    assert result.groups == {"prefix": 9, "blocks.0": 18, "blocks.1": 9, "blocks.2": 9, "head": 4}
 
 
 def test_hugging_face_vit_through_pytorch_quantization_refines():

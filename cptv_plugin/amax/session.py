@@ -288,6 +288,9 @@ class AmaxSession:
             logger.warning("cannot cut %s between blocks: torch.fx cannot trace it (%s) and calling its blocks one "
                            "by one does not reproduce it (%s): every candidate runs the whole model",
                            type(self.module).__name__, self._untraced, error)
+            recorded = error.groups  # where each quantizer ran in the recorded forward: group them so, not by name
+            if recorded:
+                self._set_groups(self.chain, {}, lambda path: recorded.get(path, self._group_by_order(path)))
             return
         finally:
             self.module.train(training)

@@ -3,6 +3,7 @@
     python tests/resume_worker.py CHECKPOINT OUT
 """
 
+import os
 import sys
 import warnings
 
@@ -24,7 +25,7 @@ CONFIG = cptv_plugin.SearchConfig(passes=2, population=6, cycles=2, samples=3, b
 
 
 def main(checkpoint: str, out: str) -> None:
-    torch.set_num_threads(2)
+    torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2)  # as tests/conftest.py
     calib = calibration_subset(load_fashion_mnist("train")[0], 100, seed=0)
     prepared = prepare_and_calibrate(prepare_timm_for_fx(load_reference_model("fmnist_vit_tiny")), calib, "W3A8")
     result = cptv_plugin.refine_fx(prepared, calib, config=CONFIG.replace(checkpoint_path=checkpoint))

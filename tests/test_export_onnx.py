@@ -16,11 +16,13 @@ pytest.importorskip("onnxruntime")
 
 
 def modelopt_quantize(model, calib, bits):
-    """ModelOpt's cases skip alone where it is missing (the device: the FX case runs there without it)."""
-    pytest.importorskip("modelopt.torch.quantization")
-    from test_amax_frameworks import modelopt_quantize as quantize
+    """ModelOpt's cases skip alone where it is missing (the device: the FX case runs there without it); they need
+    nothing of pytorch-quantization, which tests/test_amax_frameworks.py skips without."""
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    from cptv_plugin.qconfigs import modelopt_config
 
-    return quantize(model, calib, bits)
+    weight_bits, activation_bits = bits
+    return mtq.quantize(copy.deepcopy(model), modelopt_config(f"W{weight_bits}A{activation_bits}"), lambda m: m(calib))
 
 
 def fx_tensorrt(model, calib, bits):

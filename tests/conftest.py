@@ -64,6 +64,16 @@ def prepare_and_calibrate(model, calib, bits="W4A8", qconfig_mapping=None, qat=F
     return prepared
 
 
+def modelopt_quantize(model, calib, bits=(4, 8)):
+    """A copy of ``model`` quantized by ModelOpt at W{bits[0]}A{bits[1]} and calibrated on ``calib``; the test skips
+    where ModelOpt is missing (the device: the FX cases run there without it)."""
+    mtq = pytest.importorskip("modelopt.torch.quantization")
+    from cptv_plugin.qconfigs import modelopt_config
+
+    weight_bits, activation_bits = bits
+    return mtq.quantize(copy.deepcopy(model), modelopt_config(f"W{weight_bits}A{activation_bits}"), lambda m: m(calib))
+
+
 def first_output(output):
     """Exported (PT2E) graphs return a tuple of outputs; eager models the tensor itself."""
     return output[0] if isinstance(output, (tuple, list)) else output

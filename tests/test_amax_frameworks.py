@@ -9,7 +9,8 @@ import torch
 import cptv_plugin
 from cptv_plugin import NotCalibratedError, UnsupportedFrameworkError
 from cptv_plugin.amax.session import AmaxSession
-from conftest import TINY_SEARCH, assert_suffix_matches_full, onnxruntime_logits, prepare_and_calibrate
+from conftest import (TINY_SEARCH, assert_suffix_matches_full, modelopt_quantize, onnxruntime_logits,
+                      prepare_and_calibrate)
 
 mtq = pytest.importorskip("modelopt.torch.quantization")
 mto = pytest.importorskip("modelopt.torch.opt")
@@ -20,10 +21,6 @@ def modelopt_config(weight_bits: int, activation_bits: int = 8) -> dict:
     from cptv_plugin.qconfigs import modelopt_config as config
 
     return config(f"W{weight_bits}A{activation_bits}")
-
-
-def modelopt_quantize(model, calib, bits=(4, 8)):
-    return mtq.quantize(copy.deepcopy(model), modelopt_config(*bits), lambda m: m(calib))
 
 
 def amax_of(model):

@@ -9,20 +9,10 @@ import torch
 import cptv_plugin
 from cptv_plugin import ExportError, TensorRTRuleError, check_tensorrt_onnx, export_onnx
 from cptv_plugin.qconfigs import fx_qconfig_mapping
-from conftest import TINY_SEARCH, onnxruntime_logits, prepare_and_calibrate
+from conftest import TINY_SEARCH, modelopt_quantize, onnxruntime_logits, prepare_and_calibrate
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-
-
-def modelopt_quantize(model, calib, bits):
-    """ModelOpt's cases skip alone where it is missing (the device: the FX case runs there without it); they need
-    nothing of pytorch-quantization, which tests/test_amax_frameworks.py skips without."""
-    mtq = pytest.importorskip("modelopt.torch.quantization")
-    from cptv_plugin.qconfigs import modelopt_config
-
-    weight_bits, activation_bits = bits
-    return mtq.quantize(copy.deepcopy(model), modelopt_config(f"W{weight_bits}A{activation_bits}"), lambda m: m(calib))
 
 
 def fx_tensorrt(model, calib, bits):

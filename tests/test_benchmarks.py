@@ -288,7 +288,7 @@ def test_benchmark_variant_names_keep_the_settings_their_records_ran_with(preset
     assert search_config("default-grace110", 0, cpu) == search_config("default", 0, cpu)  # names are not compared
 
 
-@pytest.mark.parametrize("module", ["profile_attention", "profile_fake_quant"])
+@pytest.mark.parametrize("module", ["profile_attention", "profile_fake_quant", "profile_int8"])
 def test_cuda_only_diagnostics_refuse_a_machine_without_cuda_by_name(module, monkeypatch, capsys):
     import importlib
 
@@ -298,6 +298,26 @@ def test_cuda_only_diagnostics_refuse_a_machine_without_cuda_by_name(module, mon
         main([])
     assert exit_info.value.code == 2
     assert "run it on a machine with a CUDA GPU" in capsys.readouterr().err
+
+
+def test_int8_diagnostic_multiplies_the_integers_the_simulated_layer_fake_quantizes():
+    """The int8 variant of benchmarks/profile_int8.py computes the simulated W4A8 Linear's product (exact integer
+    sums, then one rescale), so its timings compare like with like; torch._int_mm runs on the CPU too."""
+    from benchmarks.profile_int8 import QuantizedLinear
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    simulated, integer = QuantizedLinear(linear, int8=False), QuantizedLinear(linear, int8=True)
+    inputs = torch.randn(3, 40, 64)
+    with torch.no_grad():
+        for layer in (simulated, integer):
+            layer(inputs[:1])  # MinMax calibration on the first image: the others' outliers clip
+            layer.calibrating = False
+        expected, got = simulated(inputs), integer(inputs)
+    assert got.shape == expected.shape == (3, 40, 48)
+    assert torch.allclose(got, expected, atol=1e-5)
+    # the quantization is real: far from the unquantized layer
+    assert (expected - linear(inputs)).abs().max() > 0.05
 
 
 def test_accuracy_report_puts_variants_in_their_own_table_beside_the_reference_methods(tmp_path):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cptv_plugin._io import atomic_path
+from cptv_plugin.amax.session import _integer_fake_quant
 
 WEIGHT_MAX, INPUT_MAX = 7.0, 127.0  # signed 4-bit and 8-bit maxbounds (ModelOpt: amax / maxbound is the step)
 
@@ -45,12 +46,14 @@ class QuantizedLinear(nn.Module):
         if self.calibrating:
             self.input_amax = torch.maximum(self.input_amax, x.detach().abs().amax().float())
             return F.linear(x, self.weight, self.bias)
+        if not self.int8:  # the library's fake quantization, as the search's compiled segments run it
+            return F.linear(_integer_fake_quant(x, self.input_amax, -INPUT_MAX - 1, INPUT_MAX),
+                            _integer_fake_quant(self.weight, self.weight_amax, -WEIGHT_MAX - 1, WEIGHT_MAX).to(x.dtype),
+                            self.bias)
+        # the same levels (``_integer_fake_quant``'s arithmetic: a true division for the step), kept as integers
         input_step, weight_step = INPUT_MAX / self.input_amax, WEIGHT_MAX / self.weight_amax
         input_levels = torch.round(x.float() * input_step).clamp(-INPUT_MAX - 1, INPUT_MAX)
         weight_levels = torch.round(self.weight.float() * weight_step).clamp(-WEIGHT_MAX - 1, WEIGHT_MAX)
-        if not self.int8:
-            return F.linear((input_levels / input_step).to(x.dtype), (weight_levels / weight_step).to(x.dtype),
-                            self.bias)
         rows = input_levels.to(torch.int8).reshape(-1, x.shape[-1])
         product = torch._int_mm(rows, weight_levels.to(torch.int8).t())
         output = product.float() / (input_step * weight_step.reshape(1, -1))
